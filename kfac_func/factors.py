@@ -1,0 +1,161 @@
+r"""Kronecker factors, their moving averages and decompositions (pure functions on pytrees).
+
+For a layer with homogeneous inputs ``ā`` (``N`` examples, ``S`` positions) and scaled output gradients
+``g`` (from :func:`kfac_func.capture`, which already carries ``R`` and the ``1/M`` of MC sampling):
+
+* expand (default; exact for weight sharing when the loss sums over positions):
+  ``A = 1/(N S) Σₙ,ₛ ā āᵀ``,  ``G = Σᵥ,ₙ,ₛ g gᵀ``;
+* reduce (exact when positions are pooled before the loss):
+  ``A = 1/N Σₙ â âᵀ`` with ``â = 1/S Σₛ ā``,  ``G = Σᵥ,ₙ ĝ ĝᵀ`` with ``ĝ = Σₛ g``.
+
+The curvature block of ``vec(W̄)`` (row-major ``W̄ = [W, b]``) is ``G ⊗ A``; factors carry a leading
+block dim ``B`` (conv groups). Moving averages are bias-corrected like Adam; decompositions clamp
+eigenvalues at 0 and never form an explicit ``inverse``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from .capture import Capture
+
+
+class KroneckerFactors(NamedTuple):
+    """``A``: ``(B, d_a, d_a)``, ``G``: ``(B, d_g, d_g)``."""
+
+    A: Tensor
+    G: Tensor
+
+
+class EigenFactors(NamedTuple):
+    """``A = Q_A diag(d_A) Q_Aᵀ``, ``G = Q_G diag(d_G) Q_Gᵀ`` (eigenvalues clamped at 0)."""
+
+    QA: Tensor
+    dA: Tensor
+    QG: Tensor
+    dG: Tensor
+
+
+class InverseFactors(NamedTuple):
+    """π-damped inverse factors ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹``, built from an eigendecomposition,
+    and the damping ``λ`` they include."""
+
+    A_inv: Tensor
+    G_inv: Tensor
+    damping: Tensor
+
+
+class FactorState(NamedTuple):
+    """Moving averages of the factors: ``factors`` are the raw sums ``Σₖ (1−β) β^{t−k} Fₖ``, ``weight`` is
+    ``1 − β^t`` (the bias correction), ``updates`` counts accepted updates."""
+
+    factors: dict[str, KroneckerFactors]
+    weight: Tensor
+    updates: Tensor
+
+
+def kronecker_factors(cap: Capture, *, reduce: bool = False, examples: int | None = None) -> dict[str, KroneckerFactors]:
+    """The batch's Kronecker factors per layer.
+
+    ``examples``: estimate from the first ``examples`` rows only (a cheaper estimate of the same
+    quantity; ``G`` is rescaled by ``N / examples`` so its scale does not change).
+    """
+    if not cap.g:
+        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+    out = {}
+    for name, a in cap.a.items():
+        g = cap.g[name]
+        n = a.shape[0]
+        if examples is not None:
+            if not 0 < examples <= n:
+                raise ValueError(f"examples must be in [1, {n}], got {examples}")
+            a, g = a[:examples], g[:, :examples]
+        m, positions = a.shape[0], a.shape[2]
+        if reduce:
+            a_hat, g_hat = a.mean(2), g.sum(3)
+            A = torch.einsum("nbi,nbj->bij", a_hat, a_hat) / m
+            G = torch.einsum("vnbo,vnbp->bop", g_hat, g_hat)
+        else:
+            A = torch.einsum("nbsi,nbsj->bij", a, a) / (m * positions)
+            G = torch.einsum("vnbso,vnbsp->bop", g, g)
+        out[name] = KroneckerFactors(A, G * (n / m) if m != n else G)
+    return out
+
+
+def init_factor_state(like: dict[str, KroneckerFactors]) -> FactorState:
+    """An empty moving average shaped like ``like``."""
+    zeros = optree.tree_map(torch.zeros_like, like)
+    ref = next(iter(like.values())).A
+    return FactorState(zeros, ref.new_zeros(()), torch.zeros((), dtype=torch.int64, device=ref.device))
+
+
+def all_finite(tree) -> Tensor:
+    """A 0-dim bool tensor: every leaf of ``tree`` is finite (no host sync)."""
+    leaves = optree.tree_leaves(tree)
+    return torch.stack([torch.isfinite(t).all() for t in leaves]).all()
+
+
+def update_factor_state(
+    state: FactorState, batch: dict[str, KroneckerFactors], decay: float
+) -> tuple[FactorState, Tensor]:
+    """``F ← β F + (1−β) F_batch``; a batch with any NaN/Inf leaves the state untouched.
+
+    Returns the new state and whether the batch was accepted (a 0-dim bool tensor, no host sync).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    if optree.tree_structure(batch) != optree.tree_structure(state.factors):
+        raise ValueError("batch factors do not have the layers of the state")
+    ok = all_finite(batch)
+    factors = optree.tree_map(lambda m, f: torch.where(ok, decay * m + (1 - decay) * f, m), state.factors, batch)
+    weight = torch.where(ok, decay * state.weight + (1 - decay), state.weight)
+    return FactorState(factors, weight, state.updates + ok.to(state.updates.dtype)), ok
+
+
+def averaged_factors(state: FactorState) -> dict[str, KroneckerFactors]:
+    """The bias-corrected moving average (zeros before the first accepted update)."""
+    w = state.weight.clamp_min(torch.finfo(state.weight.dtype).tiny)
+    return optree.tree_map(lambda m: m / w, state.factors)
+
+
+def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = torch.float64) -> dict[str, EigenFactors]:
+    """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype."""
+
+    def eig(m: Tensor) -> tuple[Tensor, Tensor]:
+        d, q = torch.linalg.eigh(m.to(dtype))
+        return q.to(m.dtype), d.clamp_min(0).to(m.dtype)
+
+    out = {}
+    for name, f in factors.items():
+        qa, da = eig(f.A)
+        qg, dg = eig(f.G)
+        out[name] = EigenFactors(qa, da, qg, dg)
+    return out
+
+
+def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping ``λ_A = π√λ``, ``λ_G = √λ/π`` with
+    ``π² = (tr A / dim A) / (tr G / dim G)`` per block (``π = 1`` when a trace vanishes).
+
+    Shapes ``(B, 1)`` so they broadcast against eigenvalues ``(B, d)``."""
+    mean_a = dA.sum(-1, keepdim=True) / dA.shape[-1]
+    mean_g = dG.sum(-1, keepdim=True) / dG.shape[-1]
+    valid = (mean_a > 0) & (mean_g > 0)
+    pi = torch.where(valid, (mean_a / torch.where(valid, mean_g, 1.0)).sqrt(), 1.0)
+    root = torch.as_tensor(damping, dtype=dA.dtype, device=dA.device).sqrt()
+    return pi * root, root / pi
+
+
+def inverse_factors(eigen: dict[str, EigenFactors], damping: float | Tensor) -> dict[str, InverseFactors]:
+    """π-damped inverses ``Q diag(1/(d + λ)) Qᵀ`` for both factors, so preconditioning costs two matmuls."""
+    out = {}
+    for name, e in eigen.items():
+        lam_a, lam_g = pi_damping(e.dA, e.dG, damping)
+        a_inv = (e.QA / (e.dA + lam_a).unsqueeze(-2)) @ e.QA.mT
+        g_inv = (e.QG / (e.dG + lam_g).unsqueeze(-2)) @ e.QG.mT
+        out[name] = InverseFactors(a_inv, g_inv, torch.as_tensor(damping, dtype=e.dA.dtype, device=e.dA.device))
+    return out

@@ -1,0 +1,110 @@
+"""Per-layer-kind rules: how a layer's inputs and output gradients become K-FAC quantities.
+
+Every tracked layer is brought into one canonical form so that everything downstream (factors,
+per-example gradients, preconditioning) is written once:
+
+* ``a``: ``(N, B, S, d_a)`` — the homogeneous inputs ``ā = [a; 1]`` (the ones column only when the
+  layer has a bias), ``B`` independent blocks (the groups of a grouped convolution, 1 otherwise) and
+  ``S`` positions per example (conv output pixels, sequence positions, repeated calls of a shared
+  weight);
+* ``g``: ``(V, N, B, S, d_g)`` — output gradients for ``V`` curvature vectors;
+* the weight matrix ``W̄ = [W, b]`` as ``(B, d_g, d_a)``, row-major like PyTorch, so that ``vec(W̄)``
+  carries the Kronecker order ``G ⊗ A``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LINEAR = "linear"
+CONV2D = "conv2d"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static description of a tracked layer: which parameters it owns and its block structure."""
+
+    name: str
+    kind: str
+    weight: str
+    bias: str | None
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a tracked layer during the forward pass (a shared weight has several)."""
+
+    layer: str
+    kind: str
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+
+
+def conv2d_call(layer: str, kernel, stride, padding, dilation, groups: int) -> LayerCall:
+    """Normalise ``torch.conv2d``'s geometry arguments into a :class:`LayerCall`."""
+    pad = padding if isinstance(padding, str) else _pair(padding)
+    return LayerCall(layer, CONV2D, _pair(tuple(kernel)), _pair(stride), pad, _pair(dilation), int(groups))
+
+
+def input_patches(call: LayerCall, a: Tensor, bias: bool) -> Tensor:
+    """Layer input of one call → ``(N, B, S, d_a)``, with the ones column when ``bias``."""
+    if call.kind == LINEAR:
+        if a.dim() < 2:
+            raise ValueError(f"layer {call.layer!r}: input of shape {tuple(a.shape)} has no batch dimension")
+        out = a.reshape(a.shape[0], 1, -1, a.shape[-1])
+    else:
+        if a.dim() != 4:
+            raise ValueError(
+                f"layer {call.layer!r}: conv2d input must be (N, C, H, W), got shape {tuple(a.shape)}"
+            )
+        padding = call.padding
+        if isinstance(padding, str):  # 'valid' or 'same' (torch pads the odd extra on the right/bottom)
+            pads = [0, 0, 0, 0]
+            if padding == "same":
+                for i, (k, d) in enumerate(zip(call.kernel, call.dilation)):
+                    total = d * (k - 1)
+                    pads[2 * (1 - i)], pads[2 * (1 - i) + 1] = total // 2, total - total // 2
+            a = F.pad(a, pads)
+            padding = (0, 0)
+        cols = F.unfold(a, call.kernel, dilation=call.dilation, padding=padding, stride=call.stride)
+        n, _, positions = cols.shape
+        out = cols.reshape(n, call.groups, -1, positions).transpose(2, 3)
+    if bias:
+        out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
+    return out
+
+
+def output_grads(call: LayerCall, g: Tensor) -> Tensor:
+    """Output gradients ``(V, N, *out)`` of one call → ``(V, N, B, S, d_g)``."""
+    if call.kind == LINEAR:
+        return g.reshape(g.shape[0], g.shape[1], 1, -1, g.shape[-1])
+    v, n, c, h, w = g.shape
+    return g.reshape(v, n, call.groups, c // call.groups, h * w).transpose(3, 4)
+
+
+def weight_matrix(spec: LayerSpec, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``[W, b]`` (or its gradient) as ``(B, d_g, d_a)``."""
+    out = weight.reshape(spec.groups, weight.shape[0] // spec.groups, -1)
+    if bias is not None:
+        out = torch.cat([out, bias.reshape(spec.groups, -1, 1)], dim=-1)
+    return out
+
+
+def split_weight_matrix(spec: LayerSpec, mat: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`weight_matrix`: ``(B, d_g, d_a)`` → ``{weight_name: ..., bias_name: ...}``."""
+    weight = params[spec.weight]
+    if spec.bias is None:
+        return {spec.weight: mat.reshape(weight.shape)}
+    return {spec.weight: mat[..., :-1].reshape(weight.shape), spec.bias: mat[..., -1].reshape(-1)}

@@ -1,0 +1,223 @@
+r"""A thin ``torch.optim.Optimizer`` adapter that orders the pure stages.
+
+Each ``step(inputs, targets)``:
+
+1. :func:`~kfac_func.capture` — loss, gradients and, every ``factor_period`` steps, the layer statistics
+   for ``fisher`` (one forward, one batched backward);
+2. NaN/Inf in the loss, gradients or statistics → the step is skipped with a warning; no parameter or
+   state tensor changes;
+3. moving average of the Kronecker factors (decay ``ema_decay``, bias-corrected);
+4. every ``inverse_period`` steps, eigendecompositions (``damping_mode="eigen"``) or cached π-damped
+   inverse factors (``"factored"``);
+5. ``Δ = precondition(grads)``; KL clip ``ν = min(1, √(κ / (η² Σ Δ·∇)))`` (skipped when ``Σ Δ·∇ ≤ 0``);
+   then per parameter group ``d = νΔ + wd·θ``, ``v ← μ v + d``, ``θ ← θ − η v``.
+
+``lr``, ``momentum`` and ``weight_decay`` are per parameter group (and so work with
+``torch.optim.lr_scheduler``); the curvature options are global. ``state_dict()`` carries the factors,
+decompositions, step counter and sampling generator, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Iterable
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from .capture import Model, capture, trace
+from .factors import (
+    all_finite,
+    averaged_factors,
+    eigendecompose,
+    init_factor_state,
+    inverse_factors,
+    kronecker_factors,
+    update_factor_state,
+)
+from .losses import FISHER_TYPES, Loss, as_loss
+from .precondition import MODES, precondition
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC for an ``nn.Module`` or a function ``f(params, x)``.
+
+    ``params``: for a module, ``None`` (all parameters that require grad), a list of its parameters or
+    of parameter-group dicts; for a function, a dict ``name → leaf tensor`` or a list of group dicts whose
+    ``"params"`` are such dicts. Parameters outside every group are held fixed.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        params: Any = None,
+        *,
+        loss: Loss | str = "cross_entropy",
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1e-3,
+        damping_mode: str = "eigen",
+        fisher: str = "mc",
+        mc_samples: int = 1,
+        factor_period: int = 1,
+        inverse_period: int = 10,
+        ema_decay: float = 0.95,
+        kl_clip: float | None = 1e-3,
+        reduce: bool = False,
+        stats_fraction: float = 1.0,
+        decomposition_dtype: torch.dtype = torch.float64,
+        seed: int = 0,
+    ):
+        checks = {
+            "lr": lr >= 0,
+            "momentum": 0 <= momentum < 1,
+            "weight_decay": weight_decay >= 0,
+            "damping": damping > 0,
+            "damping_mode": damping_mode in MODES,
+            "fisher": fisher in FISHER_TYPES,
+            "mc_samples": mc_samples >= 1,
+            "factor_period": factor_period >= 1,
+            "inverse_period": inverse_period >= 1,
+            "ema_decay": 0 <= ema_decay < 1,
+            "kl_clip": kl_clip is None or kl_clip > 0,
+            "stats_fraction": 0 < stats_fraction <= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}: {locals()[name]!r}")
+        self.model = model
+        self.loss = as_loss(loss)
+        self.damping, self.damping_mode, self.fisher, self.mc_samples = damping, damping_mode, fisher, mc_samples
+        self.factor_period, self.inverse_period, self.ema_decay = factor_period, inverse_period, ema_decay
+        self.kl_clip, self.reduce, self.stats_fraction = kl_clip, reduce, stats_fraction
+        self.decomposition_dtype = decomposition_dtype
+        self._names, groups = _named_groups(model, params)
+        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        first = next(iter(self._names))
+        self._generator = torch.Generator(device=first.device).manual_seed(seed)
+        self.kfac_state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.int64), "factors": None, "decomposition": None}
+        self._warned_untracked = False
+
+    def _all_params(self) -> dict[str, Tensor]:
+        """Every parameter the model takes (optimised or fixed), detached."""
+        if isinstance(self.model, nn.Module):
+            return {n: p.detach() for n, p in self.model.named_parameters()}
+        return {n: p.detach() for p, n in self._names.items()}
+
+    @torch.no_grad()
+    def step(self, inputs: Any, targets: Tensor) -> Tensor:  # type: ignore[override]
+        """One K-FAC step on a batch; returns the loss before the update."""
+        state = self.kfac_state
+        step = int(state["step"])
+        params = self._all_params()
+        plan = trace(self.model, params, inputs)
+        if plan.untracked and not self._warned_untracked:
+            warnings.warn(
+                f"kfac_func: parameters {list(plan.untracked)} belong to no supported layer; they get identity "
+                "preconditioning (a plain gradient step)",
+                stacklevel=2,
+            )
+            self._warned_untracked = True
+        with torch.enable_grad():
+            cap = capture(
+                self.model, params, inputs, targets, self.loss,
+                fisher=self.fisher if step % self.factor_period == 0 else None,
+                mc_samples=self.mc_samples, generator=self._generator,
+            )
+        batch = None
+        if cap.g:
+            n = next(iter(cap.a.values())).shape[0]
+            examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
+            batch = kronecker_factors(cap, reduce=self.reduce, examples=examples)
+        if not bool(all_finite((cap.loss, cap.grads, batch))):
+            warnings.warn(
+                f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
+                "parameters and optimizer state unchanged",
+                stacklevel=2,
+            )
+            return cap.loss.detach()
+        if batch is not None:
+            factors = state["factors"] if state["factors"] is not None else init_factor_state(batch)
+            state["factors"], _ = update_factor_state(factors, batch, self.ema_decay)
+        if state["decomposition"] is None or step % self.inverse_period == 0:
+            eigen = eigendecompose(averaged_factors(state["factors"]), self.decomposition_dtype)
+            state["decomposition"] = inverse_factors(eigen, self.damping) if self.damping_mode == "factored" else eigen
+        delta = precondition(
+            params, cap.grads, state["decomposition"], layers=plan.layers,
+            damping=None if self.damping_mode == "factored" else self.damping, mode=self.damping_mode,
+        )
+        self._apply(delta, cap.grads)
+        state["step"] = state["step"] + 1
+        return cap.loss.detach()
+
+    def _apply(self, delta: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
+        scale = 1.0
+        if self.kl_clip is not None:
+            vg = sum(
+                group["lr"] ** 2 * (delta[self._names[p]] * grads[self._names[p]]).sum()
+                for group in self.param_groups for p in group["params"]
+            )
+            vg = float(vg)
+            if vg > 0:
+                scale = min(1.0, math.sqrt(self.kl_clip / vg))
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names[p]
+                p.grad = grads[name]
+                d = delta[name] * scale
+                if group["weight_decay"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                    self.state[p]["momentum_buffer"] = buf
+                    d = buf
+                p.add_(d, alpha=-group["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["kfac"] = {**self.kfac_state, "generator": self._generator.get_state()}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        kfac = state_dict.pop("kfac", None)
+        if kfac is None:
+            raise ValueError("state_dict has no 'kfac' entry: it was not saved by kfac_func.KFAC")
+        super().load_state_dict(state_dict)
+        kfac = optree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, kfac, none_is_leaf=True)
+        self._generator.set_state(kfac.pop("generator"))
+        self.kfac_state = kfac
+
+
+def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[dict[str, Any]]]:
+    """Resolve parameter names (by identity) and torch-style parameter groups."""
+    if isinstance(model, nn.Module):
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        names: dict[Tensor, str] = {}
+        for g in groups:
+            g["params"] = list(g["params"])
+            for p in g["params"]:
+                if id(p) not in by_id:
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model")
+                names[p] = by_id[id(p)]
+        return names, groups
+    if isinstance(params, dict) and "params" not in params:
+        params = [{"params": params}]
+    if not isinstance(params, Iterable) or not params:
+        raise ValueError("for a function model, params must be a dict name → tensor or a list of group dicts")
+    names, groups = {}, []
+    for g in params:
+        if not isinstance(g.get("params"), dict):
+            raise ValueError("each parameter group of a function model needs 'params': a dict name → tensor")
+        names.update({p: n for n, p in g["params"].items()})
+        groups.append({**g, "params": list(g["params"].values())})
+    return names, groups
