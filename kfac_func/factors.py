@@ -41,8 +41,8 @@ class EigenFactors(NamedTuple):
 
 
 class InverseFactors(NamedTuple):
-    """π-damped inverse factors ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹``, built from an eigendecomposition,
-    and the damping ``λ`` they include."""
+    """π-damped inverse factors ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` (from Cholesky factors) and the
+    damping ``λ`` they include."""
 
     A_inv: Tensor
     G_inv: Tensor
@@ -141,7 +141,7 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
     """Factored Tikhonov damping ``λ_A = π√λ``, ``λ_G = √λ/π`` with
     ``π² = (tr A / dim A) / (tr G / dim G)`` per block (``π = 1`` when a trace vanishes).
 
-    Shapes ``(B, 1)`` so they broadcast against eigenvalues ``(B, d)``."""
+    ``dA``, ``dG``: eigenvalues or diagonals ``(B, d)`` (only their sums matter); returns ``(B, 1)``."""
     mean_a = dA.sum(-1, keepdim=True) / dA.shape[-1]
     mean_g = dG.sum(-1, keepdim=True) / dG.shape[-1]
     valid = (mean_a > 0) & (mean_g > 0)
@@ -150,12 +150,20 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
     return pi * root, root / pi
 
 
-def inverse_factors(eigen: dict[str, EigenFactors], damping: float | Tensor) -> dict[str, InverseFactors]:
-    """π-damped inverses ``Q diag(1/(d + λ)) Qᵀ`` for both factors, so preconditioning costs two matmuls."""
+def inverse_factors(
+    factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype = torch.float64
+) -> dict[str, InverseFactors]:
+    """π-damped inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` from Cholesky factors (computed in ``dtype``),
+    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite)."""
+
+    def chol_inv(m: Tensor, lam: Tensor) -> Tensor:
+        eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
+        return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + lam.to(dtype).unsqueeze(-1) * eye)).to(m.dtype)
+
     out = {}
-    for name, e in eigen.items():
-        lam_a, lam_g = pi_damping(e.dA, e.dG, damping)
-        a_inv = (e.QA / (e.dA + lam_a).unsqueeze(-2)) @ e.QA.mT
-        g_inv = (e.QG / (e.dG + lam_g).unsqueeze(-2)) @ e.QG.mT
-        out[name] = InverseFactors(a_inv, g_inv, torch.as_tensor(damping, dtype=e.dA.dtype, device=e.dA.device))
+    for name, f in factors.items():
+        lam_a, lam_g = pi_damping(f.A.diagonal(dim1=-2, dim2=-1), f.G.diagonal(dim1=-2, dim2=-1), damping)
+        out[name] = InverseFactors(
+            chol_inv(f.A, lam_a), chol_inv(f.G, lam_g), torch.as_tensor(damping, dtype=f.A.dtype, device=f.A.device)
+        )
     return out

@@ -85,10 +85,10 @@ class Loss:
             return -(2**0.5) * noise
         if self.kind == "bce_with_logits":
             p = torch.sigmoid(out)
-            return p - torch.bernoulli(p.expand(shape), generator=generator)
+            return p - torch.bernoulli(_finite_probs(p).expand(shape), generator=generator)
         p = _class_last(out).softmax(-1)
         flat = p.reshape(-1, p.shape[-1])
-        idx = torch.multinomial(flat, samples, replacement=True, generator=generator).T
+        idx = torch.multinomial(_finite_probs(flat), samples, replacement=True, generator=generator).T
         onehot = F.one_hot(idx.reshape((samples,) + p.shape[:-1]), p.shape[-1]).to(p.dtype)
         return _class_second((p - onehot) * self._class_weight(target, p.dtype).sqrt().unsqueeze(-1), batch_dims=2)
 
@@ -164,6 +164,11 @@ def cotangents(
     else:
         curv = (scale / samples) ** 0.5 * loss.sampled_grads(out, target, samples, generator)
     return value, true_grad, curv, scale
+
+
+def _finite_probs(p: Tensor) -> Tensor:
+    """Probabilities safe to sample from: a non-finite output (whose step is skipped anyway) samples 1/2."""
+    return torch.where(torch.isfinite(p), p, 0.5)
 
 
 def _class_last(t: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ Each ``step(inputs, targets)``:
 2. NaN/Inf in the loss, gradients or statistics → the step is skipped with a warning; no parameter or
    state tensor changes;
 3. moving average of the Kronecker factors (decay ``ema_decay``, bias-corrected);
-4. every ``inverse_period`` steps, eigendecompositions (``damping_mode="eigen"``) or cached π-damped
-   inverse factors (``"factored"``);
+4. every ``inverse_period`` steps, eigendecompositions (``damping_mode="eigen"``) or π-damped inverse
+   factors from Cholesky factors (``"factored"``: two matmuls per layer to precondition);
 5. ``Δ = precondition(grads)``; KL clip ``ν = min(1, √(κ / (η² Σ Δ·∇)))`` (skipped when ``Σ Δ·∇ ≤ 0``);
    then per parameter group ``d = νΔ + wd·θ``, ``v ← μ v + d``, ``θ ← θ − η v``.
 
@@ -121,6 +121,7 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._warned_untracked = True
+        rng = self._generator.get_state()
         with torch.enable_grad():
             cap = capture(
                 self.model, params, inputs, targets, self.loss,
@@ -138,13 +139,17 @@ class KFAC(torch.optim.Optimizer):
                 "parameters and optimizer state unchanged",
                 stacklevel=2,
             )
+            self._generator.set_state(rng)
             return cap.loss.detach()
         if batch is not None:
             factors = state["factors"] if state["factors"] is not None else init_factor_state(batch)
             state["factors"], _ = update_factor_state(factors, batch, self.ema_decay)
         if state["decomposition"] is None or step % self.inverse_period == 0:
-            eigen = eigendecompose(averaged_factors(state["factors"]), self.decomposition_dtype)
-            state["decomposition"] = inverse_factors(eigen, self.damping) if self.damping_mode == "factored" else eigen
+            averaged = averaged_factors(state["factors"])
+            if self.damping_mode == "factored":
+                state["decomposition"] = inverse_factors(averaged, self.damping, self.decomposition_dtype)
+            else:
+                state["decomposition"] = eigendecompose(averaged, self.decomposition_dtype)
         delta = precondition(
             params, cap.grads, state["decomposition"], layers=plan.layers,
             damping=None if self.damping_mode == "factored" else self.damping, mode=self.damping_mode,

@@ -1,0 +1,181 @@
+"""Bad input gets a clear error naming the layer or parameter; non-finite values never reach the state."""
+
+from __future__ import annotations
+
+import copy
+
+import optree
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac_func as kf
+
+
+class WithNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.out(self.norm(torch.relu(self.fc(x)))) * self.scale
+
+
+def _params(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in m.named_parameters()}
+
+
+def test_unsupported_parameters_are_reported_and_passed_through():
+    """LayerNorm and a free scale match no rule: reported by name, gradients correct, identity fallback."""
+    torch.manual_seed(0)
+    model, x, y = WithNorm(), torch.randn(5, 4), torch.randint(0, 3, (5,))
+    params = _params(model)
+    plan = kf.trace(model, params, x)
+    assert set(plan.layers) == {"fc", "out"}
+    assert set(plan.untracked) == {"norm.weight", "norm.bias", "scale"}
+    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+    ref = torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(params)
+    for n in params:
+        torch.testing.assert_close(cap.grads[n], ref[n])
+    factors = kf.kronecker_factors(cap)
+    out = kf.precondition(params, cap.grads, factors, layers=plan.layers, damping=1e-2)
+    for n in plan.untracked:
+        assert torch.equal(out[n], cap.grads[n])
+    with pytest.warns(UserWarning, match=r"norm\.weight.*identity"):
+        kf.KFAC(model, lr=0.1).step(x, y)
+
+
+def test_weight_used_outside_a_layer_call_is_untracked():
+    """A weight that is also used elsewhere (here: a penalty-like product) cannot be K-FAC'd: untracked."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 4)
+
+    def f(p, x):
+        return F.linear(x, p["w"]) + (p["w"] ** 2).sum()
+
+    plan = kf.trace(f, {"w": w}, torch.randn(2, 4))
+    assert plan.layers == {} and plan.untracked == ("w",)
+
+
+def test_nonfinite_step_is_skipped_and_state_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = kf.KFAC(model, lr=0.1, damping=1e-2, inverse_period=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        opt.step(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    params_before = copy.deepcopy(model.state_dict())
+    state_before = copy.deepcopy(opt.state_dict())
+    bad = torch.randn(8, 4)
+    bad[2, 1] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite.*skipped"):
+        opt.step(bad, torch.randint(0, 3, (8,)))
+    inf_target = torch.full((8, 3), float("inf"))
+    opt.loss = kf.Loss("mse")
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step(torch.randn(8, 4), inf_target)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params_before[k]), k
+    after = optree.tree_leaves(opt.state_dict())
+    before = optree.tree_leaves(state_before)
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+
+
+def test_update_factor_state_rejects_nonfinite_batch():
+    good = {"l": kf.KroneckerFactors(torch.eye(2)[None], torch.eye(3)[None])}
+    state, ok = kf.update_factor_state(kf.init_factor_state(good), good, 0.9)
+    assert bool(ok)
+    bad = {"l": kf.KroneckerFactors(torch.full((1, 2, 2), float("inf")), torch.eye(3)[None])}
+    new, ok = kf.update_factor_state(state, bad, 0.9)
+    assert not bool(ok)
+    for a, b in zip(optree.tree_leaves(new), optree.tree_leaves(state)):
+        assert torch.equal(a, b)
+
+
+def test_mismatched_input_shape_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    with pytest.raises(ValueError, match=r"layer '0'.*input of shape \(2, 7\)"):
+        kf.capture(model, _params(model), torch.randn(2, 7), torch.zeros(2, dtype=torch.long), "cross_entropy")
+
+
+def test_mismatched_input_dtype_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 5))
+    with pytest.raises(ValueError, match=r"layer '0'.*float64.*float32"):
+        kf.trace(model, _params(model), torch.randn(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    "loss, target, match",
+    [
+        ("mse", torch.zeros(2, 4), "target shape"),
+        ("mse", torch.zeros(2, 3, dtype=torch.float64), "target dtype"),
+        ("cross_entropy", torch.zeros(3, dtype=torch.long), "class-index targets must have shape"),
+        ("bce_with_logits", torch.zeros(2, 3, 1), "target shape"),
+    ],
+)
+def test_mismatched_targets(loss, target, match):
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=match):
+        kf.capture(model, _params(model), torch.randn(2, 4), target, loss)
+
+
+def test_unknown_loss_reduction_and_fisher():
+    with pytest.raises(ValueError, match="unsupported loss"):
+        kf.Loss("hinge")
+    with pytest.raises(ValueError, match="unsupported reduction"):
+        kf.Loss("mse", reduction="none")
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="unknown Fisher type"):
+        kf.capture(model, _params(model), torch.randn(2, 4), torch.zeros(2, 3), "mse", fisher="type3")
+
+
+def test_precondition_checks_gradients_and_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    params, x = _params(model), torch.randn(6, 4)
+    cap = kf.capture(model, params, x, torch.randint(0, 3, (6,)), "cross_entropy", fisher="exact")
+    layers = kf.trace(model, params, x).layers
+    factors = kf.kronecker_factors(cap)
+    wrong = dict(cap.grads, **{"2.weight": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match=r"gradient of '2\.weight' has shape \(3, 4\)"):
+        kf.precondition(params, wrong, factors, layers=layers, damping=1e-2)
+    with pytest.raises(ValueError, match="missing"):
+        kf.precondition(params, {k: v for k, v in cap.grads.items() if k != "0.bias"}, factors, layers=layers, damping=1e-2)
+    swapped = dict(factors, **{"0": factors["2"]})
+    with pytest.raises(ValueError, match=r"layer '0': factors have shapes"):
+        kf.precondition(params, cap.grads, swapped, layers=layers, damping=1e-2)
+    with pytest.raises(ValueError, match="no factors for layer '2'"):
+        kf.precondition(params, cap.grads, {"0": factors["0"]}, layers=layers, damping=1e-2)
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        kf.precondition(params, cap.grads, factors, layers=layers, damping=-1.0)
+    inv = kf.inverse_factors(factors, 1e-2)
+    with pytest.raises(ValueError, match="include their damping"):
+        kf.precondition(params, cap.grads, inv, layers=layers, damping=1e-2, mode="factored")
+
+
+def test_data_dependent_layer_calls_are_detected():
+    """Same shapes, different control flow between trace and capture: a clear error, not wrong numbers."""
+    w = torch.randn(4, 4)
+
+    def f(p, x):
+        h = F.linear(x, p["a.weight"])
+        return F.linear(h, p["a.weight"]) if x.sum() > 0 else h
+
+    params = {"a.weight": w}
+    x_pos = torch.ones(2, 4)
+    kf.trace(f, params, x_pos)
+    with pytest.raises(RuntimeError, match="tracked layer calls"):
+        kf.capture(f, params, -x_pos, torch.zeros(2, 4), "mse", fisher=None)
+
+
+def test_model_must_return_a_tensor():
+    with pytest.raises(TypeError, match="one tensor"):
+        kf.trace(lambda p, x: (F.linear(x, p["w"]), x), {"w": torch.randn(2, 3)}, torch.randn(1, 3))
+    with pytest.raises(TypeError, match="dict mapping"):
+        kf.trace(lambda p, x: x, [torch.randn(2)], torch.randn(1, 3))
