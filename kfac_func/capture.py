@@ -10,8 +10,9 @@ output gradient ``∂ℓ/∂s`` of every call — no hooks, one backward for all
 
 The backward is batched with ``vmap`` over ``1 + V`` cotangents: the true-loss gradient and the ``V``
 curvature vectors of :func:`kfac_func.losses.cotangents`. Tracked weights are *not* differentiated:
-their gradient is rebuilt from ``(a, g)`` as ``∇W̄ = Σₙ,ₛ g āᵀ``, so the curvature vectors cost only the
-input-gradient half of a backward. Parameters that no rule matches (*untracked*: norm layers, weights
+their gradient is rebuilt from the layer input and the true output gradient with the kernels autograd
+would use (``∇W = Σₙ,ₛ g aᵀ``; the native convolution weight backward), so the curvature vectors cost
+only the input-gradient half of a backward. Parameters that no rule matches (*untracked*: norm layers, weights
 used outside a linear/conv call, ...) are differentiated by autograd and reported in
 :attr:`Plan.untracked`; :func:`kfac_func.precondition` passes their gradients through unchanged.
 
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .layers import LINEAR, LayerCall, LayerSpec, conv2d_call, input_patches, output_grads, split_weight_matrix
+from .layers import LINEAR, LayerCall, LayerSpec, conv2d_call, input_patches, output_grads, parameter_grads
 from .losses import Loss, as_loss, cotangents
 
 Model = nn.Module | Callable[[dict[str, Tensor], Any], Tensor]
@@ -67,7 +68,9 @@ class Capture(NamedTuple):
     * ``grads``: ``∂loss/∂params`` for every parameter, keyed like ``params``;
     * ``a``: per layer, homogeneous inputs ``(N, B, S, d_a)``;
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
-      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ`` (empty when ``fisher=None``).
+      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``.
+
+    ``a`` and ``g`` are empty when ``fisher=None``.
     """
 
     loss: Tensor
@@ -227,12 +230,15 @@ def capture(
     fisher: str | None = "mc",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    stats_examples: int | None = None,
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and one batched backward.
 
     ``model`` is an ``nn.Module`` (run through ``functional_call``) or ``f(params, inputs)``; ``fisher``
     is ``"mc"`` (``mc_samples`` targets drawn with ``generator``), ``"exact"``, ``"empirical"`` or
-    ``None`` (gradients only). Pure: no input is modified.
+    ``None`` (gradients only). ``stats_examples``: keep ``(a, g)`` of the first rows only, a cheaper
+    estimate of the same curvature (``g`` is rescaled by ``√(N/m)``); gradients always use the whole
+    batch. Pure: no input is modified.
     """
     loss = as_loss(loss)
     plan = trace(model, params, inputs)
@@ -260,20 +266,29 @@ def capture(
         free_grads, probe_grads = vmap(vjp_fn)(torch.cat([true_ct.unsqueeze(0), curv_ct]))
         free_grads = optree.tree_map(lambda t: t[0], free_grads)
 
+    grads = dict(free_grads)
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     for call, x, pg in zip(plan.calls, inputs_seen, probe_grads):
-        a[call.layer].append(input_patches(call, x, plan.layers[call.layer].bias is not None))
-        g[call.layer].append(output_grads(call, pg))
-    grads = dict(free_grads)
-    a_cat, g_cat = {}, {}
-    for name, spec in plan.layers.items():
-        a_cat[name] = torch.cat(a[name], dim=2) if len(a[name]) > 1 else a[name][0]
-        g_all = torch.cat(g[name], dim=3) if len(g[name]) > 1 else g[name][0]
-        grads.update(split_weight_matrix(spec, torch.einsum("nbso,nbsi->boi", g_all[0], a_cat[name]), params))
-        if fisher == "empirical":
-            g_cat[name] = g_all / scale**0.5
-        elif fisher is not None:
-            g_cat[name] = g_all[1:]
-    return Capture(value, {n: grads[n] for n in params}, a_cat, g_cat)
-
+        spec = plan.layers[call.layer]
+        has_bias = spec.bias is not None
+        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight], has_bias)):
+            if name is not None:
+                grads[name] = grads[name] + grad if name in grads else grad
+        if fisher is None:
+            continue
+        n = x.shape[0]
+        m = n if stats_examples is None else min(stats_examples, n)
+        # rescale so that factors from m rows estimate the full-batch curvature
+        gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
+        a[call.layer].append(input_patches(call, x[:m], has_bias))
+        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs))
+    if fisher is None:
+        return Capture(value, {n: grads[n] for n in params}, {}, {})
+    cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
+    return Capture(
+        value,
+        {n: grads[n] for n in params},
+        {name: cat(parts, 2) for name, parts in a.items()},
+        {name: cat(parts, 3) for name, parts in g.items()},
+    )

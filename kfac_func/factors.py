@@ -58,31 +58,22 @@ class FactorState(NamedTuple):
     updates: Tensor
 
 
-def kronecker_factors(cap: Capture, *, reduce: bool = False, examples: int | None = None) -> dict[str, KroneckerFactors]:
-    """The batch's Kronecker factors per layer.
-
-    ``examples``: estimate from the first ``examples`` rows only (a cheaper estimate of the same
-    quantity; ``G`` is rescaled by ``N / examples`` so its scale does not change).
-    """
+def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, KroneckerFactors]:
+    """The batch's Kronecker factors per layer (expand, or reduce when ``reduce``)."""
     if not cap.g:
         raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]
-        n = a.shape[0]
-        if examples is not None:
-            if not 0 < examples <= n:
-                raise ValueError(f"examples must be in [1, {n}], got {examples}")
-            a, g = a[:examples], g[:, :examples]
-        m, positions = a.shape[0], a.shape[2]
+        n, positions = a.shape[0], a.shape[2]
         if reduce:
             a_hat, g_hat = a.mean(2), g.sum(3)
-            A = torch.einsum("nbi,nbj->bij", a_hat, a_hat) / m
+            A = torch.einsum("nbi,nbj->bij", a_hat, a_hat) / n
             G = torch.einsum("vnbo,vnbp->bop", g_hat, g_hat)
         else:
-            A = torch.einsum("nbsi,nbsj->bij", a, a) / (m * positions)
+            A = torch.einsum("nbsi,nbsj->bij", a, a) / (n * positions)
             G = torch.einsum("vnbso,vnbsp->bop", g, g)
-        out[name] = KroneckerFactors(A, G * (n / m) if m != n else G)
+        out[name] = KroneckerFactors(A, G)
     return out
 
 

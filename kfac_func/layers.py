@@ -58,32 +58,53 @@ def conv2d_call(layer: str, kernel, stride, padding, dilation, groups: int) -> L
     return LayerCall(layer, CONV2D, _pair(tuple(kernel)), _pair(stride), pad, _pair(dilation), int(groups))
 
 
+def _explicit_padding(call: LayerCall, a: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Resolve ``'valid'``/``'same'`` padding (torch pads the odd extra on the right/bottom) into ``F.pad``."""
+    if not isinstance(call.padding, str):
+        return a, call.padding
+    pads = [0, 0, 0, 0]
+    if call.padding == "same":
+        for i, (k, d) in enumerate(zip(call.kernel, call.dilation)):
+            total = d * (k - 1)
+            pads[2 * (1 - i)], pads[2 * (1 - i) + 1] = total // 2, total - total // 2
+    return F.pad(a, pads), (0, 0)
+
+
+def _check_input(call: LayerCall, a: Tensor) -> None:
+    if call.kind == LINEAR and a.dim() < 2:
+        raise ValueError(f"layer {call.layer!r}: input of shape {tuple(a.shape)} has no batch dimension")
+    if call.kind == CONV2D and a.dim() != 4:
+        raise ValueError(f"layer {call.layer!r}: conv2d input must be (N, C, H, W), got shape {tuple(a.shape)}")
+
+
 def input_patches(call: LayerCall, a: Tensor, bias: bool) -> Tensor:
     """Layer input of one call → ``(N, B, S, d_a)``, with the ones column when ``bias``."""
+    _check_input(call, a)
     if call.kind == LINEAR:
-        if a.dim() < 2:
-            raise ValueError(f"layer {call.layer!r}: input of shape {tuple(a.shape)} has no batch dimension")
         out = a.reshape(a.shape[0], 1, -1, a.shape[-1])
     else:
-        if a.dim() != 4:
-            raise ValueError(
-                f"layer {call.layer!r}: conv2d input must be (N, C, H, W), got shape {tuple(a.shape)}"
-            )
-        padding = call.padding
-        if isinstance(padding, str):  # 'valid' or 'same' (torch pads the odd extra on the right/bottom)
-            pads = [0, 0, 0, 0]
-            if padding == "same":
-                for i, (k, d) in enumerate(zip(call.kernel, call.dilation)):
-                    total = d * (k - 1)
-                    pads[2 * (1 - i)], pads[2 * (1 - i) + 1] = total // 2, total - total // 2
-            a = F.pad(a, pads)
-            padding = (0, 0)
+        a, padding = _explicit_padding(call, a)
         cols = F.unfold(a, call.kernel, dilation=call.dilation, padding=padding, stride=call.stride)
         n, _, positions = cols.shape
         out = cols.reshape(n, call.groups, -1, positions).transpose(2, 3)
     if bias:
         out = torch.cat([out, out.new_ones(out.shape[:-1] + (1,))], dim=-1)
     return out
+
+
+def parameter_grads(call: LayerCall, a: Tensor, g: Tensor, weight: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """``(∂L/∂W, ∂L/∂b)`` of one call from its input ``a`` and output gradient ``g`` (no vector dim): the
+    same kernels autograd would run (a matmul; the native convolution weight backward)."""
+    _check_input(call, a)
+    if call.kind == LINEAR:
+        g2 = g.reshape(-1, g.shape[-1])
+        return g2.T @ a.reshape(-1, a.shape[-1]), (g2.sum(0) if bias else None)
+    a, padding = _explicit_padding(call, a)
+    _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, a, weight, [weight.shape[0]] if bias else None, list(call.stride), list(padding),
+        list(call.dilation), False, [0, 0], call.groups, [False, True, bias],
+    )
+    return grad_w, grad_b
 
 
 def output_grads(call: LayerCall, g: Tensor) -> Tensor:

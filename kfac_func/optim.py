@@ -121,18 +121,16 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._warned_untracked = True
+        n = len(targets)
+        examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
         rng = self._generator.get_state()
         with torch.enable_grad():
             cap = capture(
                 self.model, params, inputs, targets, self.loss,
                 fisher=self.fisher if step % self.factor_period == 0 else None,
-                mc_samples=self.mc_samples, generator=self._generator,
+                mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
-        batch = None
-        if cap.g:
-            n = next(iter(cap.a.values())).shape[0]
-            examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
-            batch = kronecker_factors(cap, reduce=self.reduce, examples=examples)
+        batch = kronecker_factors(cap, reduce=self.reduce) if cap.g else None
         if not bool(all_finite((cap.loss, cap.grads, batch))):
             warnings.warn(
                 f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "

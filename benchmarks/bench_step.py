@@ -1,0 +1,270 @@
+"""Step cost of kfac_func against its floor: the dense operations K-FAC needs, timed alone.
+
+    python benchmarks/bench_step.py [--repeats 15] [--quick] [--json results.json]
+
+For each model and batch size, in one run and interleaved (round-robin, so machine noise hits every
+candidate alike), it times
+
+* ``grad``: a plain autograd step (forward, backward, SGD-momentum update), for scale;
+* ``curvature``: ``kfac_func.capture`` (MC Fisher) + ``kronecker_factors``: loss, gradients, new factors;
+* ``kfac[eigen]`` / ``kfac[factored]``: full ``kfac_func.KFAC`` steps with factors every step and
+  decompositions every 10 steps (eigendecompositions, or Cholesky inverses with π-damping), timed over
+  whole 10-step periods so the decomposition cost is amortised exactly;
+* the knobs that lower the floor: statistics from a quarter of the batch, factors every 5 steps;
+
+and **the floor** of each: eager PyTorch doing only the dense work — forward, the true backward and the
+output-gradient backward of the sampled targets, the covariance matmuls (with the conv patch unfold), the
+preconditioning matmuls (4 per layer in the eigenbasis, 2 with cached inverses), the decompositions
+divided by their period, and the parameter update. Ratios are medians of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac_func as kf
+
+PERIOD = 10  # inverse period of the full steps
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(), nn.Linear(512, 10),
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+# ---------------------------------------------------------------- the floor: eager dense work only
+
+
+class Floor:
+    """The dense operations of a K-FAC step on ``model``, written directly in eager PyTorch."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        self.model, self.x, self.y = model, x, y
+        self.layers = [m for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.params = list(model.parameters())
+        self.momentum = [torch.zeros_like(p) for p in self.params]
+        self.gen = torch.Generator().manual_seed(0)
+        _, inputs, gs = self.forward_backward(sampled=True)
+        with torch.no_grad():
+            self.factors = self.covariances(inputs, gs, fraction=1.0)
+        self.eig = [(torch.linalg.eigh(A.double()), torch.linalg.eigh(G.double())) for A, G in self.factors]
+        self.eig = [(qa.float(), da.float(), qg.float(), dg.float()) for (da, qa), (dg, qg) in self.eig]
+        self.inv = [(torch.linalg.inv(A + 0.1 * torch.eye(len(A))), torch.linalg.inv(G + 0.1 * torch.eye(len(G))))
+                    for A, G in self.factors]  # values only feed timing; the library uses Cholesky
+        self.grads = [self.matrix(m) for m in self.layers]
+
+    def matrix(self, m: nn.Module) -> torch.Tensor:
+        return torch.cat([m.weight.detach().reshape(m.weight.shape[0], -1), m.bias.detach()[:, None]], 1)
+
+    def forward_backward(self, sampled: bool):
+        inputs, outputs = [], []
+        h = self.x
+        for m in self.model:
+            if m in self.layers:
+                inputs.append(h.detach())
+                h = m(h)
+                outputs.append(h)
+            else:
+                h = m(h)
+        loss = F.cross_entropy(h, self.y)
+        grads = torch.autograd.grad(loss, self.params, retain_graph=sampled)
+        if not sampled:
+            return grads, None, None
+        p = h.detach().softmax(1)
+        ct = (p - F.one_hot(torch.multinomial(p, 1, generator=self.gen)[:, 0], p.shape[1])) / len(p) ** 0.5
+        return grads, inputs, torch.autograd.grad(h, outputs, grad_outputs=ct)
+
+    def covariances(self, inputs, gs, fraction: float):
+        out = []
+        for m, a, g in zip(self.layers, inputs, gs):
+            k = max(1, int(fraction * a.shape[0]))
+            a, g = a[:k], g[:k]
+            if isinstance(m, nn.Conv2d):
+                a = F.unfold(a, m.kernel_size, padding=m.padding, stride=m.stride).transpose(1, 2).reshape(-1, a.shape[1] * m.kernel_size[0] * m.kernel_size[1])
+                g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            out.append((a.T @ a / a.shape[0], g.T @ g))
+        return out
+
+    def update(self, grads):
+        with torch.no_grad():
+            for p, g, v in zip(self.params, grads, self.momentum):
+                v.mul_(0.9).add_(g)
+                p.sub_(v, alpha=0.0)  # lr 0: the same work, parameters stay put
+
+    # the pieces, each timed alone
+    def grad_step(self):
+        self.update(self.forward_backward(sampled=False)[0])
+
+    def curvature(self, fraction: float = 1.0):
+        grads, inputs, gs = self.forward_backward(sampled=True)
+        with torch.no_grad():
+            self.covariances(inputs, gs, fraction)
+        return grads
+
+    def precondition_eigen(self):
+        for (qa, da, qg, dg), grad in zip(self.eig, self.grads):
+            qg @ ((qg.T @ grad @ qa) / (dg[:, None] * da[None] + 1e-3)) @ qa.T
+
+    def precondition_inverse(self):
+        for (a_inv, g_inv), grad in zip(self.inv, self.grads):
+            g_inv @ grad @ a_inv
+
+    def eigh(self):
+        for A, G in self.factors:
+            torch.linalg.eigh(A.double()), torch.linalg.eigh(G.double())
+
+    def cholesky(self):
+        for A, G in self.factors:
+            for M in (A, G):
+                M = M.double() + 1e-2 * torch.eye(len(M), dtype=torch.float64)
+                torch.cholesky_inverse(torch.linalg.cholesky(M))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def interleaved(candidates: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call, candidates run round-robin ``repeats`` times after ``warmup`` calls."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = make()
+    floor = Floor(model, x, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+
+    def grad_step():
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sgd.step()
+
+    def curvature():
+        kf.kronecker_factors(kf.capture(model, params, x, y, "cross_entropy", fisher="mc", generator=gen))
+
+    def kfac_period(**kw):
+        opt = kf.KFAC(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, **kw)
+        opt.step(x, y)  # builds the state; the timed period starts at a decomposition step
+
+        def run():
+            for _ in range(PERIOD):
+                opt.step(x, y)
+
+        return run
+
+    configs = {
+        "kfac[eigen]": dict(damping_mode="eigen"),
+        "kfac[factored]": dict(damping_mode="factored", damping=1e-2),
+        "kfac[factored, stats 1/4]": dict(damping_mode="factored", damping=1e-2, stats_fraction=0.25),
+        "kfac[factored, factors every 5]": dict(damping_mode="factored", damping=1e-2, factor_period=5),
+    }
+    candidates: dict[str, Callable[[], None]] = {"grad": grad_step, "curvature": curvature}
+    candidates.update({k: kfac_period(**v) for k, v in configs.items()})
+    candidates.update({
+        "floor:grad": floor.grad_step,
+        "floor:curvature": floor.curvature,
+        "floor:curvature 1/4": lambda: floor.curvature(0.25),
+        "floor:precond eigen": floor.precondition_eigen,
+        "floor:precond inverse": floor.precondition_inverse,
+        "floor:eigh": floor.eigh,
+        "floor:cholesky": floor.cholesky,
+    })
+    t = interleaved(candidates, repeats)
+    per = {k: t[k] / PERIOD for k in configs}  # seconds per step, decomposition amortised
+    floors = {
+        "grad": t["floor:grad"],
+        "curvature": t["floor:curvature"],
+        "kfac[eigen]": t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD,
+        "kfac[factored]": t["floor:curvature"] + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
+        "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
+        "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5
+        + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
+    }
+    measured = {"grad": t["grad"], "curvature": t["curvature"], **per}
+    rows = []
+    for step, sec in measured.items():
+        rows.append({
+            "model": name, "batch": int(x.shape[0]), "step": step, "ms": 1e3 * sec,
+            "x_grad": sec / t["grad"], "floor_ms": 1e3 * floors[step], "x_floor": sec / floors[step],
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | batch | step | median ms | × grad step | floor ms | × floor |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['step']} | {r['ms']:.2f} | {r['x_grad']:.2f} | "
+            f"{r['floor_ms']:.2f} | {r['x_floor']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (a smoke run)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    g = torch.Generator().manual_seed(0)
+    if args.quick:
+        cases = [("MLP 784-512-256-10", mlp, 32, (784,)), ("CNN 2 conv + linear", cnn, 8, (1, 28, 28))]
+        args.repeats = 2
+    else:
+        cases = [
+            ("MLP 784-512-256-10", mlp, 256, (784,)),
+            ("MLP 784-512-256-10", mlp, 2048, (784,)),
+            ("CNN 2 conv + linear", cnn, 128, (1, 28, 28)),
+        ]
+    print(f"machine: {machine()}")
+    rows = []
+    for name, make, n, shape in cases:
+        x, y = torch.randn((n,) + shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+        rows += bench(name, make, x, y, args.repeats)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
