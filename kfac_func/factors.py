@@ -85,9 +85,16 @@ def init_factor_state(like: dict[str, KroneckerFactors]) -> FactorState:
 
 
 def all_finite(tree) -> Tensor:
-    """A 0-dim bool tensor: every leaf of ``tree`` is finite (no host sync)."""
+    """A 0-dim bool tensor: every leaf of ``tree`` is finite, decided from one sum per leaf (a NaN or Inf
+    anywhere makes the sum non-finite; a finite sum that overflows counts as non-finite too). No host sync."""
     leaves = optree.tree_leaves(tree)
-    return torch.stack([torch.isfinite(t).all() for t in leaves]).all()
+    return torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in leaves]).sum())
+
+
+def factors_finite(factors: dict[str, KroneckerFactors]) -> Tensor:
+    """Whether Kronecker factors are finite, from their diagonals: for ``A = Σ ā āᵀ`` every entry is
+    bounded by its diagonal (Cauchy–Schwarz) and a NaN/Inf input always reaches the diagonal."""
+    return all_finite(optree.tree_map(lambda f: f.diagonal(dim1=-2, dim2=-1), factors))
 
 
 def update_factor_state(
@@ -101,8 +108,8 @@ def update_factor_state(
         raise ValueError(f"decay must be in [0, 1), got {decay}")
     if optree.tree_structure(batch) != optree.tree_structure(state.factors):
         raise ValueError("batch factors do not have the layers of the state")
-    ok = all_finite(batch)
-    factors = optree.tree_map(lambda m, f: torch.where(ok, decay * m + (1 - decay) * f, m), state.factors, batch)
+    ok = factors_finite(batch)
+    factors = optree.tree_map(lambda m, f: torch.where(ok, torch.lerp(m, f, 1 - decay), m), state.factors, batch)
     weight = torch.where(ok, decay * state.weight + (1 - decay), state.weight)
     return FactorState(factors, weight, state.updates + ok.to(state.updates.dtype)), ok
 

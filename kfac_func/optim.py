@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .capture import Model, capture, trace
 from .factors import (
     all_finite,
+    factors_finite,
     averaged_factors,
     eigendecompose,
     init_factor_state,
@@ -131,7 +132,7 @@ class KFAC(torch.optim.Optimizer):
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
         batch = kronecker_factors(cap, reduce=self.reduce) if cap.g else None
-        if not bool(all_finite((cap.loss, cap.grads, batch))):
+        if not bool(all_finite((cap.loss, cap.grads)) & (factors_finite(batch) if batch else True)):
             warnings.warn(
                 f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
                 "parameters and optimizer state unchanged",
