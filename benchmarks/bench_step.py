@@ -15,7 +15,7 @@ candidate alike), it times
 and **the floor** of each: eager PyTorch doing only the dense work — forward, the true backward and the
 output-gradient backward of the sampled targets, the covariance matmuls (with the conv patch unfold), the
 preconditioning matmuls (4 per layer in the eigenbasis, 2 with cached inverses), the decompositions
-divided by their period, and the parameter update. Ratios are medians of the same run.
+divided by their period, the factors' moving average and the parameter update (momentum, axpy). Ratios are medians of the same run.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Floor:
             self.factors = self.covariances(inputs, gs, fraction=1.0)
         self.eig = [(torch.linalg.eigh(A.double()), torch.linalg.eigh(G.double())) for A, G in self.factors]
         self.eig = [(qa.float(), da.float(), qg.float(), dg.float()) for (da, qa), (dg, qg) in self.eig]
-        self.inv = [(torch.linalg.inv(A + 0.1 * torch.eye(len(A))), torch.linalg.inv(G + 0.1 * torch.eye(len(G))))
-                    for A, G in self.factors]  # values only feed timing; the library uses Cholesky
+        self.inv = [tuple(self.cholesky_inverse(M) for M in f) for f in self.factors]
+        self.average = [tuple(M.clone() for M in f) for f in self.factors]
         self.grads = [self.matrix(m) for m in self.layers]
 
     def matrix(self, m: nn.Module) -> torch.Tensor:
@@ -140,11 +140,20 @@ class Floor:
         for A, G in self.factors:
             torch.linalg.eigh(A.double()), torch.linalg.eigh(G.double())
 
+    @staticmethod
+    def cholesky_inverse(M: torch.Tensor) -> torch.Tensor:
+        M = M.double() + 1e-2 * torch.eye(len(M), dtype=torch.float64)
+        return torch.cholesky_inverse(torch.linalg.cholesky(M)).float()
+
     def cholesky(self):
         for A, G in self.factors:
-            for M in (A, G):
-                M = M.double() + 1e-2 * torch.eye(len(M), dtype=torch.float64)
-                torch.cholesky_inverse(torch.linalg.cholesky(M))
+            self.cholesky_inverse(A), self.cholesky_inverse(G)
+
+    def moving_average_and_update(self):
+        """The per-step elementwise work of a K-FAC step: factor moving average, momentum and axpy."""
+        for (A, G), (mA, mG) in zip(self.factors, self.average):
+            mA.lerp_(A, 0.05), mG.lerp_(G, 0.05)
+        self.update([p.detach() for p in self.params])
 
 
 # ---------------------------------------------------------------- timing
@@ -206,17 +215,19 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         "floor:precond inverse": floor.precondition_inverse,
         "floor:eigh": floor.eigh,
         "floor:cholesky": floor.cholesky,
+        "floor:average+update": floor.moving_average_and_update,
     })
     t = interleaved(candidates, repeats)
     per = {k: t[k] / PERIOD for k in configs}  # seconds per step, decomposition amortised
+    step = t["floor:average+update"]
+    inverse = t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD + step
     floors = {
         "grad": t["floor:grad"],
         "curvature": t["floor:curvature"],
-        "kfac[eigen]": t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD,
-        "kfac[factored]": t["floor:curvature"] + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
-        "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
-        "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5
-        + t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD,
+        "kfac[eigen]": t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD + step,
+        "kfac[factored]": t["floor:curvature"] + inverse,
+        "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + inverse,
+        "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5 + inverse,
     }
     measured = {"grad": t["grad"], "curvature": t["curvature"], **per}
     rows = []

@@ -245,7 +245,7 @@ def capture(
     f = as_function(model)
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
-    probes = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in plan.probes)
+    probes = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in plan.probes)
 
     def forward(free: dict[str, Tensor], probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}

@@ -98,18 +98,23 @@ def factors_finite(factors: dict[str, KroneckerFactors]) -> Tensor:
 
 
 def update_factor_state(
-    state: FactorState, batch: dict[str, KroneckerFactors], decay: float
+    state: FactorState, batch: dict[str, KroneckerFactors], decay: float, *, checked: bool = False
 ) -> tuple[FactorState, Tensor]:
     """``F ← β F + (1−β) F_batch``; a batch with any NaN/Inf leaves the state untouched.
 
     Returns the new state and whether the batch was accepted (a 0-dim bool tensor, no host sync).
+    ``checked=True`` states that the caller has verified the batch is finite (skips the guard).
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
     if optree.tree_structure(batch) != optree.tree_structure(state.factors):
         raise ValueError("batch factors do not have the layers of the state")
-    ok = factors_finite(batch)
-    factors = optree.tree_map(lambda m, f: torch.where(ok, torch.lerp(m, f, 1 - decay), m), state.factors, batch)
+    if checked:
+        ok = torch.ones((), dtype=torch.bool, device=state.weight.device)
+        factors = optree.tree_map(lambda m, f: torch.lerp(m, f, 1 - decay), state.factors, batch)
+    else:
+        ok = factors_finite(batch)
+        factors = optree.tree_map(lambda m, f: torch.where(ok, torch.lerp(m, f, 1 - decay), m), state.factors, batch)
     weight = torch.where(ok, decay * state.weight + (1 - decay), state.weight)
     return FactorState(factors, weight, state.updates + ok.to(state.updates.dtype)), ok
 

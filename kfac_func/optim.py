@@ -142,7 +142,7 @@ class KFAC(torch.optim.Optimizer):
             return cap.loss.detach()
         if batch is not None:
             factors = state["factors"] if state["factors"] is not None else init_factor_state(batch)
-            state["factors"], _ = update_factor_state(factors, batch, self.ema_decay)
+            state["factors"], _ = update_factor_state(factors, batch, self.ema_decay, checked=True)
         if state["decomposition"] is None or step % self.inverse_period == 0:
             averaged = averaged_factors(state["factors"])
             if self.damping_mode == "factored":
