@@ -1,18 +1,8 @@
 """kfac_func: K-FAC, E-KFAC and two-level K-FAC as functional transforms on ``torch.func``."""
 
+from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
-from .factors import (
-    EigenFactors,
-    FactorState,
-    InverseFactors,
-    KroneckerFactors,
-    averaged_factors,
-    eigendecompose,
-    init_factor_state,
-    inverse_factors,
-    kronecker_factors,
-    update_factor_state,
-)
+from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, inverse_factors, kronecker_factors
 from .layers import LayerSpec
 from .losses import Loss
 from .optim import KFAC
@@ -21,7 +11,6 @@ from .precondition import precondition
 __all__ = [
     "Capture",
     "EigenFactors",
-    "FactorState",
     "InverseFactors",
     "KFAC",
     "KroneckerFactors",
@@ -29,13 +18,15 @@ __all__ = [
     "Loss",
     "Plan",
     "as_function",
-    "averaged_factors",
+    "MovingAverage",
+    "all_finite",
+    "averaged",
     "capture",
     "eigendecompose",
-    "init_factor_state",
+    "init_average",
     "inverse_factors",
     "kronecker_factors",
     "precondition",
     "trace",
-    "update_factor_state",
+    "update_average",
 ]

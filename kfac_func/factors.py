@@ -9,15 +9,14 @@ For a layer with homogeneous inputs ``ā`` (``N`` examples, ``S`` positions) and
   ``A = 1/N Σₙ â âᵀ`` with ``â = 1/S Σₛ ā``,  ``G = Σᵥ,ₙ ĝ ĝᵀ`` with ``ĝ = Σₛ g``.
 
 The curvature block of ``vec(W̄)`` (row-major ``W̄ = [W, b]``) is ``G ⊗ A``; factors carry a leading
-block dim ``B`` (conv groups). Moving averages are bias-corrected like Adam; decompositions clamp
-eigenvalues at 0 and never form an explicit ``inverse``.
+block dim ``B`` (conv groups). Decompositions clamp eigenvalues at 0 and never form an explicit
+``inverse``; moving averages live in :mod:`kfac_func.averaging`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 
@@ -49,15 +48,6 @@ class InverseFactors(NamedTuple):
     damping: Tensor
 
 
-class FactorState(NamedTuple):
-    """Moving averages of the factors: ``factors`` are the raw sums ``Σₖ (1−β) β^{t−k} Fₖ``, ``weight`` is
-    ``1 − β^t`` (the bias correction), ``updates`` counts accepted updates."""
-
-    factors: dict[str, KroneckerFactors]
-    weight: Tensor
-    updates: Tensor
-
-
 def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, KroneckerFactors]:
     """The batch's Kronecker factors per layer (expand, or reduce when ``reduce``)."""
     if not cap.g:
@@ -75,54 +65,6 @@ def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, Kronec
             G = torch.einsum("vnbso,vnbsp->bop", g, g)
         out[name] = KroneckerFactors(A, G)
     return out
-
-
-def init_factor_state(like: dict[str, KroneckerFactors]) -> FactorState:
-    """An empty moving average shaped like ``like``."""
-    zeros = optree.tree_map(torch.zeros_like, like)
-    ref = next(iter(like.values())).A
-    return FactorState(zeros, ref.new_zeros(()), torch.zeros((), dtype=torch.int64, device=ref.device))
-
-
-def all_finite(tree) -> Tensor:
-    """A 0-dim bool tensor: every leaf of ``tree`` is finite, decided from one sum per leaf (a NaN or Inf
-    anywhere makes the sum non-finite; a finite sum that overflows counts as non-finite too). No host sync."""
-    leaves = optree.tree_leaves(tree)
-    return torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in leaves]).sum())
-
-
-def factors_finite(factors: dict[str, KroneckerFactors]) -> Tensor:
-    """Whether Kronecker factors are finite, from their diagonals: for ``A = Σ ā āᵀ`` every entry is
-    bounded by its diagonal (Cauchy–Schwarz) and a NaN/Inf input always reaches the diagonal."""
-    return all_finite(optree.tree_map(lambda f: f.diagonal(dim1=-2, dim2=-1), factors))
-
-
-def update_factor_state(
-    state: FactorState, batch: dict[str, KroneckerFactors], decay: float, *, checked: bool = False
-) -> tuple[FactorState, Tensor]:
-    """``F ← β F + (1−β) F_batch``; a batch with any NaN/Inf leaves the state untouched.
-
-    Returns the new state and whether the batch was accepted (a 0-dim bool tensor, no host sync).
-    ``checked=True`` states that the caller has verified the batch is finite (skips the guard).
-    """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {decay}")
-    if optree.tree_structure(batch) != optree.tree_structure(state.factors):
-        raise ValueError("batch factors do not have the layers of the state")
-    if checked:
-        ok = torch.ones((), dtype=torch.bool, device=state.weight.device)
-        factors = optree.tree_map(lambda m, f: torch.lerp(m, f, 1 - decay), state.factors, batch)
-    else:
-        ok = factors_finite(batch)
-        factors = optree.tree_map(lambda m, f: torch.where(ok, torch.lerp(m, f, 1 - decay), m), state.factors, batch)
-    weight = torch.where(ok, decay * state.weight + (1 - decay), state.weight)
-    return FactorState(factors, weight, state.updates + ok.to(state.updates.dtype)), ok
-
-
-def averaged_factors(state: FactorState) -> dict[str, KroneckerFactors]:
-    """The bias-corrected moving average (zeros before the first accepted update)."""
-    w = state.weight.clamp_min(torch.finfo(state.weight.dtype).tiny)
-    return optree.tree_map(lambda m: m / w, state.factors)
 
 
 def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = torch.float64) -> dict[str, EigenFactors]:

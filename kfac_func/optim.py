@@ -28,16 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Model, capture, trace
-from .factors import (
-    all_finite,
-    factors_finite,
-    averaged_factors,
-    eigendecompose,
-    init_factor_state,
-    inverse_factors,
-    kronecker_factors,
-    update_factor_state,
-)
+from .averaging import all_finite, averaged, init_average, update_average
+from .factors import eigendecompose, inverse_factors, kronecker_factors
 from .losses import FISHER_TYPES, Loss, as_loss
 from .precondition import MODES, precondition
 
@@ -132,7 +124,7 @@ class KFAC(torch.optim.Optimizer):
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
         batch = kronecker_factors(cap, reduce=self.reduce) if cap.g else None
-        if not bool(all_finite((cap.loss, cap.grads)) & (factors_finite(batch) if batch else True)):
+        if not bool(all_finite((cap.loss, cap.grads, batch))):
             warnings.warn(
                 f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
                 "parameters and optimizer state unchanged",
@@ -141,14 +133,14 @@ class KFAC(torch.optim.Optimizer):
             self._generator.set_state(rng)
             return cap.loss.detach()
         if batch is not None:
-            factors = state["factors"] if state["factors"] is not None else init_factor_state(batch)
-            state["factors"], _ = update_factor_state(factors, batch, self.ema_decay, checked=True)
+            factors = state["factors"] if state["factors"] is not None else init_average(batch)
+            state["factors"], _ = update_average(factors, batch, self.ema_decay, checked=True)
         if state["decomposition"] is None or step % self.inverse_period == 0:
-            averaged = averaged_factors(state["factors"])
+            factors = averaged(state["factors"])
             if self.damping_mode == "factored":
-                state["decomposition"] = inverse_factors(averaged, self.damping, self.decomposition_dtype)
+                state["decomposition"] = inverse_factors(factors, self.damping, self.decomposition_dtype)
             else:
-                state["decomposition"] = eigendecompose(averaged, self.decomposition_dtype)
+                state["decomposition"] = eigendecompose(factors, self.decomposition_dtype)
         delta = precondition(
             params, cap.grads, state["decomposition"], layers=plan.layers,
             damping=None if self.damping_mode == "factored" else self.damping, mode=self.damping_mode,

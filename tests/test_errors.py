@@ -87,12 +87,12 @@ def test_nonfinite_step_is_skipped_and_state_untouched():
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
 
 
-def test_update_factor_state_rejects_nonfinite_batch():
+def test_update_average_rejects_nonfinite_batch():
     good = {"l": kf.KroneckerFactors(torch.eye(2)[None], torch.eye(3)[None])}
-    state, ok = kf.update_factor_state(kf.init_factor_state(good), good, 0.9)
+    state, ok = kf.update_average(kf.init_average(good), good, 0.9)
     assert bool(ok)
     bad = {"l": kf.KroneckerFactors(torch.full((1, 2, 2), float("inf")), torch.eye(3)[None])}
-    new, ok = kf.update_factor_state(state, bad, 0.9)
+    new, ok = kf.update_average(state, bad, 0.9)
     assert not bool(ok)
     for a, b in zip(optree.tree_leaves(new), optree.tree_leaves(state)):
         assert torch.equal(a, b)
