@@ -1,0 +1,285 @@
+r"""Independent float64 oracles, built only with ``torch.func`` (``jacrev``, ``hessian``, ``grad``,
+``vmap``, ``functional_call``) and torch's own loss functions.
+
+Nothing here uses ``kfac_func``'s math. The layout of a layer's parameters is the one documented in
+DESIGN.md §3: ``W̄ = [W, b]`` as ``(B, d_g, d_a)`` (``B`` = conv groups), flattened row-major; the
+reorder is re-implemented here (:func:`to_wbar` / :func:`from_wbar`) and checked against the library's
+``weight_matrix`` on a hand-built example in the tests.
+
+Conventions (DESIGN.md §3): ``L = R Σₙ ℓₙ`` with ``ℓₙ`` the sum-reduced loss of example ``n``;
+``R = 1/N`` for cross-entropy mean with class indices (counting non-ignored targets), ``1/numel`` for
+MSE/BCE mean and for cross-entropy mean with class probabilities (``1/(N·positions)``), ``1`` for sum.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------------
+
+
+def torch_loss(kind: str, reduction: str = "mean", ignore_index: int = -100):
+    """The loss exactly as torch defines it, as ``fn(out, target)``."""
+
+    def fn(out: Tensor, target: Tensor) -> Tensor:
+        if kind == "cross_entropy":
+            return F.cross_entropy(out, target, reduction=reduction, ignore_index=ignore_index)
+        if kind == "mse":
+            return F.mse_loss(out, target, reduction=reduction)
+        if kind == "bce_with_logits":
+            return F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
+        raise ValueError(kind)
+
+    return fn
+
+
+def reduction_scale(kind: str, reduction: str, out: Tensor, target: Tensor, ignore_index: int = -100) -> float:
+    """``R`` such that torch's reduced loss equals ``R Σₙ ℓₙ``."""
+    if reduction == "sum":
+        return 1.0
+    if kind == "cross_entropy":
+        if target.is_floating_point():
+            return 1.0 / (out.numel() // out.shape[1])
+        return 1.0 / int((target != ignore_index).sum())
+    return 1.0 / out.numel()
+
+
+def example_loss(kind: str, ignore_index: int = -100):
+    """``ℓₙ(out_n, target_n)``: the sum-reduced loss of one example (inputs without the batch dim)."""
+    f = torch_loss(kind, "sum", ignore_index)
+    return lambda o, t: f(o.unsqueeze(0), t.unsqueeze(0))
+
+
+def example_hessians(kind: str, out: Tensor, target: Tensor, ignore_index: int = -100) -> Tensor:
+    """``(N, K, K)``: Hessian of ``ℓₙ`` w.r.t. example ``n``'s (flattened) output."""
+    n = out.shape[0]
+    k = out[0].numel()
+    return vmap(hessian(example_loss(kind, ignore_index)))(out, target).reshape(n, k, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameter layout
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Which parameters form one K-FAC layer (given by the test, not taken from the library)."""
+
+    weight: str
+    bias: str | None = None
+    groups: int = 1
+
+
+def to_wbar(W: Tensor, b: Tensor | None, groups: int = 1) -> Tensor:
+    """``[W, b]`` as ``(B, d_g, d_a)``: rows are output units (of group ``b``), columns the flattened
+    inputs of that group (``C_in/B · kh · kw`` for a conv), then the bias."""
+    m = W.reshape(groups, W.shape[0] // groups, -1)
+    if b is not None:
+        m = torch.cat([m, b.reshape(groups, -1, 1)], dim=-1)
+    return m
+
+
+def from_wbar(theta: Tensor, w_shape: torch.Size, has_bias: bool, groups: int) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`to_wbar` for a flat vector ``theta``."""
+    m = theta.reshape(groups, w_shape[0] // groups, -1)
+    if has_bias:
+        return m[..., :-1].reshape(w_shape), m[..., -1].reshape(-1)
+    return m.reshape(w_shape), None
+
+
+def layer_vector(tree: dict[str, Tensor], layer: Layer) -> Tensor:
+    """A layer's parameters (or gradients) as the flat vector ``vec(W̄)``."""
+    return to_wbar(tree[layer.weight], tree[layer.bias] if layer.bias else None, layer.groups).reshape(-1)
+
+
+def _substitute(params: dict[str, Tensor], layer: Layer):
+    w_shape = params[layer.weight].shape
+
+    def sub(theta: Tensor) -> dict[str, Tensor]:
+        W, b = from_wbar(theta, w_shape, layer.bias is not None, layer.groups)
+        p = dict(params)
+        p[layer.weight] = W
+        if layer.bias is not None:
+            p[layer.bias] = b
+        return p
+
+    return sub
+
+
+def as_fn(model):
+    if isinstance(model, nn.Module):
+        return lambda p, x: functional_call(model, p, (x,))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# curvature blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+def output_jacobian(model, params, x, layer: Layer) -> Tensor:
+    """``(N, K, P)``: Jacobian of each example's output w.r.t. ``vec(W̄)`` of ``layer``."""
+    f, sub = as_fn(model), _substitute(params, layer)
+    theta = layer_vector(params, layer)
+    J = jacrev(lambda th: f(sub(th), x))(theta)
+    return J.reshape(J.shape[0], -1, theta.numel())
+
+
+def ggn_block(model, params, x, target, kind, reduction, layer: Layer, ignore_index: int = -100) -> Tensor:
+    """Exact (type-2) Fisher = GGN block ``R Σₙ Jₙᵀ Hₙ Jₙ`` of one layer, ``Hₙ = ∇²ℓₙ``."""
+    out = as_fn(model)(params, x)
+    J = output_jacobian(model, params, x, layer)
+    H = example_hessians(kind, out, target, ignore_index)
+    R = reduction_scale(kind, reduction, out, target, ignore_index)
+    return R * torch.einsum("nkp,nkl,nlq->pq", J, H, J)
+
+
+def ggn_block_total_hessian(model, params, x, target, kind, reduction, layer: Layer, ignore_index: int = -100):
+    """The same GGN block a second way: ``Jᵀ (∇²_out L) J`` with torch's *reduced* loss ``L``
+    (checks the oracle's ``R`` and per-example Hessians against each other)."""
+    f = as_fn(model)
+    out = f(params, x)
+    J = output_jacobian(model, params, x, layer).reshape(-1, layer_vector(params, layer).numel())
+    loss = torch_loss(kind, reduction, ignore_index)
+    H = hessian(lambda o: loss(o, target))(out).reshape(out.numel(), out.numel())
+    return J.T @ H @ J
+
+
+def per_example_grads(model, params, x, target, kind, layer: Layer, ignore_index: int = -100) -> Tensor:
+    """``(N, P)``: ``∇_{vec W̄} ℓₙ`` via ``vmap(grad)``, each example run through the model alone."""
+    f, sub = as_fn(model), _substitute(params, layer)
+    theta = layer_vector(params, layer)
+    ell = example_loss(kind, ignore_index)
+
+    def loss_n(th, xn, tn):
+        return ell(f(sub(th), xn.unsqueeze(0))[0], tn)
+
+    return vmap(grad(loss_n), in_dims=(None, 0, 0))(theta, x, target)
+
+
+def empirical_fisher_block(model, params, x, target, kind, reduction, layer: Layer, ignore_index: int = -100):
+    """Empirical Fisher block ``R Σₙ ∇ℓₙ ∇ℓₙᵀ`` (true targets)."""
+    out = as_fn(model)(params, x)
+    R = reduction_scale(kind, reduction, out, target, ignore_index)
+    G = per_example_grads(model, params, x, target, kind, layer, ignore_index)
+    return R * G.T @ G
+
+
+def loss_grads(model, params, x, target, kind, reduction, ignore_index: int = -100) -> dict[str, Tensor]:
+    """``∂L/∂params`` of torch's loss via ``torch.func.grad``."""
+    f, loss = as_fn(model), torch_loss(kind, reduction, ignore_index)
+    return grad(lambda p: loss(f(p, x), target))(params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dense matrices from library outputs (plain linear algebra, written independently)
+# ----------------------------------------------------------------------------------------------------
+
+
+def kfac_dense(A: Tensor, G: Tensor) -> Tensor:
+    """``blockdiag_b (G_b ⊗ A_b)`` for ``A: (B, d_a, d_a)``, ``G: (B, d_g, d_g)``."""
+    return torch.block_diag(*[torch.kron(G[b], A[b]) for b in range(A.shape[0])])
+
+
+def captured_block(a: Tensor, g: Tensor) -> Tensor:
+    """``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ`` from ``a: (N, B, S, d_a)``, ``g: (V, N, B, S, d_g)``."""
+    V, N = g.shape[:2]
+    M = torch.zeros(V, N, g.shape[2], g.shape[4], a.shape[3], dtype=a.dtype)
+    for s in range(a.shape[2]):  # explicit loop over positions, deliberately unlike an einsum
+        M = M + g[:, :, :, s, :, None] * a[None, :, :, s, None, :]
+    M = M.reshape(V * N, -1)
+    return M.T @ M
+
+
+def pi_dampings(A: Tensor, G: Tensor, damping: float) -> tuple[list[float], list[float]]:
+    """Per block ``λ_A = π√λ``, ``λ_G = √λ/π`` with ``π² = (tr A/dim A)/(tr G/dim G)``."""
+    lam_a, lam_g = [], []
+    for b in range(A.shape[0]):
+        ta, tg = torch.trace(A[b]) / A.shape[-1], torch.trace(G[b]) / G.shape[-1]
+        pi = float((ta / tg).sqrt()) if ta > 0 and tg > 0 else 1.0
+        lam_a.append(pi * damping**0.5)
+        lam_g.append(damping**0.5 / pi)
+    return lam_a, lam_g
+
+
+def dense_eigen_solve(A: Tensor, G: Tensor, vec_grad: Tensor, damping: float) -> Tensor:
+    """``(blockdiag(G⊗A) + λI)⁻¹ vec Γ`` by a dense solve."""
+    K = kfac_dense(A, G)
+    return torch.linalg.solve(K + damping * torch.eye(K.shape[0], dtype=K.dtype), vec_grad)
+
+
+def dense_factored_solve(A: Tensor, G: Tensor, vec_grad: Tensor, damping: float) -> Tensor:
+    """``blockdiag((G + λ_G I) ⊗ (A + λ_A I))⁻¹ vec Γ`` by a dense solve."""
+    lam_a, lam_g = pi_dampings(A, G, damping)
+    eye_a, eye_g = torch.eye(A.shape[-1], dtype=A.dtype), torch.eye(G.shape[-1], dtype=G.dtype)
+    K = torch.block_diag(
+        *[torch.kron(G[b] + lam_g[b] * eye_g, A[b] + lam_a[b] * eye_a) for b in range(A.shape[0])]
+    )
+    return torch.linalg.solve(K, vec_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers shared by the tests
+# ----------------------------------------------------------------------------------------------------
+
+
+def params_of(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def linear_layers(module: nn.Module) -> dict[str, Layer]:
+    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``module`` as a :class:`Layer`, keyed by module name."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            groups = m.groups if isinstance(m, nn.Conv2d) else 1
+            out[name] = Layer(f"{name}.weight", f"{name}.bias" if m.bias is not None else None, groups)
+    return out
+
+
+def make_target(kind: str, out_shape, gen: torch.Generator, ignore_frac: float = 0.0, ignore_index: int = -100):
+    """Targets for ``kind``: class indices (``out_shape`` without dim 1) for cross-entropy, Gaussian for
+    MSE, uniform ``[0, 1]`` for BCE."""
+    if kind == "cross_entropy":
+        shape = (out_shape[0],) + tuple(out_shape[2:])
+        t = torch.randint(0, out_shape[1], shape, generator=gen)
+        if ignore_frac > 0:
+            mask = torch.rand(shape, generator=gen) < ignore_frac
+            mask.view(-1)[0] = False  # keep at least one target
+            t = torch.where(mask, torch.full_like(t, ignore_index), t)
+        return t
+    if kind == "mse":
+        return torch.randn(out_shape, generator=gen, dtype=DT)
+    return torch.rand(out_shape, generator=gen, dtype=DT)
+
+
+def mlp(sizes, bias: bool, act: str | None, seed: int) -> nn.Module:
+    """``Linear → act → ... → Linear`` in float64 (``act=None``: a deep linear network)."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        mods.append(nn.Linear(d_in, d_out, bias=bias))
+        if act is not None and i < len(sizes) - 2:
+            mods.append(nn.Tanh() if act == "tanh" else nn.ReLU())
+    return nn.Sequential(*mods).to(DT)
+
+
+def budget(n: int) -> int:
+    """Hypothesis example count, scaled by ``KFAC_TEST_SCALE`` (default 1) for a longer local search."""
+    return n * int(os.environ.get("KFAC_TEST_SCALE", "1"))
+
+
+def rel_err(x: Tensor, y: Tensor) -> float:
+    return float((x - y).norm() / y.norm().clamp_min(1e-300))
