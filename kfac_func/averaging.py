@@ -25,9 +25,10 @@ class MovingAverage(NamedTuple):
 
 def all_finite(tree: Any) -> Tensor:
     """A 0-dim bool tensor: every leaf of ``tree`` is finite, decided from one sum per leaf (a NaN or Inf
-    anywhere makes the sum non-finite; a finite sum that overflows counts as non-finite too). No host sync."""
+    anywhere makes the sum non-finite; a finite sum that overflows its dtype counts as non-finite too).
+    No host sync."""
     leaves = optree.tree_leaves(tree)
-    return torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in leaves]).sum())
+    return torch.isfinite(torch.stack([t.sum().to(torch.float64) for t in leaves]).sum())
 
 
 def init_average(like: Any) -> MovingAverage:

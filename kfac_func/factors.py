@@ -57,14 +57,17 @@ def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, Kronec
         g = cap.g[name]
         n, positions = a.shape[0], a.shape[2]
         if reduce:
-            a_hat, g_hat = a.mean(2), g.sum(3)
-            A = torch.einsum("nbi,nbj->bij", a_hat, a_hat) / n
-            G = torch.einsum("vnbo,vnbp->bop", g_hat, g_hat)
+            out[name] = KroneckerFactors(_gram(a.mean(2), 1) / n, _gram(g.sum(3), 2))
         else:
-            A = torch.einsum("nbsi,nbsj->bij", a, a) / (n * positions)
-            G = torch.einsum("vnbso,vnbsp->bop", g, g)
-        out[name] = KroneckerFactors(A, G)
+            out[name] = KroneckerFactors(_gram(a, 1) / (n * positions), _gram(g, 2))
     return out
+
+
+def _gram(x: Tensor, block_dim: int) -> Tensor:
+    """``Σ x xᵀ`` over every dim but ``block_dim`` and the last: ``(B, d, d)``, one matmul per block (a
+    view, no copy, when ``B = 1``)."""
+    rows = x.movedim(block_dim, 0).reshape(x.shape[block_dim], -1, x.shape[-1])
+    return rows.mT @ rows
 
 
 def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = torch.float64) -> dict[str, EigenFactors]:
