@@ -2,31 +2,49 @@
 
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
+from .ekfac import EKFACFactors, ekfac_factors, ekfac_scaling
 from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, inverse_factors, kronecker_factors
 from .layers import LayerSpec
 from .losses import Loss
 from .optim import KFAC
 from .precondition import precondition
+from .two_level import (
+    CoarseCorrection,
+    CoarseSpace,
+    coarse_matrix,
+    curvature_product,
+    nicolaides_space,
+    spectral_space,
+)
 
 __all__ = [
     "Capture",
+    "CoarseCorrection",
+    "CoarseSpace",
     "EigenFactors",
+    "EKFACFactors",
     "InverseFactors",
     "KFAC",
     "KroneckerFactors",
     "LayerSpec",
     "Loss",
-    "Plan",
-    "as_function",
     "MovingAverage",
+    "Plan",
     "all_finite",
+    "as_function",
     "averaged",
     "capture",
+    "coarse_matrix",
+    "curvature_product",
     "eigendecompose",
+    "ekfac_factors",
+    "ekfac_scaling",
     "init_average",
     "inverse_factors",
     "kronecker_factors",
+    "nicolaides_space",
     "precondition",
+    "spectral_space",
     "trace",
     "update_average",
 ]

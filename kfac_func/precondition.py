@@ -1,4 +1,5 @@
-r"""The stateless K-FAC transform: ``precondition(params, grads, factors, ...)``.
+r"""The stateless transform: ``precondition(params, grads, factors, ...)`` for K-FAC, E-KFAC and
+two-level K-FAC.
 
 For each tracked layer, with ``Γ = ∇W̄`` as ``(B, d_g, d_a)``:
 
@@ -6,11 +7,16 @@ For each tracked layer, with ``Γ = ∇W̄`` as ``(B, d_g, d_a)``:
   ``Δ = Q_G [(Q_Gᵀ Γ Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ``;
 * ``mode="factored"`` (Tikhonov with π): ``Δ = (G + λ_G I)⁻¹ Γ (A + λ_A I)⁻¹``, which in the eigenbasis
   is the same formula with the denominator ``(d_G + λ_G)(d_A + λ_A)ᵀ``; with :class:`InverseFactors`
-  (cached inverses) it costs two matmuls instead of four.
+  (cached inverses) it costs two matmuls instead of four;
+* E-KFAC (:class:`~kfac_func.ekfac.EKFACFactors`): the eigen formula with ``S + λ`` as denominator.
 
 ``factors[layer]`` may be raw :class:`KroneckerFactors` (decomposed here, in ``dtype``),
-:class:`EigenFactors` or :class:`InverseFactors`. Untracked parameters (those of no layer) are passed
-through unchanged: identity preconditioning, the documented fallback.
+:class:`EigenFactors`, :class:`InverseFactors` or :class:`EKFACFactors`; ``method`` (``"kfac"``,
+``"ekfac"``, ``"two_level"``) is inferred from them and from ``coarse`` when not given. With a
+``coarse`` correction the layerwise solve above is ``P⁻¹`` of :mod:`kfac_func.two_level`, combined by
+``combination``; ``adef2`` and ``bnn`` also need ``capture`` (the batch whose curvature ``C`` enters
+``C̃ = C + λI``). Untracked parameters (those of no layer) are passed through unchanged: identity
+preconditioning, the documented fallback.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .capture import Capture
+from .ekfac import EKFACFactors
 from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, pi_damping
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
+from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
 MODES = ("eigen", "factored")
-Factors = KroneckerFactors | EigenFactors | InverseFactors
+METHODS = ("kfac", "ekfac", "two_level")
+Factors = KroneckerFactors | EigenFactors | InverseFactors | EKFACFactors
 
 
 def precondition(
@@ -34,35 +44,78 @@ def precondition(
     damping: float | Tensor | None,
     mode: str = "eigen",
     dtype: torch.dtype = torch.float64,
+    method: str | None = None,
+    coarse: CoarseCorrection | None = None,
+    combination: str = "additive",
+    capture: Capture | None = None,
+    weights: tuple[float, float] = (1.0, 1.0),
 ) -> dict[str, Tensor]:
     """The preconditioned gradient, a dict shaped like ``grads``."""
     if mode not in MODES:
         raise ValueError(f"unknown damping mode {mode!r}; expected one of {MODES}")
     if isinstance(damping, (int, float)) and damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
+    _check_method(method, factors, coarse)
     _check_grads(params, grads)
+    missing = sorted(set(layers) - set(factors))
+    if missing:
+        raise ValueError(f"no factors for layers {missing}; have {sorted(factors)}")
+    grad = {
+        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None)
+        for name, spec in layers.items()
+    }
+    for name, g in grad.items():
+        _check_factor_shapes(name, g, factors[name])
+
+    def fine(v: Layerwise) -> Layerwise:
+        return {name: _solve(name, v[name], factors[name], damping, mode, dtype) for name in v}
+
+    if coarse is None:
+        delta = fine(grad)
+    else:
+        lam = damping if damping is not None else next(iter(factors.values())).damping
+        curvature = None
+        if capture is not None:
+            curvature = lambda v: {k: cv + lam * v[k] for k, cv in curvature_product(capture, v).items()}  # noqa: E731
+        delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
     for name, spec in layers.items():
-        if name not in factors:
-            raise ValueError(f"no factors for layer {name!r}; have {sorted(factors)}")
-        f = factors[name]
-        grad = weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None)
-        _check_factor_shapes(name, grad, f)
-        if isinstance(f, KroneckerFactors):
-            f = eigendecompose({name: f}, dtype)[name]
-        if isinstance(f, InverseFactors):
-            if mode != "factored" or damping is not None:
-                raise ValueError(
-                    f"layer {name!r}: inverse factors include their damping and serve mode='factored' only; "
-                    "pass damping=None, or pass EigenFactors"
-                )
-            delta = f.G_inv @ grad @ f.A_inv
-        else:
-            if damping is None:
-                raise ValueError("damping is required unless the factors are InverseFactors")
-            delta = _eigen_solve(grad, f, damping, mode)
-        out.update(split_weight_matrix(spec, delta, params))
+        out.update(split_weight_matrix(spec, delta[name], params))
     return out
+
+
+def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, mode: str, dtype: torch.dtype) -> Tensor:
+    """One layer's damped solve."""
+    if isinstance(f, KroneckerFactors):
+        f = eigendecompose({name: f}, dtype)[name]
+    if isinstance(f, InverseFactors):
+        if mode != "factored" or damping is not None:
+            raise ValueError(
+                f"layer {name!r}: inverse factors include their damping and serve mode='factored' only; "
+                "pass damping=None, or pass EigenFactors"
+            )
+        return f.G_inv @ grad @ f.A_inv
+    if damping is None:
+        raise ValueError("damping is required unless the factors are InverseFactors")
+    if isinstance(f, EKFACFactors):
+        if mode != "eigen":
+            raise ValueError(f"layer {name!r}: E-KFAC adds the damping to its scaling; use mode='eigen'")
+        return f.QG @ ((f.QG.mT @ grad @ f.QA) / (f.scale + damping)) @ f.QA.mT
+    return _eigen_solve(grad, f, damping, mode)
+
+
+def _check_method(method: str | None, factors: dict[str, Factors], coarse: CoarseCorrection | None) -> None:
+    if method is None:
+        return
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    is_ekfac = [isinstance(f, EKFACFactors) for f in factors.values()]
+    if method == "ekfac" and not all(is_ekfac):
+        raise ValueError("method='ekfac' needs EKFACFactors for every layer (see kfac_func.ekfac_factors)")
+    if method == "kfac" and any(is_ekfac):
+        raise ValueError("method='kfac' got EKFACFactors; pass method='ekfac'")
+    if (method == "two_level") != (coarse is not None):
+        raise ValueError("method='two_level' and a coarse correction go together (pass coarse=CoarseCorrection)")
 
 
 def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: str) -> Tensor:
@@ -90,6 +143,8 @@ def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
 def _check_factor_shapes(name: str, grad: Tensor, f: Factors) -> None:
     blocks, d_g, d_a = grad.shape
     got_a, got_g = (f[0].shape, f[2].shape) if isinstance(f, EigenFactors) else (f[0].shape, f[1].shape)
+    if isinstance(f, EKFACFactors) and f.scale.shape != grad.shape:
+        raise ValueError(f"layer {name!r}: E-KFAC scaling has shape {tuple(f.scale.shape)}, expected {tuple(grad.shape)}")
     if got_a != (blocks, d_a, d_a) or got_g != (blocks, d_g, d_g):
         raise ValueError(
             f"layer {name!r}: factors have shapes A {tuple(got_a)}, G {tuple(got_g)}; expected "

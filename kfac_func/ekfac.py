@@ -1,0 +1,54 @@
+r"""E-KFAC (George et al. 2018): K-FAC's eigenbasis with a re-estimated diagonal scaling.
+
+With ``A = Q_A diag(d_A) Q_Aᵀ`` and ``G = Q_G diag(d_G) Q_Gᵀ``, K-FAC is diagonal in the basis
+``Q_G ⊗ Q_A`` with entries ``d_G d_Aᵀ``. E-KFAC keeps the basis and replaces those entries by the
+second moment of the per-example gradients projected into it:
+
+    ``S = R Σₙ,ᵥ (Q_Gᵀ ∇W̄ₙ,ᵥ Q_A)²``   (elementwise square; ``∇W̄ₙ,ᵥ = Σₛ gₙ,ᵥ,ₛ āₙ,ₛᵀ``),
+
+which is ``diag((Q_G ⊗ Q_A)ᵀ C (Q_G ⊗ Q_A))``: the best approximation of the curvature ``C`` in
+Frobenius norm among matrices diagonal in that basis. For one position per example (dense layers) it
+is one matmul of squared projections, ``Σ (Q_Gᵀ g)² ((Q_Aᵀ ā)²)ᵀ``; with several positions (convolutions,
+sequences) the projected per-example gradient ``Σₛ (Q_Gᵀ gₛ)(Q_Aᵀ āₛ)ᵀ`` is formed first.
+Preconditioning: ``Δ = Q_G [(Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ)] Q_Aᵀ``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from .capture import Capture
+from .factors import EigenFactors
+
+
+class EKFACFactors(NamedTuple):
+    """Eigenbases ``Q_A`` ``(B, d_a, d_a)``, ``Q_G`` ``(B, d_g, d_g)`` and the scaling ``S`` ``(B, d_g, d_a)``."""
+
+    QA: Tensor
+    QG: Tensor
+    scale: Tensor
+
+
+def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Tensor]:
+    """The batch's scaling ``S`` per layer, in the eigenbases of ``eigen`` (``g`` already carries ``R``)."""
+    if not cap.g:
+        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+    out = {}
+    for name, a in cap.a.items():
+        e = eigen[name]
+        aq = a @ e.QA  # (N, B, S, d_a): rows Q_Aᵀ ā
+        gq = cap.g[name] @ e.QG  # (V, N, B, S, d_g): rows Q_Gᵀ g
+        if a.shape[2] == 1:
+            sq_g = gq.squeeze(3).square().sum(0)  # (N, B, d_g): Σᵥ (Q_Gᵀ g)²
+            out[name] = (sq_g.transpose(0, 1).mT @ aq.squeeze(2).square().transpose(0, 1))
+        else:
+            per_example = gq.transpose(-1, -2) @ aq.unsqueeze(0)  # (V, N, B, d_g, d_a): Σₛ (Q_Gᵀg)(Q_Aᵀā)ᵀ
+            out[name] = per_example.square().sum((0, 1))
+    return out
+
+
+def ekfac_factors(eigen: dict[str, EigenFactors], scale: dict[str, Tensor]) -> dict[str, EKFACFactors]:
+    """Pair each layer's eigenbasis with its (averaged) scaling."""
+    return {name: EKFACFactors(e.QA, e.QG, scale[name]) for name, e in eigen.items()}
