@@ -6,7 +6,7 @@ from .ekfac import EKFACFactors, ekfac_factors, ekfac_scaling
 from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, inverse_factors, kronecker_factors
 from .layers import LayerSpec
 from .losses import Loss
-from .optim import KFAC
+from .optim import EKFAC, KFAC
 from .precondition import precondition
 from .two_level import (
     CoarseCorrection,
@@ -22,6 +22,7 @@ __all__ = [
     "CoarseCorrection",
     "CoarseSpace",
     "EigenFactors",
+    "EKFAC",
     "EKFACFactors",
     "InverseFactors",
     "KFAC",

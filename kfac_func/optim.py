@@ -2,19 +2,26 @@ r"""A thin ``torch.optim.Optimizer`` adapter that orders the pure stages.
 
 Each ``step(inputs, targets)``:
 
-1. :func:`~kfac_func.capture` — loss, gradients and, every ``factor_period`` steps, the layer statistics
+1. :func:`~kfac_func.capture` — loss, gradients and, when this step needs them, the layer statistics
    for ``fisher`` (one forward, one batched backward);
-2. NaN/Inf in the loss, gradients or statistics → the step is skipped with a warning; no parameter or
-   state tensor changes;
-3. moving average of the Kronecker factors (decay ``ema_decay``, bias-corrected);
+2. NaN/Inf in the loss, gradients or any curvature statistic → the step is skipped with a warning; no
+   parameter or state tensor changes (new state is built aside and committed at the end);
+3. every ``factor_period`` steps, the moving average of the Kronecker factors (``ema_decay``,
+   bias-corrected);
 4. every ``inverse_period`` steps, eigendecompositions (``damping_mode="eigen"``) or π-damped inverse
-   factors from Cholesky factors (``"factored"``: two matmuls per layer to precondition);
-5. ``Δ = precondition(grads)``; KL clip ``ν = min(1, √(κ / (η² Σ Δ·∇)))`` (skipped when ``Σ Δ·∇ ≤ 0``);
+   factors from Cholesky factors (``"factored"``: two matmuls per layer to precondition), and for
+   ``method="two_level"`` with a spectral space, a new coarse space;
+5. ``method="ekfac"``: every ``scale_period`` steps (and with each new eigenbasis, which restarts its
+   average) the E-KFAC scaling; ``method="two_level"``: the coarse matrix ``R₀CR₀ᵀ`` of the batch
+   (``coarse_mode``), averaged like the factors and restarted with each new coarse space (``adef2`` and
+   ``bnn`` use the batch's own matrix, so that ``I − QC̃`` is the ``C̃``-orthogonal projection);
+6. ``Δ = precondition(grads)``; KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))`` (``ν = 1`` when ``Σ Δ·∇ = 0``);
    then per parameter group ``d = νΔ + wd·θ``, ``v ← μ v + d``, ``θ ← θ − η v``.
 
 ``lr``, ``momentum`` and ``weight_decay`` are per parameter group (and so work with
 ``torch.optim.lr_scheduler``); the curvature options are global. ``state_dict()`` carries the factors,
-decompositions, step counter and sampling generator, so a resumed run continues bit for bit.
+decompositions, scalings, coarse matrices, step counter and sampling generator, so a resumed run
+continues bit for bit.
 """
 
 from __future__ import annotations
@@ -29,13 +36,29 @@ from torch import Tensor, nn
 
 from .capture import Model, capture, trace
 from .averaging import all_finite, averaged, init_average, update_average
+from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import eigendecompose, inverse_factors, kronecker_factors
 from .losses import FISHER_TYPES, Loss, as_loss
-from .precondition import MODES, precondition
+from .precondition import METHODS, MODES, precondition
+from .two_level import (
+    COARSE_MODES,
+    COMBINATIONS,
+    SPACES,
+    CoarseCorrection,
+    coarse_matrix,
+    nicolaides_space,
+    spectral_space,
+)
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC for an ``nn.Module`` or a function ``f(params, x)``.
+    """K-FAC, E-KFAC or two-level K-FAC for an ``nn.Module`` or a function ``f(params, x)``.
+
+    ``method``: ``"kfac"``, ``"ekfac"`` (scaling re-estimated every ``scale_period`` steps) or
+    ``"two_level"`` (``coarse_space`` ``"nicolaides"``/``"spectral"`` with ``coarse_vectors`` per layer,
+    ``coarse_mode`` ``"exact"``/``"kronecker"``, ``combination`` ``"additive"``/``"adef2"``/``"bnn"``,
+    ``coarse_weights`` ``(ω₁, ω₂)`` for ``additive``; the multiplicative combinations capture the
+    curvature on every step).
 
     ``params``: for a module, ``None`` (all parameters that require grad), a list of its parameters or
     of parameter-group dicts; for a function, a dict ``name → leaf tensor`` or a list of group dicts whose
@@ -63,6 +86,13 @@ class KFAC(torch.optim.Optimizer):
         stats_fraction: float = 1.0,
         decomposition_dtype: torch.dtype = torch.float64,
         seed: int = 0,
+        method: str = "kfac",
+        scale_period: int = 1,
+        coarse_space: str = "nicolaides",
+        coarse_vectors: int = 1,
+        coarse_mode: str = "exact",
+        combination: str = "additive",
+        coarse_weights: tuple[float, float] = (1.0, 1.0),
     ):
         checks = {
             "lr": lr >= 0,
@@ -77,7 +107,15 @@ class KFAC(torch.optim.Optimizer):
             "ema_decay": 0 <= ema_decay < 1,
             "kl_clip": kl_clip is None or kl_clip > 0,
             "stats_fraction": 0 < stats_fraction <= 1,
+            "method": method in METHODS,
+            "scale_period": scale_period >= 1,
+            "coarse_space": coarse_space in SPACES,
+            "coarse_vectors": coarse_vectors >= 1 and (coarse_vectors == 1 or coarse_space == "spectral"),
+            "coarse_mode": coarse_mode in COARSE_MODES,
+            "combination": combination in COMBINATIONS,
         }
+        if method == "ekfac" and damping_mode != "eigen":
+            raise ValueError("invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {locals()[name]!r}")
@@ -86,12 +124,22 @@ class KFAC(torch.optim.Optimizer):
         self.damping, self.damping_mode, self.fisher, self.mc_samples = damping, damping_mode, fisher, mc_samples
         self.factor_period, self.inverse_period, self.ema_decay = factor_period, inverse_period, ema_decay
         self.kl_clip, self.reduce, self.stats_fraction = kl_clip, reduce, stats_fraction
-        self.decomposition_dtype = decomposition_dtype
+        self.decomposition_dtype, self.method, self.scale_period = decomposition_dtype, method, scale_period
+        self.coarse_space, self.coarse_vectors, self.coarse_mode = coarse_space, coarse_vectors, coarse_mode
+        self.combination, self.coarse_weights = combination, coarse_weights
         self._names, groups = _named_groups(model, params)
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         first = next(iter(self._names))
         self._generator = torch.Generator(device=first.device).manual_seed(seed)
-        self.kfac_state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.int64), "factors": None, "decomposition": None}
+        self.kfac_state: dict[str, Any] = {
+            "step": torch.zeros((), dtype=torch.int64),
+            "factors": None,  # MovingAverage of the Kronecker factors
+            "decomposition": None,  # EigenFactors or InverseFactors, refreshed every inverse_period
+            "eigen": None,  # the eigenbasis of E-KFAC and of the spectral coarse space
+            "scale": None,  # E-KFAC: MovingAverage of the scaling, restarted with each new eigenbasis
+            "space": None,  # two-level: the coarse space
+            "coarse": None,  # two-level: MovingAverage of R₀CR₀ᵀ, restarted with each new space
+        }
         self._warned_untracked = False
 
     def _all_params(self) -> dict[str, Tensor]:
@@ -114,40 +162,88 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._warned_untracked = True
+        refresh = state["decomposition"] is None or step % self.inverse_period == 0
+        factor_step = step % self.factor_period == 0
+        scale_step = self.method == "ekfac" and (refresh or step % self.scale_period == 0)
+        coarse_step = self.method == "two_level" and (factor_step or refresh or self.combination != "additive")
         n = len(targets)
         examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
         rng = self._generator.get_state()
         with torch.enable_grad():
             cap = capture(
                 self.model, params, inputs, targets, self.loss,
-                fisher=self.fisher if step % self.factor_period == 0 else None,
+                fisher=self.fisher if factor_step or scale_step or coarse_step else None,
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
-        batch = kronecker_factors(cap, reduce=self.reduce) if cap.g else None
-        if not bool(all_finite((cap.loss, cap.grads, batch))):
-            warnings.warn(
-                f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
-                "parameters and optimizer state unchanged",
-                stacklevel=2,
-            )
-            self._generator.set_state(rng)
+        batch = kronecker_factors(cap, reduce=self.reduce) if factor_step else None
+        if not self._finite((cap.loss, cap.grads, batch), step, rng):
             return cap.loss.detach()
+        new = dict(state)  # committed only once every batch quantity is known to be finite
         if batch is not None:
-            factors = state["factors"] if state["factors"] is not None else init_average(batch)
-            state["factors"], _ = update_average(factors, batch, self.ema_decay, checked=True)
-        if state["decomposition"] is None or step % self.inverse_period == 0:
-            factors = averaged(state["factors"])
-            if self.damping_mode == "factored":
-                state["decomposition"] = inverse_factors(factors, self.damping, self.decomposition_dtype)
-            else:
-                state["decomposition"] = eigendecompose(factors, self.decomposition_dtype)
-        delta = precondition(
-            params, cap.grads, state["decomposition"], layers=plan.layers,
-            damping=None if self.damping_mode == "factored" else self.damping, mode=self.damping_mode,
-        )
+            averages = state["factors"] if state["factors"] is not None else init_average(batch)
+            new["factors"], _ = update_average(averages, batch, self.ema_decay, checked=True)
+        if refresh:
+            self._refresh(new)
+        if scale_step:
+            scale = ekfac_scaling(cap, new["eigen"])
+            if not self._finite(scale, step, rng):
+                return cap.loss.detach()
+            averages = init_average(scale) if refresh else new["scale"]
+            new["scale"], _ = update_average(averages, scale, self.ema_decay, checked=True)
+        if coarse_step:
+            coarse = coarse_matrix(cap, new["space"], self.coarse_mode)
+            if not self._finite(coarse, step, rng):
+                return cap.loss.detach()
+            restart = new["coarse"] is None or (refresh and self.coarse_space == "spectral")
+            new["coarse"], _ = update_average(init_average(coarse) if restart else new["coarse"], coarse,
+                                              self.ema_decay, checked=True)
+        factored = self.damping_mode == "factored"
+        kwargs: dict[str, Any] = dict(layers=plan.layers, damping=None if factored else self.damping, mode=self.damping_mode)
+        factors = new["decomposition"]
+        if self.method == "ekfac":
+            factors = ekfac_factors(new["eigen"], averaged(new["scale"]))
+        elif self.method == "two_level":
+            additive = self.combination == "additive"
+            # the multiplicative forms project with Q = R₀ᵀ(R₀C̃R₀ᵀ)⁻¹R₀: it must use the batch's own C̃
+            matrix = averaged(new["coarse"]) if additive else coarse
+            kwargs.update(
+                coarse=CoarseCorrection(new["space"], matrix), combination=self.combination,
+                capture=None if additive else cap, weights=self.coarse_weights,
+            )
+        delta = precondition(params, cap.grads, factors, **kwargs)
         self._apply(delta, cap.grads)
-        state["step"] = state["step"] + 1
+        new["step"] = state["step"] + 1
+        self.kfac_state = new
         return cap.loss.detach()
+
+    def _finite(self, tree: Any, step: int, rng: Tensor) -> bool:
+        """Whether ``tree`` is finite; if not, warn and restore the sampling generator (nothing else has
+        been committed yet)."""
+        if bool(all_finite(tree)):
+            return True
+        warnings.warn(
+            f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
+            "parameters and optimizer state unchanged",
+            stacklevel=3,
+        )
+        self._generator.set_state(rng)
+        return False
+
+    def _refresh(self, state: dict[str, Any]) -> None:
+        """New decompositions (and eigenbasis, coarse space) from the averaged factors."""
+        factors = averaged(state["factors"])
+        needs_eigen = self.damping_mode == "eigen" or self.method == "ekfac" or self.coarse_space == "spectral"
+        if needs_eigen:
+            state["eigen"] = eigendecompose(factors, self.decomposition_dtype)
+        if self.damping_mode == "factored":
+            state["decomposition"] = inverse_factors(factors, self.damping, self.decomposition_dtype)
+        else:
+            state["decomposition"] = state["eigen"]
+        if self.method == "two_level":
+            if self.coarse_space == "spectral":
+                state["space"] = spectral_space(state["eigen"], self.coarse_vectors)
+            elif state["space"] is None:
+                state["space"] = nicolaides_space(factors)
 
     def _apply(self, delta: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
         scale = 1.0
@@ -156,7 +252,7 @@ class KFAC(torch.optim.Optimizer):
                 group["lr"] ** 2 * (delta[self._names[p]] * grads[self._names[p]]).sum()
                 for group in self.param_groups for p in group["params"]
             )
-            vg = float(vg)
+            vg = abs(float(vg))  # |Σ Δ·∇|: the two-level forms need not be symmetric
             if vg > 0:
                 scale = min(1.0, math.sqrt(self.kl_clip / vg))
         for group in self.param_groups:
@@ -217,3 +313,10 @@ def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[di
         names.update({p: n for n, p in g["params"].items()})
         groups.append({**g, "params": list(g["params"].values())})
     return names, groups
+
+
+class EKFAC(KFAC):
+    """E-KFAC (George et al. 2018): :class:`KFAC` with ``method="ekfac"``."""
+
+    def __init__(self, model: Model, params: Any = None, **kwargs: Any):
+        super().__init__(model, params, method="ekfac", **kwargs)
