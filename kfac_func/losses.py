@@ -90,7 +90,7 @@ class Loss:
         flat = p.reshape(-1, p.shape[-1])
         idx = torch.multinomial(_finite_probs(flat), samples, replacement=True, generator=generator).T
         onehot = F.one_hot(idx.reshape((samples,) + p.shape[:-1]), p.shape[-1]).to(p.dtype)
-        return _class_second((p - onehot) * self._class_weight(target, p.dtype).sqrt().unsqueeze(-1), batch_dims=2)
+        return _class_second((p - onehot) * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1), batch_dims=2)
 
     def hessian_sqrt(self, out: Tensor, target: Tensor) -> Tensor:
         """``(V, *out.shape)``: columns of ``S`` with ``S Sᵀ = ∇²ℓₙ`` in output space, V = elements per example."""
@@ -104,7 +104,7 @@ class Loss:
         pos = p.shape[1:-1]
         eye = torch.eye(classes, dtype=p.dtype, device=p.device)
         cols = (eye.reshape((classes,) + (1,) * (p.dim() - 1) + (classes,)) - p) * p.sqrt().movedim(-1, 0).unsqueeze(-1)
-        cols = cols * self._class_weight(target, p.dtype).sqrt().unsqueeze(-1)  # (C, N, *pos, C)
+        cols = cols * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1)  # (C, N, *pos, C)
         positions = 1
         for d in pos:
             positions *= d
@@ -113,7 +113,7 @@ class Loss:
             cols = (cols.unsqueeze(1) * onehot_pos).reshape((classes * positions, n) + tuple(pos) + (classes,))
         return _class_second(cols, batch_dims=2)
 
-    def _class_weight(self, target: Tensor, dtype: torch.dtype) -> Tensor:
+    def class_weight(self, target: Tensor, dtype: torch.dtype) -> Tensor:
         """Per-position multiplier of the softmax Hessian: the target mass, or the ignore mask."""
         if target.is_floating_point():
             return _class_last(target).sum(-1)

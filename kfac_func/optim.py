@@ -15,8 +15,14 @@ Each ``step(inputs, targets)``:
    average) the E-KFAC scaling; ``method="two_level"``: the coarse matrix ``R₀CR₀ᵀ`` of the batch
    (``coarse_mode``), averaged like the factors and restarted with each new coarse space (``adef2`` and
    ``bnn`` use the batch's own matrix, so that ``I − QC̃`` is the ``C̃``-orthogonal projection);
-6. ``Δ = precondition(grads)``; KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))`` (``ν = 1`` when ``Σ Δ·∇ = 0``);
-   then per parameter group ``d = νΔ + wd·θ``, ``v ← μ v + d``, ``θ ← θ − η v``.
+6. ``Δ = precondition(grads)``; with a fixed learning rate, KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))``
+   (``ν = 1`` when ``Σ Δ·∇ = 0``), then per parameter group ``d = νΔ + wd·θ``, ``v ← μ v + d``,
+   ``θ ← θ − η v``; with ``adaptive`` set, ``δ = αΔ + μδ_prev`` with ``(α, μ)`` from the quadratic model
+   (:mod:`kfac_func.quadratic`; the weight decay is the model's L2 term ``η``);
+7. every ``damping_interval`` steps (``damping_adaptation``) the reduction ratio ``ρ`` and the
+   Levenberg–Marquardt rule for ``λ``; ``reject_steps`` evaluates the new loss every step and keeps ``θ``
+   and the velocity (raising ``λ``) when it is NaN or higher. :attr:`KFAC.info` reports what the step
+   chose.
 
 ``lr``, ``momentum`` and ``weight_decay`` are per parameter group (and so work with
 ``torch.optim.lr_scheduler``); the curvature options are global. ``state_dict()`` carries the factors,
@@ -28,18 +34,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import optree
 import torch
 from torch import Tensor, nn
 
-from .capture import Model, capture, trace
+from .capture import Model, as_function, capture, trace
 from .averaging import all_finite, averaged, init_average, update_average
 from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import eigendecompose, inverse_factors, kronecker_factors
 from .losses import FISHER_TYPES, Loss, as_loss
 from .precondition import METHODS, MODES, precondition
+from .quadratic import (
+    fisher_quadratic_forms,
+    ggn_quadratic_forms,
+    levenberg_marquardt,
+    reduction_ratio,
+    solve_quadratic_model,
+)
 from .two_level import (
     COARSE_MODES,
     COMBINATIONS,
@@ -51,6 +64,22 @@ from .two_level import (
 )
 
 
+ADAPTIVE = (None, "lr", "lr_momentum")
+
+
+class StepInfo(NamedTuple):
+    """What a step chose, for logging: the loss before the step, the learning rate ``α`` and momentum
+    ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the reduction ratio ``ρ``
+    (NaN when not computed) and whether the step was rejected."""
+
+    loss: float
+    alpha: float
+    mu: float
+    damping: float
+    rho: float
+    rejected: bool
+
+
 class KFAC(torch.optim.Optimizer):
     """K-FAC, E-KFAC or two-level K-FAC for an ``nn.Module`` or a function ``f(params, x)``.
 
@@ -59,6 +88,12 @@ class KFAC(torch.optim.Optimizer):
     ``coarse_mode`` ``"exact"``/``"kronecker"``, ``combination`` ``"additive"``/``"adef2"``/``"bnn"``,
     ``coarse_weights`` ``(ω₁, ω₂)`` for ``additive``; the multiplicative combinations capture the
     curvature on every step).
+
+    ``adaptive``: ``None`` (``lr``, ``momentum`` and the KL clip as given), ``"lr"`` (``α`` from the
+    quadratic model, ``μ`` = the first group's momentum) or ``"lr_momentum"`` (both; the KL clip and the
+    groups' ``lr`` are then unused). ``quadratic_curvature``: ``"ggn"`` (exact type-2 GGN of the batch
+    through ``jvp``) or ``"fisher"`` (the captured Fisher). ``damping_adaptation`` with
+    ``damping_interval`` ``T₁``, factor ``damping_decay^T₁`` and ``damping_bounds``; ``reject_steps``.
 
     ``params``: for a module, ``None`` (all parameters that require grad), a list of its parameters or
     of parameter-group dicts; for a function, a dict ``name → leaf tensor`` or a list of group dicts whose
@@ -93,6 +128,13 @@ class KFAC(torch.optim.Optimizer):
         coarse_mode: str = "exact",
         combination: str = "additive",
         coarse_weights: tuple[float, float] = (1.0, 1.0),
+        adaptive: str | None = None,
+        quadratic_curvature: str = "ggn",
+        damping_adaptation: bool = False,
+        damping_interval: int = 5,
+        damping_decay: float = 0.95,
+        damping_bounds: tuple[float, float] = (1e-8, 1e8),
+        reject_steps: bool = False,
     ):
         checks = {
             "lr": lr >= 0,
@@ -113,6 +155,11 @@ class KFAC(torch.optim.Optimizer):
             "coarse_vectors": coarse_vectors >= 1 and (coarse_vectors == 1 or coarse_space == "spectral"),
             "coarse_mode": coarse_mode in COARSE_MODES,
             "combination": combination in COMBINATIONS,
+            "adaptive": adaptive in ADAPTIVE,
+            "quadratic_curvature": quadratic_curvature in ("ggn", "fisher"),
+            "damping_interval": damping_interval >= 1,
+            "damping_decay": 0 < damping_decay < 1,
+            "damping_bounds": 0 < damping_bounds[0] <= damping <= damping_bounds[1],
         }
         if method == "ekfac" and damping_mode != "eigen":
             raise ValueError("invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')")
@@ -121,12 +168,16 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError(f"invalid {name}: {locals()[name]!r}")
         self.model = model
         self.loss = as_loss(loss)
-        self.damping, self.damping_mode, self.fisher, self.mc_samples = damping, damping_mode, fisher, mc_samples
+        self.damping_mode, self.fisher, self.mc_samples = damping_mode, fisher, mc_samples
         self.factor_period, self.inverse_period, self.ema_decay = factor_period, inverse_period, ema_decay
         self.kl_clip, self.reduce, self.stats_fraction = kl_clip, reduce, stats_fraction
         self.decomposition_dtype, self.method, self.scale_period = decomposition_dtype, method, scale_period
         self.coarse_space, self.coarse_vectors, self.coarse_mode = coarse_space, coarse_vectors, coarse_mode
         self.combination, self.coarse_weights = combination, coarse_weights
+        self.adaptive, self.quadratic_curvature, self.reject_steps = adaptive, quadratic_curvature, reject_steps
+        self.damping_adaptation, self.damping_interval = damping_adaptation, damping_interval
+        self.damping_factor, self.damping_bounds = damping_decay**damping_interval, damping_bounds
+        self.info: StepInfo | None = None
         self._names, groups = _named_groups(model, params)
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         first = next(iter(self._names))
@@ -139,6 +190,7 @@ class KFAC(torch.optim.Optimizer):
             "scale": None,  # E-KFAC: MovingAverage of the scaling, restarted with each new eigenbasis
             "space": None,  # two-level: the coarse space
             "coarse": None,  # two-level: MovingAverage of R₀CR₀ᵀ, restarted with each new space
+            "damping": torch.tensor(float(damping), dtype=torch.float64),  # λ, adapted by Levenberg–Marquardt
         }
         self._warned_untracked = False
 
@@ -198,7 +250,8 @@ class KFAC(torch.optim.Optimizer):
             new["coarse"], _ = update_average(init_average(coarse) if restart else new["coarse"], coarse,
                                               self.ema_decay, checked=True)
         factored = self.damping_mode == "factored"
-        kwargs: dict[str, Any] = dict(layers=plan.layers, damping=None if factored else self.damping, mode=self.damping_mode)
+        damping = float(new["damping"])
+        kwargs: dict[str, Any] = dict(layers=plan.layers, damping=None if factored else damping, mode=self.damping_mode)
         factors = new["decomposition"]
         if self.method == "ekfac":
             factors = ekfac_factors(new["eigen"], averaged(new["scale"]))
@@ -210,11 +263,121 @@ class KFAC(torch.optim.Optimizer):
                 coarse=CoarseCorrection(new["space"], matrix), combination=self.combination,
                 capture=None if additive else cap, weights=self.coarse_weights,
             )
-        delta = precondition(params, cap.grads, factors, **kwargs)
-        self._apply(delta, cap.grads)
+        grads = cap.grads
+        if self.adaptive:  # the objective includes the L2 term: ∇ + ηθ
+            grads = {n: g + self._l2[n] * params[n] if self._l2.get(n) else g for n, g in grads.items()}
+        delta = precondition(params, grads, factors, **kwargs)
+        if self.adaptive:
+            update, velocity, alpha, mu, forms = self._adaptive_update(delta, grads, params, inputs, targets, cap, plan, damping)
+        else:
+            update, velocity, alpha, mu, forms = self._fixed_update(delta, grads)
+        rho = float("nan")
+        adapt = self.damping_adaptation and step % self.damping_interval == 0
+        if adapt or self.reject_steps:
+            rho, worse = self._reduction_ratio(update, grads, params, inputs, targets, cap, plan, forms, float(cap.loss))
+            if adapt:
+                new["damping"] = torch.tensor(levenberg_marquardt(
+                    damping, rho, factor=self.damping_factor, min_damping=self.damping_bounds[0],
+                    max_damping=self.damping_bounds[1],
+                ), dtype=torch.float64)
+            if self.reject_steps and worse:  # keep θ and the velocity, raise λ
+                update = velocity = None
+                new["damping"] = torch.tensor(min(float(new["damping"]) / self.damping_factor, self.damping_bounds[1]),
+                                              dtype=torch.float64)
+            if factored and float(new["damping"]) != damping:
+                new["decomposition"] = inverse_factors(averaged(new["factors"]), float(new["damping"]), self.decomposition_dtype)
+        self._commit(update, velocity, cap.grads)
         new["step"] = state["step"] + 1
         self.kfac_state = new
+        self.info = StepInfo(float(cap.loss), alpha, mu, float(new["damping"]), rho, update is None)
         return cap.loss.detach()
+
+    @property
+    def _l2(self) -> dict[str, float]:
+        return {self._names[p]: g["weight_decay"] for g in self.param_groups for p in g["params"]}
+
+    def _fixed_update(self, delta, grads):
+        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning."""
+        scale = 1.0
+        if self.kl_clip is not None:
+            vg = sum(
+                group["lr"] ** 2 * (delta[self._names[p]] * grads[self._names[p]]).sum()
+                for group in self.param_groups for p in group["params"]
+            )
+            vg = abs(float(vg))  # |Σ Δ·∇|: the two-level forms need not be symmetric
+            if vg > 0:
+                scale = min(1.0, math.sqrt(self.kl_clip / vg))
+        update, velocity = {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names[p]
+                d = delta[name] * scale
+                if group["weight_decay"]:
+                    d = d.add(p, alpha=group["weight_decay"])
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    d = velocity[name] = d if buf is None else buf * group["momentum"] + d
+                update[name] = -group["lr"] * d
+        return update, velocity, self.param_groups[0]["lr"] * scale, self.param_groups[0]["momentum"], None
+
+    def _adaptive_update(self, delta, grads, params, inputs, targets, cap, plan, damping):
+        """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
+        group's momentum when ``adaptive="lr"``)."""
+        names = [self._names[p] for g in self.param_groups for p in g["params"]]
+        prev = {n: self.state[p].get("previous_update", torch.zeros_like(p)) for p, n in self._names.items()}
+        directions = [{n: -delta[n] for n in params}, {n: prev.get(n, torch.zeros_like(params[n])) for n in params}]
+        for d in directions:  # parameters outside every group do not move
+            for n in params:
+                if n not in names:
+                    d[n] = torch.zeros_like(params[n])
+        forms = self._quadratic_forms(directions, params, inputs, targets, cap, plan)
+        gram = torch.stack([torch.stack([sum((a[n] * b[n]).sum() for n in names) for b in directions]) for a in directions])
+        b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
+        fixed = {1: self.param_groups[0]["momentum"]} if self.adaptive == "lr" else None
+        x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
+        alpha, mu = float(x[0]), float(x[1])
+        update = {n: alpha * directions[0][n] + mu * directions[1][n] for n in names}
+        return update, dict(update), alpha, mu, (forms, b, x)
+
+    def _quadratic_forms(self, directions, params, inputs, targets, cap, plan) -> Tensor:
+        """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
+        with torch.enable_grad():
+            if self.quadratic_curvature == "ggn":
+                forms = ggn_quadratic_forms(self.model, params, inputs, targets, self.loss, directions)
+            else:
+                forms = fisher_quadratic_forms(cap, directions, plan.layers)
+        l2 = self._l2
+        reg = torch.stack([torch.stack([sum(l2.get(n, 0.0) * (a[n] * b[n]).sum() for n in params) for b in directions])
+                           for a in directions])
+        return (forms + reg.to(forms.dtype)).double()
+
+    def _reduction_ratio(self, update, grads, params, inputs, targets, cap, plan, forms, loss_before):
+        """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher."""
+        if forms is None:
+            d = {n: update.get(n, torch.zeros_like(params[n])) for n in params}
+            quad = self._quadratic_forms([d], params, inputs, targets, cap, plan)[0, 0]
+            change = 0.5 * quad + sum((grads[n] * d[n]).sum() for n in update)
+        else:
+            k, b, x = forms
+            change = 0.5 * x @ k @ x + b @ x
+        moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
+        l2 = self._l2
+        penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
+        after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
+        before = loss_before + float(penalty(params))
+        return reduction_ratio(before, after, change), not after <= before
+
+    def _commit(self, update, velocity, grads) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                name = self._names[p]
+                p.grad = grads[name]
+                if update is None:
+                    continue
+                p.add_(update[name])
+                if name in velocity:
+                    key = "previous_update" if self.adaptive else "momentum_buffer"
+                    self.state[p][key] = velocity[name]
 
     def _finite(self, tree: Any, step: int, rng: Tensor) -> bool:
         """Whether ``tree`` is finite; if not, warn and restore the sampling generator (nothing else has
@@ -236,7 +399,7 @@ class KFAC(torch.optim.Optimizer):
         if needs_eigen:
             state["eigen"] = eigendecompose(factors, self.decomposition_dtype)
         if self.damping_mode == "factored":
-            state["decomposition"] = inverse_factors(factors, self.damping, self.decomposition_dtype)
+            state["decomposition"] = inverse_factors(factors, float(state["damping"]), self.decomposition_dtype)
         else:
             state["decomposition"] = state["eigen"]
         if self.method == "two_level":
@@ -244,30 +407,6 @@ class KFAC(torch.optim.Optimizer):
                 state["space"] = spectral_space(state["eigen"], self.coarse_vectors)
             elif state["space"] is None:
                 state["space"] = nicolaides_space(factors)
-
-    def _apply(self, delta: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
-        scale = 1.0
-        if self.kl_clip is not None:
-            vg = sum(
-                group["lr"] ** 2 * (delta[self._names[p]] * grads[self._names[p]]).sum()
-                for group in self.param_groups for p in group["params"]
-            )
-            vg = abs(float(vg))  # |Σ Δ·∇|: the two-level forms need not be symmetric
-            if vg > 0:
-                scale = min(1.0, math.sqrt(self.kl_clip / vg))
-        for group in self.param_groups:
-            for p in group["params"]:
-                name = self._names[p]
-                p.grad = grads[name]
-                d = delta[name] * scale
-                if group["weight_decay"]:
-                    d = d.add(p, alpha=group["weight_decay"])
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum_buffer")
-                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                    self.state[p]["momentum_buffer"] = buf
-                    d = buf
-                p.add_(d, alpha=-group["lr"])
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
