@@ -70,7 +70,8 @@ ADAPTIVE = (None, "lr", "lr_momentum")
 class StepInfo(NamedTuple):
     """What a step chose, for logging: the loss before the step, the learning rate ``α`` and momentum
     ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the reduction ratio ``ρ``
-    (NaN when not computed) and whether the step was rejected."""
+    (NaN when not computed) and whether the step was rejected (or skipped for a non-finite value, which
+    leaves the other fields NaN)."""
 
     loss: float
     alpha: float
@@ -218,13 +219,15 @@ class KFAC(torch.optim.Optimizer):
         factor_step = step % self.factor_period == 0
         scale_step = self.method == "ekfac" and (refresh or step % self.scale_period == 0)
         coarse_step = self.method == "two_level" and (factor_step or refresh or self.combination != "additive")
+        adapt = self.damping_adaptation and step % self.damping_interval == 0
+        fisher_forms = self.quadratic_curvature == "fisher" and bool(self.adaptive or adapt or self.reject_steps)
         n = len(targets)
         examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
         rng = self._generator.get_state()
         with torch.enable_grad():
             cap = capture(
                 self.model, params, inputs, targets, self.loss,
-                fisher=self.fisher if factor_step or scale_step or coarse_step else None,
+                fisher=self.fisher if factor_step or scale_step or coarse_step or fisher_forms else None,
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
         batch = kronecker_factors(cap, reduce=self.reduce) if factor_step else None
@@ -263,27 +266,25 @@ class KFAC(torch.optim.Optimizer):
                 coarse=CoarseCorrection(new["space"], matrix), combination=self.combination,
                 capture=None if additive else cap, weights=self.coarse_weights,
             )
-        grads = cap.grads
-        if self.adaptive:  # the objective includes the L2 term: ∇ + ηθ
-            grads = {n: g + self._l2[n] * params[n] if self._l2.get(n) else g for n, g in grads.items()}
-        delta = precondition(params, grads, factors, **kwargs)
+        l2 = self._l2  # the objective is L + ½ Σ η‖θ‖²: its gradient ∇ + ηθ enters the quadratic model
+        objective = {n: g + l2[n] * params[n] if l2.get(n) else g for n, g in cap.grads.items()}
         if self.adaptive:
-            update, velocity, alpha, mu, forms = self._adaptive_update(delta, grads, params, inputs, targets, cap, plan, damping)
+            delta = precondition(params, objective, factors, **kwargs)
+            update, velocity, alpha, mu, forms = self._adaptive_update(delta, objective, params, inputs, targets, cap, plan, damping)
         else:
-            update, velocity, alpha, mu, forms = self._fixed_update(delta, grads)
+            delta = precondition(params, cap.grads, factors, **kwargs)
+            update, velocity, alpha, mu, forms = self._fixed_update(delta, cap.grads)
         rho = float("nan")
-        adapt = self.damping_adaptation and step % self.damping_interval == 0
         if adapt or self.reject_steps:
-            rho, worse = self._reduction_ratio(update, grads, params, inputs, targets, cap, plan, forms, float(cap.loss))
+            rho, worse = self._reduction_ratio(update, objective, params, inputs, targets, cap, plan, forms, float(cap.loss))
+            lam = damping
             if adapt:
-                new["damping"] = torch.tensor(levenberg_marquardt(
-                    damping, rho, factor=self.damping_factor, min_damping=self.damping_bounds[0],
-                    max_damping=self.damping_bounds[1],
-                ), dtype=torch.float64)
-            if self.reject_steps and worse:  # keep θ and the velocity, raise λ
+                lam = levenberg_marquardt(damping, rho, factor=self.damping_factor, min_damping=self.damping_bounds[0],
+                                          max_damping=self.damping_bounds[1])
+            if self.reject_steps and worse:  # keep θ and the velocity; λ rises once, even if L-M raised it too
                 update = velocity = None
-                new["damping"] = torch.tensor(min(float(new["damping"]) / self.damping_factor, self.damping_bounds[1]),
-                                              dtype=torch.float64)
+                lam = max(lam, min(damping / self.damping_factor, self.damping_bounds[1]))
+            new["damping"] = torch.tensor(lam, dtype=torch.float64)
             if factored and float(new["damping"]) != damping:
                 new["decomposition"] = inverse_factors(averaged(new["factors"]), float(new["damping"]), self.decomposition_dtype)
         self._commit(update, velocity, cap.grads)
@@ -384,6 +385,8 @@ class KFAC(torch.optim.Optimizer):
         been committed yet)."""
         if bool(all_finite(tree)):
             return True
+        nan = float("nan")
+        self.info = StepInfo(nan, nan, nan, float(self.kfac_state["damping"]), nan, True)
         warnings.warn(
             f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
             "parameters and optimizer state unchanged",

@@ -101,7 +101,8 @@ def solve_quadratic_model(
     x[held] = torch.tensor([fixed[i] for i in held], dtype=m.dtype, device=m.device)
     if free:
         rhs = -grad_dots[free] - m[free][:, held] @ x[held]
-        x[free] = torch.linalg.solve(m[free][:, free], rhs)
+        # a pseudo-inverse: parallel directions (e.g. Δ ∥ δ_prev) leave the minimiser non-unique, not absent
+        x[free] = torch.linalg.pinv(m[free][:, free], hermitian=True) @ rhs
     return x, 0.5 * x @ m @ x + grad_dots @ x
 
 
