@@ -79,6 +79,12 @@ class Capture(NamedTuple):
     g: dict[str, Tensor]
 
 
+def require_curvature(cap: Capture) -> None:
+    """Raise a clear error when a capture was taken with ``fisher=None`` (no ``a``, ``g``)."""
+    if not cap.g:
+        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+
+
 def as_function(model: Model) -> Callable[[dict[str, Tensor], Any], Tensor]:
     """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))``."""
     if isinstance(model, nn.Module):

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .capture import Capture
+from .capture import Capture, require_curvature
 from .factors import EigenFactors
 
 
@@ -33,8 +33,7 @@ class EKFACFactors(NamedTuple):
 
 def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Tensor]:
     """The batch's scaling ``S`` per layer, in the eigenbases of ``eigen`` (``g`` already carries ``R``)."""
-    if not cap.g:
-        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+    require_curvature(cap)
     out = {}
     for name, a in cap.a.items():
         e = eigen[name]

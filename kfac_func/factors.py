@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .capture import Capture
+from .capture import Capture, require_curvature
 
 
 class KroneckerFactors(NamedTuple):
@@ -50,8 +50,7 @@ class InverseFactors(NamedTuple):
 
 def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, KroneckerFactors]:
     """The batch's Kronecker factors per layer (expand, or reduce when ``reduce``)."""
-    if not cap.g:
-        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+    require_curvature(cap)
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]

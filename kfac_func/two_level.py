@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from .capture import Capture
+from .capture import Capture, require_curvature
 from .factors import EigenFactors, KroneckerFactors
 
 SPACES = ("nicolaides", "spectral")
@@ -101,8 +101,7 @@ def coarse_matrix(cap: Capture, space: CoarseSpace, mode: str = "exact") -> Tens
     """The batch's undamped coarse matrix ``R₀ C R₀ᵀ`` (``exact``) or its Kronecker surrogate."""
     if mode not in COARSE_MODES:
         raise ValueError(f"unknown coarse mode {mode!r}; expected one of {COARSE_MODES}")
-    if not cap.g:
-        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+    require_curvature(cap)
     if mode == "exact":
         z = torch.cat([_per_example(cap, space, name) for name in space.UG], dim=-1)  # (V, N, K)
         z = z.reshape(-1, z.shape[-1])
@@ -143,6 +142,7 @@ def prolong(space: CoarseSpace, y: Tensor) -> Layerwise:
 def curvature_product(cap: Capture, v: Layerwise) -> Layerwise:
     """``C v = Σₙ,ᵥ (∇ℓₙ,ᵥ·v) ∇ℓₙ,ᵥ`` for the captured curvature (MC, exact or empirical), restricted to
     the tracked layers, from ``(a, g)`` alone: a few matmuls per layer, ``C`` never formed."""
+    require_curvature(cap)
     dots = sum(
         ((cap.g[name] @ v[name]) * cap.a[name].unsqueeze(0)).sum((2, 3, 4)) for name in v
     )  # (V, N): ∇ℓₙ,ᵥ · v

@@ -283,3 +283,105 @@ def budget(n: int) -> int:
 
 def rel_err(x: Tensor, y: Tensor) -> float:
     return float((x - y).norm() / y.norm().clamp_min(1e-300))
+
+
+# ----------------------------------------------------------------------------------------------------
+# several layers at once (E-KFAC and two-level tests): the full curvature over all tracked layers,
+# cross-layer blocks included; explicit coarse restrictions; dense E-KFAC
+# ----------------------------------------------------------------------------------------------------
+
+
+def full_vector(tree: dict[str, Tensor], layers: list[Layer]) -> Tensor:
+    """The tracked parameters (or gradients) of ``layers``, concatenated layer by layer."""
+    return torch.cat([layer_vector(tree, layer) for layer in layers])
+
+
+def _substitute_layers(params: dict[str, Tensor], layers: list[Layer]):
+    sizes = [layer_vector(params, layer).numel() for layer in layers]
+
+    def sub(theta: Tensor) -> dict[str, Tensor]:
+        p = dict(params)
+        for layer, th in zip(layers, theta.split(sizes)):
+            W, b = from_wbar(th, params[layer.weight].shape, layer.bias is not None, layer.groups)
+            p[layer.weight] = W
+            if layer.bias is not None:
+                p[layer.bias] = b
+        return p
+
+    return sub
+
+
+def ggn_full(model, params, x, target, kind, reduction, layers: list[Layer], ignore_index: int = -100) -> Tensor:
+    """Exact GGN ``R Σₙ Jₙᵀ Hₙ Jₙ`` over the concatenated parameters of ``layers`` (cross-layer blocks
+    included)."""
+    f, sub = as_fn(model), _substitute_layers(params, layers)
+    theta = full_vector(params, layers)
+    out = f(params, x)
+    J = jacrev(lambda th: f(sub(th), x))(theta).reshape(out.shape[0], -1, theta.numel())
+    H = example_hessians(kind, out, target, ignore_index)
+    R = reduction_scale(kind, reduction, out, target, ignore_index)
+    return R * torch.einsum("nkp,nkl,nlq->pq", J, H, J)
+
+
+def empirical_fisher_full(model, params, x, target, kind, reduction, layers: list[Layer], ignore_index: int = -100):
+    """Empirical Fisher ``R Σₙ ∇ℓₙ ∇ℓₙᵀ`` over the concatenated parameters of ``layers``."""
+    f, sub = as_fn(model), _substitute_layers(params, layers)
+    theta = full_vector(params, layers)
+    ell = example_loss(kind, ignore_index)
+
+    def loss_n(th, xn, tn):
+        return ell(f(sub(th), xn.unsqueeze(0))[0], tn)
+
+    Gr = vmap(grad(loss_n), in_dims=(None, 0, 0))(theta, x, target)
+    R = reduction_scale(kind, reduction, f(params, x), target, ignore_index)
+    return R * Gr.T @ Gr
+
+
+def captured_vectors(a: Tensor, g: Tensor) -> Tensor:
+    """``(V·N, P)``: the rows ``vec(Σₛ g āᵀ)`` from ``a: (N, B, S, d_a)``, ``g: (V, N, B, S, d_g)``."""
+    V, N = g.shape[:2]
+    M = torch.zeros(V, N, g.shape[2], g.shape[4], a.shape[3], dtype=a.dtype)
+    for s in range(a.shape[2]):
+        M = M + g[:, :, :, s, :, None] * a[None, :, :, s, None, :]
+    return M.reshape(V * N, -1)
+
+
+def captured_full(a: dict[str, Tensor], g: dict[str, Tensor], names: list[str]) -> Tensor:
+    """The curvature of a capture over the concatenated layers ``names``, cross-layer blocks included."""
+    M = torch.cat([captured_vectors(a[n], g[n]) for n in names], dim=1)
+    return M.T @ M
+
+
+def coarse_rows(UG: Tensor, UA: Tensor) -> Tensor:
+    """``(k, B·d_g·d_a)``: row ``j`` is ``Σ_b e_b ⊗ UG[j, b] ⊗ UA[j, b]`` (explicit Kronecker products)."""
+    k, B = UG.shape[:2]
+    rows = []
+    for j in range(k):
+        r = torch.zeros(0, dtype=UG.dtype)
+        for b in range(B):
+            e = torch.zeros(B, dtype=UG.dtype)
+            e[b] = 1.0
+            term = torch.kron(e, torch.kron(UG[j, b], UA[j, b]))
+            r = term if r.numel() == 0 else r + term
+        rows.append(r)
+    return torch.stack(rows)
+
+
+def dense_restriction(UG: dict[str, Tensor], UA: dict[str, Tensor], names: list[str]) -> Tensor:
+    """``R₀`` (``K × P``): each layer's coarse rows placed on its columns, layers in the order ``names``."""
+    return torch.block_diag(*[coarse_rows(UG[n], UA[n]) for n in names])
+
+
+def ekfac_dense(QA: Tensor, QG: Tensor, scale: Tensor) -> Tensor:
+    """``blockdiag_b (Q_G ⊗ Q_A) diag(vec S) (Q_G ⊗ Q_A)ᵀ``."""
+    blocks = []
+    for b in range(QA.shape[0]):
+        Q = torch.kron(QG[b], QA[b])
+        blocks.append(Q @ torch.diag(scale[b].reshape(-1)) @ Q.T)
+    return torch.block_diag(*blocks)
+
+
+def random_orthogonal(blocks: int, d: int, gen: torch.Generator) -> Tensor:
+    """``(blocks, d, d)`` random orthogonal matrices (QR of Gaussians)."""
+    q, r = torch.linalg.qr(torch.randn(blocks, d, d, generator=gen, dtype=DT))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
