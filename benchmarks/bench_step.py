@@ -105,8 +105,10 @@ class Floor:
         for m, a, g in zip(self.layers, inputs, gs):
             k = max(1, int(fraction * a.shape[0]))
             a, g = a[:k], g[:k]
-            if isinstance(m, nn.Conv2d):
-                a = F.unfold(a, m.kernel_size, padding=m.padding, stride=m.stride).transpose(1, 2).reshape(-1, a.shape[1] * m.kernel_size[0] * m.kernel_size[1])
+            if isinstance(m, nn.Conv2d):  # patches by a strided view (F.unfold is far slower on CPU)
+                (kh, kw), (ph, pw) = m.kernel_size, m.padding
+                windows = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, m.stride[0]).unfold(3, kw, m.stride[1])
+                a = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, a.shape[1] * kh * kw)
                 g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
             out.append((a.T @ a / a.shape[0], g.T @ g))
