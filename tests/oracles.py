@@ -17,9 +17,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
+
 
 DT = torch.float64
 
@@ -385,3 +387,13 @@ def random_orthogonal(blocks: int, d: int, gen: torch.Generator) -> Tensor:
     """``(blocks, d, d)`` random orthogonal matrices (QR of Gaussians)."""
     q, r = torch.linalg.qr(torch.randn(blocks, d, d, generator=gen, dtype=DT))
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+# shared by the test modules
+KINDS = ["cross_entropy", "mse", "bce_with_logits"]
+REDUCTIONS = ["mean", "sum"]
+seeds = st.integers(0, 2**16)
+
+
+def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)

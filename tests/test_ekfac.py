@@ -14,6 +14,10 @@ from torch import nn
 import kfac_func as kf
 from kfac_func.layers import LayerSpec
 from oracles import (
+    KINDS,
+    REDUCTIONS,
+    assert_close,
+    seeds,
     DT,
     Layer,
     budget,
@@ -32,13 +36,6 @@ from oracles import (
     reduction_scale,
 )
 
-KINDS = ["cross_entropy", "mse", "bce_with_logits"]
-REDUCTIONS = ["mean", "sum"]
-seeds = st.integers(0, 2**16)
-
-
-def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 def _ekfac(cap):

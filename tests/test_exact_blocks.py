@@ -15,6 +15,10 @@ from torch import nn
 import kfac_func as kf
 from kfac_func.layers import LayerSpec, split_weight_matrix, weight_matrix
 from oracles import (
+    KINDS,
+    REDUCTIONS,
+    assert_close,
+    seeds,
     budget,
     DT,
     Layer,
@@ -37,13 +41,6 @@ from oracles import (
     torch_loss,
 )
 
-KINDS = ["cross_entropy", "mse", "bce_with_logits"]
-REDUCTIONS = ["mean", "sum"]
-seeds = st.integers(0, 2**16)
-
-
-def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 def _factors_dense(factors, name):

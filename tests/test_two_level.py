@@ -14,6 +14,10 @@ from torch import nn
 import kfac_func as kf
 from kfac_func.two_level import coarse_gram, prolong, restrict
 from oracles import (
+    KINDS,
+    REDUCTIONS,
+    assert_close,
+    seeds,
     DT,
     budget,
     captured_full,
@@ -30,14 +34,7 @@ from oracles import (
     rel_err,
 )
 
-KINDS = ["cross_entropy", "mse", "bce_with_logits"]
-REDUCTIONS = ["mean", "sum"]
 SPACES = ["nicolaides", "spectral1", "spectral3", "random"]
-seeds = st.integers(0, 2**16)
-
-
-def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
 class CNN(nn.Module):
