@@ -397,3 +397,16 @@ seeds = st.integers(0, 2**16)
 
 def assert_close(actual, expected, atol=1e-10, rtol=1e-8):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+class GroupedNet(nn.Module):
+    """Grouped conv (B = 2) → relu → flatten → an untracked elementwise scale → linear."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 2, groups=2, bias=bias)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 36))
+        self.fc = nn.Linear(36, 3, bias=bias)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1) * self.scale)

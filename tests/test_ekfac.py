@@ -14,6 +14,7 @@ from torch import nn
 import kfac_func as kf
 from kfac_func.layers import LayerSpec
 from oracles import (
+    GroupedNet,
     KINDS,
     REDUCTIONS,
     assert_close,
@@ -342,19 +343,6 @@ def test_projection_basis_is_transposed_correctly(kind):
 # ----------------------------------------------------------------------------------------------------
 # 5. preconditioning with E-KFAC factors = dense solve; method validation
 # ----------------------------------------------------------------------------------------------------
-
-
-class GroupedNet(nn.Module):
-    """Grouped conv (B = 2) → relu → flatten → an untracked elementwise scale → linear."""
-
-    def __init__(self, bias):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 2, groups=2, bias=bias)
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 36))
-        self.fc = nn.Linear(36, 3, bias=bias)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1) * self.scale)
 
 
 def _dense_ekfac_solve(f: kf.EKFACFactors, vec_grad: torch.Tensor, damping: float) -> torch.Tensor:

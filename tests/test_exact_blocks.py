@@ -15,6 +15,7 @@ from torch import nn
 import kfac_func as kf
 from kfac_func.layers import LayerSpec, split_weight_matrix, weight_matrix
 from oracles import (
+    GroupedNet,
     KINDS,
     REDUCTIONS,
     assert_close,
@@ -510,19 +511,6 @@ def test_mc_factors_converge_to_exact(kind, reduction):
 # ----------------------------------------------------------------------------------------------------
 # 6. damped preconditioning = dense solve with the explicit Kronecker matrix
 # ----------------------------------------------------------------------------------------------------
-
-
-class GroupedNet(nn.Module):
-    """Grouped conv (B = 2) → relu → flatten → an untracked elementwise scale → linear."""
-
-    def __init__(self, bias):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 2, groups=2, bias=bias)
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 36))
-        self.fc = nn.Linear(36, 3, bias=bias)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1) * self.scale)
 
 
 @given(seed=seeds, bias=st.booleans(), damping=st.sampled_from([1e-3, 0.1, 2.0]), kind=st.sampled_from(KINDS))
