@@ -2,8 +2,10 @@ r"""Find a model's tracked layers and capture, in one forward and one batched ba
 gradients and every tracked layer's inputs ``a`` and output gradients ``g``.
 
 Layers are *found*, not declared: while the model runs, a :class:`~torch.overrides.TorchFunctionMode`
-sees every call of ``F.linear`` and ``torch.conv2d`` and recognises the weight (and bias) by tensor
-identity against the parameter pytree. In the capture pass it records the call's input and adds a zero
+sees every call of ``F.linear``, ``torch.conv1d/2d/3d``, ``F.embedding`` and the norm layers
+(``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``) and recognises the weight (and bias) by tensor
+identity against the parameter pytree, or as a row slice of a parameter (``F.linear`` only: packed
+projections). ``F.multi_head_attention_forward`` is rerun batch-first (:mod:`kfac_func.attention`). In the capture pass it records the call's input and adds a zero
 "probe" tensor to its output; the vector-Jacobian product with respect to the probes is exactly the
 output gradient ``∂ℓ/∂s`` of every call — no hooks, one backward for all layers, and it composes with
 ``torch.func`` (``vmap`` over an ensemble of parameter sets included).
@@ -12,9 +14,10 @@ The backward is batched with ``vmap`` over ``1 + V`` cotangents: the true-loss g
 curvature vectors of :func:`kfac_func.losses.cotangents`. Tracked weights are *not* differentiated:
 their gradient is rebuilt from the layer input and the true output gradient with the kernels autograd
 would use (``∇W = Σₙ,ₛ g aᵀ``; the native convolution weight backward), so the curvature vectors cost
-only the input-gradient half of a backward. Parameters that no rule matches (*untracked*: norm layers, weights
-used outside a linear/conv call, ...) are differentiated by autograd and reported in
-:attr:`Plan.untracked`; :func:`kfac_func.precondition` passes their gradients through unchanged.
+only the input-gradient half of a backward. Parameters that no rule matches (*untracked*: free scales,
+weights also used outside a layer call, unsupported options, ...) are differentiated by autograd and
+reported with their reason in :attr:`Plan.reasons` (:func:`kfac_func.describe` prints the table);
+:func:`kfac_func.precondition` passes their gradients through unchanged.
 
 A weight used by several calls (weight sharing, tied layers of the same kind) is one layer whose
 positions are the positions of all its calls (the *expand* rule: ``S`` counts every call).
@@ -23,8 +26,9 @@ positions are the positions of all its calls (the *expand* rule: ``S`` counts ev
 from __future__ import annotations
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import optree
 import torch
@@ -33,32 +37,60 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
-from .layers import LINEAR, LayerCall, LayerSpec, conv2d_call, input_patches, output_grads, parameter_grads
+from . import attention
+from .layers import (
+    EMBEDDING,
+    LINEAR,
+    NORMS,
+    LayerCall,
+    LayerSpec,
+    Rows,
+    conv_call,
+    input_patches,
+    output_grads,
+    parameter_grads,
+)
 from .losses import Loss, as_loss, cotangents
 
 Model = nn.Module | Callable[[dict[str, Tensor], Any], Tensor]
 
+_CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _SIGNATURES = {
     F.linear: ("input", "weight", "bias"),
-    torch.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    torch.conv1d: _CONV,
+    torch.conv2d: _CONV,
+    torch.conv3d: _CONV,
+    F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.group_norm: ("input", "num_groups", "weight", "bias", "eps"),
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
 }
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_DEFAULTS = {"weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_idx": None,
+             "max_norm": None, "scale_grad_by_freq": False, "sparse": False, "eps": 1e-5, "training": False,
+             "momentum": 0.1}
+# views of a parameter that a layer call may use as its weight (row slices are attributed to their rows)
+_SLICING = {torch.Tensor.split, torch.Tensor.chunk, torch.Tensor.narrow, torch.Tensor.__getitem__, torch.split,
+            torch.chunk, torch.narrow}
 
 
 @dataclass(frozen=True)
 class Plan:
     """Static structure of a model on inputs of one shape: tracked layers (in call order of their
-    first use), every tracked call, untracked parameters, and the probe shapes."""
+    first use), every tracked call, untracked parameters with the reason for each, the probe shapes and
+    the number of dims of the model output."""
 
     layers: dict[str, LayerSpec]
     calls: tuple[LayerCall, ...]
     untracked: tuple[str, ...]
     probes: tuple[tuple[torch.Size, torch.dtype, torch.device], ...] = field(repr=False)
+    reasons: dict[str, str] = field(default_factory=dict)
+    output_dims: int = 2
 
     @property
     def tracked(self) -> tuple[str, ...]:
-        """Names of the parameters owned by tracked layers."""
-        return tuple(n for s in self.layers.values() for n in (s.weight, s.bias) if n is not None)
+        """Names of the parameters owned by tracked layers (each once)."""
+        names = (n for s in self.layers.values() for n in (s.weight, s.bias) if n is not None)
+        return tuple(dict.fromkeys(names))
 
 
 class Capture(NamedTuple):
@@ -94,6 +126,22 @@ def as_function(model: Model) -> Callable[[dict[str, Tensor], Any], Tensor]:
     return model
 
 
+@contextmanager
+def frozen_buffers(model: Model) -> Iterator[None]:
+    """Run extra forward passes (tracing, quadratic models, loss re-evaluations) without changing a
+    module's buffers: BatchNorm's running statistics and counters move once per training step only."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     names = _SIGNATURES[func]
     bound = {n: _DEFAULTS.get(n) for n in names}
@@ -102,47 +150,160 @@ def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-class _TraceMode(TorchFunctionMode):
-    """Records tracked calls and every other use of a parameter."""
+def _layer_name(weight: str, rows: Rows) -> str:
+    base = weight.removesuffix(".weight").removesuffix("_weight")
+    return base if rows is None else f"{base}[{rows[0]}:{rows[1]}]"
+
+
+def _make_call(func: Callable, layer: str, bound: dict[str, Any]) -> LayerCall:
+    weight, x = bound["weight"], bound["input"]
+    if func is F.linear:
+        return LayerCall(layer, LINEAR)
+    if func is F.embedding:
+        pad = bound["padding_idx"]
+        return LayerCall(layer, EMBEDDING, padding_idx=None if pad is None else pad % weight.shape[0], vocab=weight.shape[0])
+    if func is F.layer_norm:
+        k = len(tuple(bound["normalized_shape"]))
+        return LayerCall(layer, "layer_norm", param_dims=tuple(range(x.dim() - k, x.dim())))
+    if func in (F.group_norm, F.batch_norm):
+        return LayerCall(layer, func.__name__, param_dims=(1,))
+    return conv_call(layer, weight.shape[2:], bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
+
+
+def _evaluate(func: Callable, args: tuple, kwargs: dict, bound: dict[str, Any], call: LayerCall) -> tuple[Tensor, Tensor]:
+    """``(recorded input, output)`` of a tracked call. Norm layers are split into the normalisation
+    ``x̂`` (recorded) and the affine map ``x̂ γ + β``."""
+    if call.kind not in NORMS:
+        return bound["input"], func(*args, **kwargs)
+    x, weight, bias = bound["input"], bound["weight"], bound["bias"]
+    if func is F.layer_norm:
+        xhat = F.layer_norm(x, bound["normalized_shape"], None, None, bound["eps"])
+        shape = weight.shape
+    else:
+        if func is F.group_norm:
+            xhat = F.group_norm(x, bound["num_groups"], None, None, bound["eps"])
+        else:
+            xhat = F.batch_norm(x, bound["running_mean"], bound["running_var"], None, None, bound["training"],
+                                bound["momentum"], bound["eps"])
+        shape = (-1,) + (1,) * (x.dim() - 2)
+    out = xhat * weight.reshape(shape)
+    return xhat, (out + bias.reshape(shape) if bias is not None else out)
+
+
+def _row_slice(base: Tensor, t: Tensor) -> Rows | str:
+    """The rows of ``base`` that the view ``t`` is, or ``"other"`` when ``t`` is some other view."""
+    if t.dim() != base.dim() or t.dim() == 0 or t.shape[1:] != base.shape[1:] or t.stride() != base.stride():
+        return "other"
+    offset = t.storage_offset() - base.storage_offset()
+    if offset % base.stride(0):
+        return "other"
+    start = offset // base.stride(0)
+    return (start, start + t.shape[0])
+
+
+class _LayerMode(TorchFunctionMode):
+    """Dispatches tracked layer calls (weight a parameter, or a row slice of one) to :meth:`layer` and
+    everything else to :meth:`other`; ``F.multi_head_attention_forward`` runs batch-first
+    (:mod:`kfac_func.attention`) with this mode active, so that its projections are seen."""
 
     def __init__(self, names: dict[int, str]):
         super().__init__()
         self.names = names
-        self.calls: list[tuple[LayerCall, str, str | None]] = []
-        self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self.other_uses: set[str] = set()
+
+    def owner(self, t: Any) -> tuple[str, Rows | str] | None:
+        """``(parameter name, rows)`` when ``t`` is a parameter (``rows=None``) or a view of one."""
+        if not isinstance(t, Tensor):
+            return None
+        if id(t) in self.names:
+            return self.names[id(t)], None
+        base = getattr(t, "_base", None)
+        if base is not None and id(base) in self.names:
+            return self.names[id(base)], _row_slice(base, t)
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        weight_name = None
+        if func is F.multi_head_attention_forward:
+            reason = attention.unsupported(attention.bind(args, kwargs))
+            if reason is None:
+                with self:
+                    return attention.multi_head_attention(*args, **kwargs)
+            return self.other(func, args, kwargs, reason)
         if func in _SIGNATURES:
             bound = _bind(func, args, kwargs)
-            weight_name = self.names.get(id(bound["weight"]))
-        if weight_name is None:
-            for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
-                if isinstance(leaf, Tensor) and id(leaf) in self.names:
-                    self.other_uses.add(self.names[id(leaf)])
-            return func(*args, **kwargs)
-        layer = weight_name.removesuffix(".weight")
-        x, weight, bias = bound["input"], bound["weight"], bound["bias"]
-        if id(x) in self.names:
-            self.other_uses.add(self.names[id(x)])
-        if x.dtype != weight.dtype:
+            owner = self.owner(bound["weight"])
+            if owner is not None and (owner[1] is None or (func is F.linear and owner[1] != "other")):
+                return self.layer(func, args, kwargs, bound, owner)
+        return self.other(func, args, kwargs, None)
+
+    def layer(self, func, args, kwargs, bound, owner):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def other(self, func, args, kwargs, reason):
+        return func(*args, **kwargs)
+
+
+class _TraceMode(_LayerMode):
+    """Records tracked calls, and every other use of a parameter with the reason it cannot be tracked."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__(names)
+        self.calls: list[tuple[LayerCall, str, str | None, Rows]] = []
+        self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self.batch: list[tuple[str, int]] = []
+        self.other_uses: dict[str, str] = {}
+
+    def used(self, name: str, reason: str) -> None:
+        self.other_uses.setdefault(name, reason)
+
+    def layer(self, func, args, kwargs, bound, owner):
+        weight_name, rows = owner
+        layer = _layer_name(weight_name, rows)
+        x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
+        call = _make_call(func, layer, bound)
+        for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
+            seen = self.owner(leaf)
+            if seen is not None and leaf is not weight and leaf is not bias:
+                self.used(seen[0], f"passed to {call.kind} layer {layer!r} as something other than its weight or bias")
+        if func is F.embedding:
+            for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+                if bound[option]:
+                    self.used(weight_name, f"embedding with {option} is not supported")
+        elif x.is_floating_point() and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"layer {layer!r}: input dtype {x.dtype} does not match weight dtype {weight.dtype}")
-        if func is F.linear:
-            call = LayerCall(layer, LINEAR)
-        else:
-            call = conv2d_call(layer, weight.shape[2:], bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
         try:
-            out = func(*args, **kwargs)
+            recorded, out = _evaluate(func, args, kwargs, bound, call)
         except RuntimeError as err:
             raise ValueError(
                 f"layer {layer!r} ({call.kind}, weight {tuple(weight.shape)}) cannot take input of shape "
                 f"{tuple(x.shape)}: {err}"
             ) from err
-        bias_name = self.names.get(id(bias)) if bias is not None else None
-        self.calls.append((call, weight_name, bias_name))
+        bias_owner = self.owner(bias)
+        if bias is not None and (bias_owner is None or bias_owner[1] != rows):
+            if bias_owner is not None:
+                self.used(bias_owner[0], f"bias of {layer!r} does not match the rows of its weight")
+            bias_owner = None
+        self.calls.append((call, weight_name, bias_owner and bias_owner[0], rows))
         self.probes.append((out.shape, out.dtype, out.device))
+        self.batch.append((layer, recorded.shape[0] if recorded.dim() else 0))
+        return out
+
+    def other(self, func, args, kwargs, reason):
+        if getattr(func, "__name__", "") == "__get__":  # attribute reads: metadata is no use; views are followed
+            out = func(*args, **kwargs)
+            if not isinstance(out, Tensor):
+                return out
+        slicing = func in _SLICING and id(args[0]) in self.names if args else False
+        for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
+            seen = self.owner(leaf)
+            if seen is None or (slicing and leaf is args[0]):
+                continue
+            self.used(seen[0], reason or f"used outside a tracked layer call (by {getattr(func, '__name__', func)})")
+        out = func(*args, **kwargs)
+        if slicing:  # a slice must be a view; an indexed copy is a use we cannot follow
+            for t in optree.tree_leaves(out):
+                if isinstance(t, Tensor) and getattr(t, "_base", None) is not args[0]:
+                    self.used(self.names[id(args[0])], f"indexed by {getattr(func, '__name__', func)} into a copy")
         return out
 
 
@@ -152,11 +313,13 @@ _PLANS: "weakref.WeakKeyDictionary[Any, dict[tuple, Plan]]" = weakref.WeakKeyDic
 def _signature(params: dict[str, Tensor], inputs: Any) -> tuple:
     leaves = optree.tree_leaves(inputs)
     shapes = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves)
-    return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items())
+    autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+    return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), autocast
 
 
 def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
-    """Run ``model`` once (no grad) to find its tracked layers; cached per model and input signature."""
+    """Run ``model`` once (no grad, buffers restored) to find its tracked layers; cached per model and
+    input signature."""
     if not isinstance(params, dict) or not all(isinstance(p, Tensor) for p in params.values()):
         raise TypeError("params must be a dict mapping parameter names to tensors")
     key = _signature(params, inputs)
@@ -167,63 +330,87 @@ def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
     if key in cache:
         return cache[key]
     mode = _TraceMode({id(p): n for n, p in params.items()})
-    with torch.no_grad(), mode:
+    with torch.no_grad(), frozen_buffers(model), mode:
         out = as_function(model)(params, inputs)
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return one tensor (the loss's input), got {type(out).__name__}")
-    plan = _make_plan(params, mode)
+    plan = _make_plan(params, mode, out.dim())
+    examples = out.shape[0] if out.dim() else 0
+    for layer, n in mode.batch:
+        if layer in plan.layers and n != examples:
+            raise ValueError(
+                f"layer {layer!r}: its input's first dim ({n}) is not the model output's batch dim ({examples}); "
+                "kfac_func needs batch-first layer inputs whose first dim indexes the loss's examples (for a "
+                "sequence loss return (N, C, L) logits rather than (N·L, C))"
+            )
     cache[key] = plan
     return plan
 
 
-def _make_plan(params: dict[str, Tensor], mode: _TraceMode) -> Plan:
-    roles: dict[str, set[tuple[str, str]]] = {}
+def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int) -> Plan:
+    reasons = dict(mode.other_uses)
     specs: dict[str, LayerSpec] = {}
-    bad = set(mode.other_uses)
-    for call, weight, bias in mode.calls:
-        spec = LayerSpec(call.layer, call.kind, weight, bias, call.groups)
+    roles: dict[str, set[tuple[str, str]]] = {}
+    for call, weight, bias, rows in mode.calls:
+        spec = LayerSpec(call.layer, call.kind, weight, bias, call.groups, rows)
         if specs.setdefault(call.layer, spec) != spec:
-            bad.update(n for n in (weight, bias, specs[call.layer].bias) if n is not None)
+            for n in (weight, bias, specs[call.layer].bias):
+                if n is not None:
+                    reasons.setdefault(n, f"used by calls of {call.layer!r} with different structures")
         roles.setdefault(weight, set()).add((call.layer, "weight"))
         if bias is not None:
             roles.setdefault(bias, set()).add((call.layer, "bias"))
-    bad.update(n for n, r in roles.items() if len(r) > 1)
-    layers = {
-        name: s for name, s in specs.items() if s.weight not in bad and (s.bias is None or s.bias not in bad)
-    }
-    keep = [i for i, (call, _, _) in enumerate(mode.calls) if call.layer in layers]
+    for name, r in roles.items():
+        kinds = {role for _, role in r}
+        rows = sorted(specs[layer].rows or (0, params[name].shape[0]) for layer, _ in r)
+        overlap = any(a[1] > b[0] for a, b in zip(rows, rows[1:]))
+        if len(kinds) > 1 or overlap:
+            reasons.setdefault(name, "shared by several layers or roles: " + ", ".join(sorted(f"{l} ({k})" for l, k in r)))
+    layers = {}
+    for name, s in specs.items():
+        bad = [n for n in (s.weight, s.bias) if n is not None and n in reasons]
+        if not bad:
+            layers[name] = s
+            continue
+        for n in (s.weight, s.bias):
+            if n is not None:
+                reasons.setdefault(n, f"belongs to layer {name!r}, whose {bad[0]!r} is untracked")
+    keep = [i for i, (call, *_) in enumerate(mode.calls) if call.layer in layers]
     owned = {n for s in layers.values() for n in (s.weight, s.bias) if n is not None}
+    untracked = tuple(n for n in params if n not in owned)
     return Plan(
         layers=layers,
         calls=tuple(mode.calls[i][0] for i in keep),
-        untracked=tuple(n for n in params if n not in owned),
+        untracked=untracked,
         probes=tuple(mode.probes[i] for i in keep),
+        reasons={n: reasons.get(n, "not used by the model") for n in untracked},
+        output_dims=output_dims,
     )
 
 
-class _CaptureMode(TorchFunctionMode):
+class _CaptureMode(_LayerMode):
     """Records tracked-call inputs and adds the probes to their outputs."""
 
-    def __init__(self, plan: Plan, weights: dict[int, str], probes: tuple[Tensor, ...]):
-        super().__init__()
-        self.plan, self.weights, self.probes = plan, weights, probes
+    def __init__(self, plan: Plan, names: dict[int, str], probes: tuple[Tensor, ...]):
+        super().__init__(names)
+        self.plan, self.probes = plan, probes
+        self.layer_of = {(s.weight, s.rows): name for name, s in plan.layers.items()}
         self.inputs: list[Tensor] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _SIGNATURES:
-            bound = _bind(func, args, kwargs)
-            layer = self.weights.get(id(bound["weight"]))
-            if layer is not None:
-                k = len(self.inputs)
-                if k >= len(self.plan.calls) or self.plan.calls[k].layer != layer:
-                    raise RuntimeError(
-                        f"layer {layer!r} was called out of the traced order (call {k}); the model's layer "
-                        "calls must not depend on the data"
-                    )
-                self.inputs.append(bound["input"])
-                return func(*args, **kwargs) + self.probes[k]
-        return func(*args, **kwargs)
+    def layer(self, func, args, kwargs, bound, owner):
+        layer = self.layer_of.get(owner)
+        if layer is None:
+            return func(*args, **kwargs)
+        k = len(self.inputs)
+        call = self.plan.calls[k] if k < len(self.plan.calls) else None
+        if call is None or call.layer != layer:
+            raise RuntimeError(
+                f"layer {layer!r} was called out of the traced order (call {k}); the model's layer "
+                "calls must not depend on the data"
+            )
+        recorded, out = _evaluate(func, args, kwargs, bound, call)
+        self.inputs.append(recorded)
+        return out + self.probes[k]
 
 
 def capture(
@@ -255,8 +442,7 @@ def capture(
 
     def forward(free: dict[str, Tensor], probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}
-        weights = {id(merged[s.weight]): name for name, s in plan.layers.items()}
-        mode = _CaptureMode(plan, weights, probes)
+        mode = _CaptureMode(plan, {id(merged[n]): n for n in tracked}, probes)
         with mode:
             out = f(merged, inputs)
         if len(mode.inputs) != len(plan.calls):
@@ -279,16 +465,19 @@ def capture(
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
         for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight], has_bias)):
-            if name is not None:
-                grads[name] = grads[name] + grad if name in grads else grad
+            if name is None:
+                continue
+            if spec.rows is not None:  # a row slice: its rows of the whole parameter
+                grad = params[name].new_zeros(params[name].shape).slice_scatter(grad, 0, *spec.rows)
+            grads[name] = grads[name] + grad if name in grads else grad
         if fisher is None:
             continue
         n = x.shape[0]
         m = n if stats_examples is None else min(stats_examples, n)
         # rescale so that factors from m rows estimate the full-batch curvature
         gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
-        a[call.layer].append(input_patches(call, x[:m], has_bias))
-        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs))
+        a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
+        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     if fisher is None:
         return Capture(value, {n: grads[n] for n in params}, {}, {})
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731

@@ -20,13 +20,14 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors
+from .factors import EigenFactors, right_multiply
 
 
 class EKFACFactors(NamedTuple):
-    """Eigenbases ``Q_A`` ``(B, d_a, d_a)``, ``Q_G`` ``(B, d_g, d_g)`` and the scaling ``S`` ``(B, d_g, d_a)``."""
+    """Eigenbases ``Q_A`` ``(B, d_a, d_a)`` (``None``: the identity of a diagonal ``A``), ``Q_G``
+    ``(B, d_g, d_g)`` and the scaling ``S`` ``(B, d_g, d_a)``."""
 
-    QA: Tensor
+    QA: Tensor | None
     QG: Tensor
     scale: Tensor
 
@@ -37,7 +38,7 @@ def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Ten
     out = {}
     for name, a in cap.a.items():
         e = eigen[name]
-        aq = a @ e.QA  # (N, B, S, d_a): rows Q_Aᵀ ā
+        aq = right_multiply(a, e.QA)  # (N, B, S, d_a): rows Q_Aᵀ ā
         gq = cap.g[name] @ e.QG  # (V, N, B, S, d_g): rows Q_Gᵀ g
         if a.shape[2] == 1:
             sq_g = gq.squeeze(3).square().sum(0)  # (N, B, d_g): Σᵥ (Q_Gᵀ g)²

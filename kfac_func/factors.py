@@ -9,57 +9,75 @@ For a layer with homogeneous inputs ``ā`` (``N`` examples, ``S`` positions) and
   ``A = 1/N Σₙ â âᵀ`` with ``â = 1/S Σₛ ā``,  ``G = Σᵥ,ₙ ĝ ĝᵀ`` with ``ĝ = Σₛ g``.
 
 The curvature block of ``vec(W̄)`` (row-major ``W̄ = [W, b]``) is ``G ⊗ A``; factors carry a leading
-block dim ``B`` (conv groups). Decompositions clamp eigenvalues at 0 and never form an explicit
+block dim ``B`` (conv groups). A layer whose :attr:`~kfac_func.layers.LayerSpec.diagonal_a` is set
+(embeddings: one-hot inputs, so ``A`` is the diagonal of token frequencies) keeps ``A`` as a vector
+``(B, d_a)``, its eigenbasis ``Q_A`` as ``None`` (the identity) and its inverse as a vector: never a dense
+vocabulary × vocabulary matrix. Decompositions clamp eigenvalues at 0 and never form an explicit
 ``inverse``; moving averages live in :mod:`kfac_func.averaging`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .capture import Capture, require_curvature
+from .layers import LayerSpec
 
 
 class KroneckerFactors(NamedTuple):
-    """``A``: ``(B, d_a, d_a)``, ``G``: ``(B, d_g, d_g)``."""
+    """``A``: ``(B, d_a, d_a)`` (or its diagonal ``(B, d_a)``), ``G``: ``(B, d_g, d_g)``."""
 
     A: Tensor
     G: Tensor
 
 
 class EigenFactors(NamedTuple):
-    """``A = Q_A diag(d_A) Q_Aᵀ``, ``G = Q_G diag(d_G) Q_Gᵀ`` (eigenvalues clamped at 0)."""
+    """``A = Q_A diag(d_A) Q_Aᵀ``, ``G = Q_G diag(d_G) Q_Gᵀ`` (eigenvalues clamped at 0; ``Q_A = None``
+    for a diagonal ``A``)."""
 
-    QA: Tensor
+    QA: Tensor | None
     dA: Tensor
     QG: Tensor
     dG: Tensor
 
 
 class InverseFactors(NamedTuple):
-    """π-damped inverse factors ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` (from Cholesky factors) and the
-    damping ``λ`` they include."""
+    """π-damped inverse factors ``(A + λ_A I)⁻¹`` (a vector for a diagonal ``A``), ``(G + λ_G I)⁻¹`` (from
+    Cholesky factors) and the damping ``λ`` they include."""
 
     A_inv: Tensor
     G_inv: Tensor
     damping: Tensor
 
 
-def kronecker_factors(cap: Capture, *, reduce: bool = False) -> dict[str, KroneckerFactors]:
-    """The batch's Kronecker factors per layer (expand, or reduce when ``reduce``)."""
+def kronecker_factors(
+    cap: Capture, *, reduce: bool | Mapping[str, bool] = False, layers: Mapping[str, LayerSpec] | None = None
+) -> dict[str, KroneckerFactors]:
+    """The batch's Kronecker factors per layer: expand, or reduce where ``reduce`` says so (one flag for
+    all layers, or per layer name; see :func:`default_reduce`). With ``layers`` (``trace(...).layers``),
+    layers with a diagonal ``A`` (embeddings) keep it as a vector."""
     require_curvature(cap)
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]
+        diagonal = layers is not None and layers[name].diagonal_a
+        gram_a = (lambda x: x.square().sum(tuple(range(x.dim() - 1))).unsqueeze(0)) if diagonal else (lambda x: _gram(x, 1))
         n, positions = a.shape[0], a.shape[2]
-        if reduce:
-            out[name] = KroneckerFactors(_gram(a.mean(2), 1) / n, _gram(g.sum(3), 2))
+        if reduce.get(name, False) if isinstance(reduce, Mapping) else reduce:
+            out[name] = KroneckerFactors(gram_a(a.mean(2)) / n, _gram(g.sum(3), 2))
         else:
-            out[name] = KroneckerFactors(_gram(a, 1) / (n * positions), _gram(g, 2))
+            out[name] = KroneckerFactors(gram_a(a) / (n * positions), _gram(g, 2))
     return out
+
+
+def default_reduce(plan) -> dict[str, bool]:
+    """Eschenhagen et al. (2023)'s choice per layer: *expand* when the loss is taken per position (the
+    model output keeps positions: more than 2 dims, e.g. ``(N, C, L)`` logits of a sequence loss),
+    *reduce* when positions are pooled before the loss (``(N, C)`` output)."""
+    return {name: plan.output_dims <= 2 for name in plan.layers}
 
 
 def _gram(x: Tensor, block_dim: int) -> Tensor:
@@ -78,10 +96,34 @@ def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = to
 
     out = {}
     for name, f in factors.items():
-        qa, da = eig(f.A)
+        qa, da = eig(f.A) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
         qg, dg = eig(f.G)
         out[name] = EigenFactors(qa, da, qg, dg)
     return out
+
+
+def right_multiply(x: Tensor, m: Tensor | None) -> Tensor:
+    """``x @ m`` for matrices ``m`` ``(B, d, d)``, ``x @ diag(m)`` for diagonals ``m`` ``(B, d)``, ``x``
+    for ``None`` (the identity)."""
+    if m is None:
+        return x
+    return x * m.unsqueeze(-2) if m.dim() == 2 else x @ m
+
+
+def transposed(q: Tensor | None) -> Tensor | None:
+    """``qᵀ`` (``None`` stays the identity)."""
+    return None if q is None else q.mT
+
+
+def factor_dims(f: NamedTuple) -> tuple[int, int, int]:
+    """``(B, d_g, d_a)`` of any factor type (the E-KFAC scaling has exactly that shape)."""
+    if isinstance(f, KroneckerFactors):
+        return f.A.shape[0], f.G.shape[-1], f.A.shape[-1]
+    if isinstance(f, EigenFactors):
+        return f.dA.shape[0], f.dG.shape[-1], f.dA.shape[-1]
+    if isinstance(f, InverseFactors):
+        return f.A_inv.shape[0], f.G_inv.shape[-1], f.A_inv.shape[-1]
+    return tuple(f.scale.shape)
 
 
 def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -104,12 +146,15 @@ def inverse_factors(
     so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite)."""
 
     def chol_inv(m: Tensor, lam: Tensor) -> Tensor:
+        if m.dim() == 2:  # a diagonal factor: its inverse is a vector
+            return (1 / (m.to(dtype) + lam.to(dtype))).to(m.dtype)
         eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
         return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + lam.to(dtype).unsqueeze(-1) * eye)).to(m.dtype)
 
     out = {}
     for name, f in factors.items():
-        lam_a, lam_g = pi_damping(f.A.diagonal(dim1=-2, dim2=-1), f.G.diagonal(dim1=-2, dim2=-1), damping)
+        diag_a = f.A if f.A.dim() == 2 else f.A.diagonal(dim1=-2, dim2=-1)
+        lam_a, lam_g = pi_damping(diag_a, f.G.diagonal(dim1=-2, dim2=-1), damping)
         out[name] = InverseFactors(
             chol_inv(f.A, lam_a), chol_inv(f.G, lam_g), torch.as_tensor(damping, dtype=f.A.dtype, device=f.A.device)
         )

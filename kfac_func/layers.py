@@ -1,4 +1,4 @@
-"""Per-layer-kind rules: how a layer's inputs and output gradients become K-FAC quantities.
+r"""Per-layer-kind rules: how a layer's inputs and output gradients become K-FAC quantities.
 
 Every tracked layer is brought into one canonical form so that everything downstream (factors,
 per-example gradients, preconditioning) is written once:
@@ -10,10 +10,28 @@ per-example gradients, preconditioning) is written once:
 * ``g``: ``(V, N, B, S, d_g)`` — output gradients for ``V`` curvature vectors;
 * the weight matrix ``W̄ = [W, b]`` as ``(B, d_g, d_a)``, row-major like PyTorch, so that ``vec(W̄)``
   carries the Kronecker order ``G ⊗ A``.
+
+The kinds:
+
+* ``linear`` (``F.linear``; every dim between the first and the last is a position);
+* ``conv1d``/``conv2d``/``conv3d`` (patches honour stride, padding, dilation and groups);
+* ``embedding`` (``F.embedding``): a linear layer on one-hot inputs, ``W̄ = weightᵀ`` (``d_a`` = the
+  vocabulary); ``a`` is the one-hot matrix (zero for ``padding_idx``), whose factor ``A`` is diagonal
+  (token frequencies) and is kept as a vector;
+* ``layer_norm``/``group_norm``/``batch_norm``: the affine scale ``γ`` and shift ``β`` acting on the
+  normalised input ``x̂``. Their per-example gradient ``ψ = [Σ g ⊙ x̂; Σ g]`` is formed at capture
+  (``d_g = |γ| + |β|``) with ``a = 1`` (``d_a = 1``), so that ``G ⊗ A = G = Σ ψψᵀ`` is the exact, full
+  curvature block of the norm's parameters.
+
+A weight may be a row slice of a parameter (a packed projection split before use, as in
+``nn.MultiheadAttention``): the layer then owns those rows (:attr:`LayerSpec.rows`).
+Statistics are computed in at least float32 (bfloat16/float16 activations are upcast); parameter
+gradients come back in the parameter's dtype.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,18 +39,28 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LINEAR = "linear"
-CONV2D = "conv2d"
+CONVS = {1: "conv1d", 2: "conv2d", 3: "conv3d"}
+EMBEDDING = "embedding"
+NORMS = ("layer_norm", "group_norm", "batch_norm")
+Rows = tuple[int, int] | None
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Static description of a tracked layer: which parameters it owns and its block structure."""
+    """Static description of a tracked layer: which parameters it owns (``rows`` of them when the weight
+    is a row slice) and its block structure."""
 
     name: str
     kind: str
     weight: str
     bias: str | None
     groups: int = 1
+    rows: Rows = None
+
+    @property
+    def diagonal_a(self) -> bool:
+        """Whether the input factor ``A`` is diagonal (kept as a vector ``(B, d_a)``)."""
+        return self.kind == EMBEDDING
 
 
 @dataclass(frozen=True)
@@ -46,102 +74,184 @@ class LayerCall:
     padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
     groups: int = 1
+    padding_idx: int | None = None  # embedding
+    vocab: int = 0  # embedding
+    param_dims: tuple[int, ...] = ()  # norms: the input dims that γ and β span
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+def _tuple(v: int | tuple[int, ...], d: int) -> tuple[int, ...]:
+    return (int(v),) * d if isinstance(v, int) else tuple(int(x) for x in v)
 
 
-def conv2d_call(layer: str, kernel, stride, padding, dilation, groups: int) -> LayerCall:
-    """Normalise ``torch.conv2d``'s geometry arguments into a :class:`LayerCall`."""
-    pad = padding if isinstance(padding, str) else _pair(padding)
-    return LayerCall(layer, CONV2D, _pair(tuple(kernel)), _pair(stride), pad, _pair(dilation), int(groups))
+def conv_call(layer: str, kernel, stride, padding, dilation, groups: int) -> LayerCall:
+    """Normalise ``torch.conv{1,2,3}d``'s geometry arguments into a :class:`LayerCall`."""
+    d = len(kernel)
+    pad = padding if isinstance(padding, str) else _tuple(padding, d)
+    return LayerCall(layer, CONVS[d], tuple(kernel), _tuple(stride, d), pad, _tuple(dilation, d), int(groups))
 
 
-def _explicit_padding(call: LayerCall, a: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """Resolve ``'valid'``/``'same'`` padding (torch pads the odd extra on the right/bottom) into ``F.pad``."""
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _explicit_padding(call: LayerCall, a: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """Resolve ``'valid'``/``'same'`` padding (torch pads the odd extra on the right) into ``F.pad``."""
     if not isinstance(call.padding, str):
         return a, call.padding
-    pads = [0, 0, 0, 0]
+    d = len(call.kernel)
+    pads = [0] * (2 * d)
     if call.padding == "same":
-        for i, (k, d) in enumerate(zip(call.kernel, call.dilation)):
-            total = d * (k - 1)
-            pads[2 * (1 - i)], pads[2 * (1 - i) + 1] = total // 2, total - total // 2
-    return F.pad(a, pads), (0, 0)
+        for i, (k, dil) in enumerate(zip(call.kernel, call.dilation)):
+            total = dil * (k - 1)
+            pads[2 * (d - 1 - i)], pads[2 * (d - 1 - i) + 1] = total // 2, total - total // 2
+    return F.pad(a, pads), (0,) * d
 
 
 def _check_input(call: LayerCall, a: Tensor) -> None:
     if call.kind == LINEAR and a.dim() < 2:
         raise ValueError(f"layer {call.layer!r}: input of shape {tuple(a.shape)} has no batch dimension")
-    if call.kind == CONV2D and a.dim() != 4:
-        raise ValueError(f"layer {call.layer!r}: conv2d input must be (N, C, H, W), got shape {tuple(a.shape)}")
+    if call.kind in CONVS.values() and a.dim() != len(call.kernel) + 2:
+        raise ValueError(
+            f"layer {call.layer!r}: {call.kind} input must have {len(call.kernel) + 2} dims (N, C, ...), "
+            f"got shape {tuple(a.shape)}"
+        )
+    if call.kind == EMBEDDING and a.dim() < 1:
+        raise ValueError(f"layer {call.layer!r}: embedding indices of shape {tuple(a.shape)} have no batch dimension")
 
 
-def input_patches(call: LayerCall, a: Tensor, bias: bool) -> Tensor:
-    """Layer input of one call → ``(N, B, S, d_a)``, with the ones column when ``bias``.
+def input_patches(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype) -> Tensor:
+    """Layer input of one call → ``(N, B, S, d_a)``, with the ones column when ``bias``; ``dtype`` (the
+    weight's) sets the dtype of the constructed inputs of norms (ones) and embeddings (one-hot).
 
     Convolution patches come from a strided view of the (padded) input and one copy into place — not
     ``F.unfold``, which is many times slower on CPU."""
     _check_input(call, a)
+    n = a.shape[0]
+    if call.kind in NORMS:
+        return torch.ones((n, 1, 1, 1), dtype=stat_dtype(dtype), device=a.device)
+    if call.kind == EMBEDDING:
+        onehot = F.one_hot(a.reshape(n, 1, -1), call.vocab).to(stat_dtype(dtype))
+        if call.padding_idx is not None:
+            onehot[..., call.padding_idx] = 0
+        return onehot
+    a = a.to(stat_dtype(a.dtype))
     if call.kind == LINEAR:
-        rows = a.reshape(a.shape[0], 1, -1, a.shape[-1])
+        rows = a.reshape(n, 1, -1, a.shape[-1])
         if not bias:
             return rows
         out = rows.new_empty(rows.shape[:-1] + (rows.shape[-1] + 1,))
         out[..., :-1] = rows
     else:
-        a, (ph, pw) = _explicit_padding(call, a)
-        if ph or pw:
-            a = F.pad(a, (pw, pw, ph, ph))
-        (kh, kw), (dh, dw), (sh, sw) = call.kernel, call.dilation, call.stride
-        windows = a.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-        n, c, h, w = windows.shape[:4]
+        d = len(call.kernel)
+        a, pads = _explicit_padding(call, a)
+        if any(pads):
+            a = F.pad(a, [p for pad in reversed(pads) for p in (pad, pad)])
+        windows = a
+        for i, (k, dil, s) in enumerate(zip(call.kernel, call.dilation, call.stride)):
+            windows = windows.unfold(2 + i, dil * (k - 1) + 1, s)
+        windows = windows[(...,) + tuple(slice(None, None, dil) for dil in call.dilation)]
+        c, outs = windows.shape[1], windows.shape[2 : 2 + d]
         per_group = c // call.groups
-        d = per_group * kh * kw
-        out = a.new_empty((n, call.groups, h * w, d + int(bias)))
-        # (N, C, H', W', kh, kw) → (N, B, H'·W', C/B·kh·kw), channel-major like the weight's rows: one copy
-        out[..., :d].view(n, call.groups, h, w, per_group, kh, kw).copy_(
-            windows.reshape(n, call.groups, per_group, h, w, kh, kw).permute(0, 1, 3, 4, 2, 5, 6)
+        d_in = per_group * math.prod(call.kernel)
+        out = a.new_empty((n, call.groups, math.prod(outs), d_in + int(bias)))
+        # (N, C, *out, *kernel) → (N, B, Π out, C/B·Π kernel), channel-major like the weight's rows: one copy
+        order = (0, 1, *range(3, 3 + d), 2, *range(3 + d, 3 + 2 * d))
+        out[..., :d_in].view(n, call.groups, *outs, per_group, *call.kernel).copy_(
+            windows.reshape(n, call.groups, per_group, *outs, *call.kernel).permute(order)
         )
     if bias:
         out[..., -1] = 1
     return out
 
 
+def _norm_grads(call: LayerCall, g: Tensor, xhat: Tensor, bias: bool) -> Tensor:
+    """Per-example ``ψ = [Σ g ⊙ x̂; Σ g]`` of a norm layer: ``g`` ``(V, N, *x)`` → ``(V, N, |γ|+|β|)``."""
+    dims = [1 + d for d in call.param_dims]
+    last = list(range(g.dim() - len(dims), g.dim()))
+
+    def per_example(t: Tensor) -> Tensor:
+        t = t.movedim(dims, last)
+        return t.reshape(t.shape[0], t.shape[1], -1, math.prod(t.shape[g.dim() - len(dims) :])).sum(2)
+
+    parts = [per_example(g * xhat.unsqueeze(0))] + ([per_example(g)] if bias else [])
+    return torch.cat(parts, -1)
+
+
 def parameter_grads(call: LayerCall, a: Tensor, g: Tensor, weight: Tensor, bias: bool) -> tuple[Tensor, Tensor | None]:
     """``(∂L/∂W, ∂L/∂b)`` of one call from its input ``a`` and output gradient ``g`` (no vector dim): the
-    same kernels autograd would run (a matmul; the native convolution weight backward)."""
+    same kernels autograd would run (a matmul; the native convolution weight backward; an index-add)."""
     _check_input(call, a)
+    dtype = stat_dtype(torch.promote_types(a.dtype, g.dtype)) if a.is_floating_point() else stat_dtype(g.dtype)
+    g = g.to(dtype)
+    if call.kind in NORMS:
+        psi = _norm_grads(call, g.unsqueeze(0), a.to(dtype), bias)[0].sum(0)
+        w = psi[: weight.numel()].reshape(weight.shape).to(weight.dtype)
+        return w, (psi[weight.numel() :].to(weight.dtype) if bias else None)
+    if call.kind == EMBEDDING:
+        rows = g.reshape(-1, g.shape[-1])
+        idx = a.reshape(-1)
+        if call.padding_idx is not None:
+            rows = torch.where((idx == call.padding_idx).unsqueeze(-1), 0, rows)
+        return rows.new_zeros((call.vocab, rows.shape[-1])).index_add(0, idx, rows).to(weight.dtype), None
+    a = a.to(dtype)
     if call.kind == LINEAR:
         g2 = g.reshape(-1, g.shape[-1])
-        return g2.T @ a.reshape(-1, a.shape[-1]), (g2.sum(0) if bias else None)
+        grad_b = g2.sum(0).to(weight.dtype) if bias else None
+        return (g2.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype), grad_b
     a, padding = _explicit_padding(call, a)
     _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, a, weight, [weight.shape[0]] if bias else None, list(call.stride), list(padding),
-        list(call.dilation), False, [0, 0], call.groups, [False, True, bias],
+        g, a, weight.to(dtype), [weight.shape[0]] if bias else None, list(call.stride), list(padding),
+        list(call.dilation), False, [0] * len(call.kernel), call.groups, [False, True, bias],
     )
-    return grad_w, grad_b
+    return grad_w.to(weight.dtype), (grad_b.to(weight.dtype) if bias else None)
 
 
-def output_grads(call: LayerCall, g: Tensor) -> Tensor:
-    """Output gradients ``(V, N, *out)`` of one call → ``(V, N, B, S, d_g)``."""
-    if call.kind == LINEAR:
-        return g.reshape(g.shape[0], g.shape[1], 1, -1, g.shape[-1])
-    v, n, c, h, w = g.shape
-    return g.reshape(v, n, call.groups, c // call.groups, h * w).transpose(3, 4)
+def output_grads(call: LayerCall, g: Tensor, a: Tensor, bias: bool) -> Tensor:
+    """Output gradients ``(V, N, *out)`` of one call (with its input ``a``) → ``(V, N, B, S, d_g)``."""
+    g = g.to(stat_dtype(g.dtype))
+    v, n = g.shape[:2]
+    if call.kind in NORMS:
+        return _norm_grads(call, g, a.to(g.dtype), bias).reshape(v, n, 1, 1, -1)
+    if call.kind in (LINEAR, EMBEDDING):
+        return g.reshape(v, n, 1, -1, g.shape[-1])
+    c = g.shape[2]
+    return g.reshape(v, n, call.groups, c // call.groups, -1).transpose(3, 4)
 
 
 def weight_matrix(spec: LayerSpec, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``[W, b]`` (or its gradient) as ``(B, d_g, d_a)``."""
+    """``[W, b]`` (or its gradient) as ``(B, d_g, d_a)``; ``weight``/``bias`` are the whole parameters."""
+    if spec.rows is not None:
+        weight = weight[spec.rows[0] : spec.rows[1]]
+        bias = bias[spec.rows[0] : spec.rows[1]] if bias is not None else None
+    if spec.kind in NORMS:
+        parts = [weight.reshape(-1)] + ([bias.reshape(-1)] if bias is not None else [])
+        return torch.cat(parts).reshape(1, -1, 1)
+    if spec.kind == EMBEDDING:
+        return weight.T.unsqueeze(0)
     out = weight.reshape(spec.groups, weight.shape[0] // spec.groups, -1)
     if bias is not None:
         out = torch.cat([out, bias.reshape(spec.groups, -1, 1)], dim=-1)
     return out
 
 
-def split_weight_matrix(spec: LayerSpec, mat: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of :func:`weight_matrix`: ``(B, d_g, d_a)`` → ``{weight_name: ..., bias_name: ...}``."""
-    weight = params[spec.weight]
-    if spec.bias is None:
-        return {spec.weight: mat.reshape(weight.shape)}
-    return {spec.weight: mat[..., :-1].reshape(weight.shape), spec.bias: mat[..., -1].reshape(-1)}
+def split_weight_matrix(spec: LayerSpec, mat: Tensor, into: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`weight_matrix`: ``(B, d_g, d_a)`` → ``{weight_name: ..., bias_name: ...}``, whole
+    parameters shaped like those in ``into`` (a row-slice layer replaces its rows of them)."""
+    weight = into[spec.weight]
+    shape = weight.shape if spec.rows is None else (spec.rows[1] - spec.rows[0],) + weight.shape[1:]
+    if spec.kind in NORMS:
+        flat = mat.reshape(-1)
+        n_w = math.prod(shape)
+        parts = {spec.weight: flat[:n_w].reshape(shape)}
+        if spec.bias is not None:
+            parts[spec.bias] = flat[n_w:]
+    elif spec.kind == EMBEDDING:
+        parts = {spec.weight: mat[0].T}
+    elif spec.bias is None:
+        parts = {spec.weight: mat.reshape(shape)}
+    else:
+        parts = {spec.weight: mat[..., :-1].reshape(shape), spec.bias: mat[..., -1].reshape(-1)}
+    if spec.rows is None:
+        return parts
+    return {name: into[name].slice_scatter(part, 0, spec.rows[0], spec.rows[1]) for name, part in parts.items()}

@@ -40,10 +40,10 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from .capture import Model, as_function, capture, trace
+from .capture import Model, as_function, capture, frozen_buffers, trace
 from .averaging import all_finite, averaged, init_average, update_average
 from .ekfac import ekfac_factors, ekfac_scaling
-from .factors import eigendecompose, inverse_factors, kronecker_factors
+from .factors import default_reduce, eigendecompose, inverse_factors, kronecker_factors
 from .losses import FISHER_TYPES, Loss, as_loss
 from .precondition import METHODS, MODES, precondition
 from .quadratic import (
@@ -90,6 +90,10 @@ class KFAC(torch.optim.Optimizer):
     ``coarse_weights`` ``(ω₁, ω₂)`` for ``additive``; the multiplicative combinations capture the
     curvature on every step).
 
+    ``reduce``: ``"auto"`` (Eschenhagen et al. 2023 per layer, :func:`~kfac_func.factors.default_reduce`:
+    expand when the model output keeps positions, reduce when they are pooled), ``True``/``False`` for
+    all layers, or a dict layer name → bool.
+
     ``adaptive``: ``None`` (``lr``, ``momentum`` and the KL clip as given), ``"lr"`` (``α`` from the
     quadratic model, ``μ`` = the first group's momentum) or ``"lr_momentum"`` (both; the KL clip and the
     groups' ``lr`` are then unused). ``quadratic_curvature``: ``"ggn"`` (exact type-2 GGN of the batch
@@ -118,7 +122,7 @@ class KFAC(torch.optim.Optimizer):
         inverse_period: int = 10,
         ema_decay: float = 0.95,
         kl_clip: float | None = 1e-3,
-        reduce: bool = False,
+        reduce: bool | dict[str, bool] | str = "auto",
         stats_fraction: float = 1.0,
         decomposition_dtype: torch.dtype = torch.float64,
         seed: int = 0,
@@ -150,6 +154,7 @@ class KFAC(torch.optim.Optimizer):
             "ema_decay": 0 <= ema_decay < 1,
             "kl_clip": kl_clip is None or kl_clip > 0,
             "stats_fraction": 0 < stats_fraction <= 1,
+            "reduce": isinstance(reduce, (bool, dict)) or reduce == "auto",
             "method": method in METHODS,
             "scale_period": scale_period >= 1,
             "coarse_space": coarse_space in SPACES,
@@ -230,7 +235,8 @@ class KFAC(torch.optim.Optimizer):
                 fisher=self.fisher if factor_step or scale_step or coarse_step or fisher_forms else None,
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
-        batch = kronecker_factors(cap, reduce=self.reduce) if factor_step else None
+        reduce = default_reduce(plan) if self.reduce == "auto" else self.reduce
+        batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if factor_step else None
         if not self._finite((cap.loss, cap.grads, batch), step, rng):
             return cap.loss.detach()
         new = dict(state)  # committed only once every batch quantity is known to be finite
@@ -342,7 +348,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _quadratic_forms(self, directions, params, inputs, targets, cap, plan) -> Tensor:
         """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_buffers(self.model):
             if self.quadratic_curvature == "ggn":
                 forms = ggn_quadratic_forms(self.model, params, inputs, targets, self.loss, directions)
             else:
@@ -364,7 +370,8 @@ class KFAC(torch.optim.Optimizer):
         moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
         l2 = self._l2
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
-        after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
+        with frozen_buffers(self.model):
+            after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
         before = loss_before + float(penalty(params))
         return reduction_ratio(before, after, change), not after <= before
 

@@ -26,7 +26,16 @@ from torch import Tensor
 
 from .capture import Capture
 from .ekfac import EKFACFactors
-from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, pi_damping
+from .factors import (
+    EigenFactors,
+    InverseFactors,
+    KroneckerFactors,
+    eigendecompose,
+    factor_dims,
+    pi_damping,
+    right_multiply,
+    transposed,
+)
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
 from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
@@ -80,7 +89,7 @@ def precondition(
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
     for name, spec in layers.items():
-        out.update(split_weight_matrix(spec, delta[name], params))
+        out.update(split_weight_matrix(spec, delta[name], out))
     return out
 
 
@@ -94,13 +103,13 @@ def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, 
                 f"layer {name!r}: inverse factors include their damping and serve mode='factored' only; "
                 "pass damping=None, or pass EigenFactors"
             )
-        return f.G_inv @ grad @ f.A_inv
+        return f.G_inv @ right_multiply(grad, f.A_inv)
     if damping is None:
         raise ValueError("damping is required unless the factors are InverseFactors")
     if isinstance(f, EKFACFactors):
         if mode != "eigen":
             raise ValueError(f"layer {name!r}: E-KFAC adds the damping to its scaling; use mode='eigen'")
-        return f.QG @ ((f.QG.mT @ grad @ f.QA) / (f.scale + damping)) @ f.QA.mT
+        return right_multiply(f.QG @ ((f.QG.mT @ right_multiply(grad, f.QA)) / (f.scale + damping)), transposed(f.QA))
     return _eigen_solve(grad, f, damping, mode)
 
 
@@ -124,7 +133,7 @@ def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: s
     else:
         lam_a, lam_g = pi_damping(e.dA, e.dG, damping)
         denom = (e.dG + lam_g).unsqueeze(-1) * (e.dA + lam_a).unsqueeze(-2)
-    return e.QG @ ((e.QG.mT @ grad @ e.QA) / denom) @ e.QA.mT
+    return right_multiply(e.QG @ ((e.QG.mT @ right_multiply(grad, e.QA)) / denom), transposed(e.QA))
 
 
 def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
@@ -141,12 +150,13 @@ def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
 
 
 def _check_factor_shapes(name: str, grad: Tensor, f: Factors) -> None:
-    blocks, d_g, d_a = grad.shape
-    got_a, got_g = (f[0].shape, f[2].shape) if isinstance(f, EigenFactors) else (f[0].shape, f[1].shape)
-    if isinstance(f, EKFACFactors) and f.scale.shape != grad.shape:
+    if factor_dims(f) == tuple(grad.shape):
+        return
+    if isinstance(f, EKFACFactors):
         raise ValueError(f"layer {name!r}: E-KFAC scaling has shape {tuple(f.scale.shape)}, expected {tuple(grad.shape)}")
-    if got_a != (blocks, d_a, d_a) or got_g != (blocks, d_g, d_g):
-        raise ValueError(
-            f"layer {name!r}: factors have shapes A {tuple(got_a)}, G {tuple(got_g)}; expected "
-            f"A {(blocks, d_a, d_a)} and G {(blocks, d_g, d_g)} for its gradient"
-        )
+    blocks, d_g, d_a = grad.shape
+    got_b, got_g, got_a = factor_dims(f)
+    raise ValueError(
+        f"layer {name!r}: factors have shapes (blocks, A, G) = {(got_b, got_a, got_g)}; expected "
+        f"{(blocks, d_a, d_g)} for its gradient of shape {tuple(grad.shape)}"
+    )

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors, KroneckerFactors
+from .factors import EigenFactors, KroneckerFactors, factor_dims
 
 SPACES = ("nicolaides", "spectral")
 COARSE_MODES = ("exact", "kronecker")
@@ -65,9 +65,8 @@ def nicolaides_space(factors: dict[str, KroneckerFactors | EigenFactors]) -> Coa
     """One normalised all-ones vector per layer (shapes read from the factors)."""
     ug, ua = {}, {}
     for name, f in factors.items():
-        blocks, d_a = f[0].shape[0], f[0].shape[-1]
-        d_g = (f.G if isinstance(f, KroneckerFactors) else f.QG).shape[-1]
-        like = f[0]
+        blocks, d_g, d_a = factor_dims(f)
+        like = f.G if isinstance(f, KroneckerFactors) else f.QG
         ug[name] = like.new_full((1, blocks, d_g), (blocks * d_g) ** -0.5)
         ua[name] = like.new_full((1, blocks, d_a), d_a**-0.5)
     return CoarseSpace(ug, ua)
@@ -85,7 +84,8 @@ def spectral_space(eigen: dict[str, EigenFactors], vectors: int = 1) -> CoarseSp
         b, i, j = top // (d_g * d_a), (top // d_a) % d_g, top % d_a
         onehot = torch.nn.functional.one_hot(b, blocks).to(e.QG.dtype).unsqueeze(-1)  # (k, B, 1)
         ug[name] = onehot * e.QG[b, :, i].unsqueeze(1)
-        ua[name] = onehot * e.QA[b, :, j].unsqueeze(1)
+        qa = e.QA[b, :, j] if e.QA is not None else torch.nn.functional.one_hot(j, d_a).to(e.QG.dtype)
+        ua[name] = onehot * qa.unsqueeze(1)
     return CoarseSpace(ug, ua)
 
 

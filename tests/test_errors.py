@@ -30,13 +30,14 @@ def _params(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_unsupported_parameters_are_reported_and_passed_through():
-    """LayerNorm and a free scale match no rule: reported by name, gradients correct, identity fallback."""
+    """A free scale matches no rule: reported by name with its reason, gradients correct, identity
+    fallback (the LayerNorm is tracked)."""
     torch.manual_seed(0)
     model, x, y = WithNorm(), torch.randn(5, 4), torch.randint(0, 3, (5,))
     params = _params(model)
     plan = kf.trace(model, params, x)
-    assert set(plan.layers) == {"fc", "out"}
-    assert set(plan.untracked) == {"norm.weight", "norm.bias", "scale"}
+    assert set(plan.layers) == {"fc", "norm", "out"}
+    assert plan.untracked == ("scale",) and "mul" in plan.reasons["scale"]
     cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
     ref = torch.func.grad(lambda p: F.cross_entropy(torch.func.functional_call(model, p, (x,)), y))(params)
     for n in params:
@@ -45,7 +46,7 @@ def test_unsupported_parameters_are_reported_and_passed_through():
     out = kf.precondition(params, cap.grads, factors, layers=plan.layers, damping=1e-2)
     for n in plan.untracked:
         assert torch.equal(out[n], cap.grads[n])
-    with pytest.warns(UserWarning, match=r"norm\.weight.*identity"):
+    with pytest.warns(UserWarning, match=r"scale.*identity"):
         kf.KFAC(model, lr=0.1).step(x, y)
 
 

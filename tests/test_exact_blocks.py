@@ -429,8 +429,8 @@ def test_captured_a_g_rebuild_exact_block_per_pixel_losses(seed, n, bias, kind, 
 
 
 class Untracked(nn.Module):
-    """Tracked layers next to untracked parameters: an elementwise scale, a LayerNorm, and a weight
-    that is also used outside its linear call (tied), which must make it untracked."""
+    """Tracked layers (two linears and a LayerNorm) next to untracked parameters: an elementwise scale
+    and a weight that is also used outside its linear call (tied), which must make it untracked."""
 
     def __init__(self):
         super().__init__()
@@ -455,15 +455,16 @@ def test_untracked_parameters_gradients_and_blocks(fisher):
     x = torch.randn(5, 3, generator=gen, dtype=DT)
     y = make_target("cross_entropy", (5, 3), gen)
     plan = kf.trace(model, params, x)
-    assert set(plan.layers) == {"fc1", "out"}
-    assert set(plan.untracked) == {"norm.weight", "norm.bias", "tied.weight", "tied.bias", "scale"}
+    assert set(plan.layers) == {"fc1", "norm", "out"}
+    assert set(plan.untracked) == {"tied.weight", "tied.bias", "scale"}
+    assert "matmul" in plan.reasons["tied.weight"] and "tied" in plan.reasons["tied.bias"]
     cap = kf.capture(model, params, x, y, "cross_entropy", fisher=fisher, generator=torch.Generator().manual_seed(0))
     expected = loss_grads(model, params, x, y, "cross_entropy", "mean")
     assert set(cap.grads) == set(expected)
     for k in expected:
         assert_close(cap.grads[k], expected[k], atol=1e-12, rtol=1e-10)
     if fisher in ("exact", "empirical"):
-        for name in plan.layers:
+        for name in ("fc1", "out"):
             layer = linear_layers(model)[name]
             oracle = (ggn_block if fisher == "exact" else empirical_fisher_block)(
                 model, params, x, y, "cross_entropy", "mean", layer
