@@ -2,8 +2,17 @@
 
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
+from .describe import Registration, describe
 from .ekfac import EKFACFactors, ekfac_factors, ekfac_scaling
-from .factors import EigenFactors, InverseFactors, KroneckerFactors, eigendecompose, inverse_factors, kronecker_factors
+from .factors import (
+    EigenFactors,
+    InverseFactors,
+    KroneckerFactors,
+    default_reduce,
+    eigendecompose,
+    inverse_factors,
+    kronecker_factors,
+)
 from .layers import LayerSpec
 from .losses import Loss
 from .optim import EKFAC, KFAC
@@ -31,12 +40,15 @@ __all__ = [
     "Loss",
     "MovingAverage",
     "Plan",
+    "Registration",
     "all_finite",
     "as_function",
     "averaged",
     "capture",
     "coarse_matrix",
     "curvature_product",
+    "default_reduce",
+    "describe",
     "eigendecompose",
     "ekfac_factors",
     "ekfac_scaling",

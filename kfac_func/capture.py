@@ -26,9 +26,8 @@ positions are the positions of all its calls (the *expand* rule: ``S`` counts ev
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
@@ -85,6 +84,7 @@ class Plan:
     probes: tuple[tuple[torch.Size, torch.dtype, torch.device], ...] = field(repr=False)
     reasons: dict[str, str] = field(default_factory=dict)
     output_dims: int = 2
+    slicings: tuple[tuple[str, tuple[Rows, ...]], ...] = ()
 
     @property
     def tracked(self) -> tuple[str, ...]:
@@ -102,13 +102,16 @@ class Capture(NamedTuple):
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
       the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``.
 
-    ``a`` and ``g`` are empty when ``fisher=None``.
+    ``a`` and ``g`` are empty when ``fisher=None``. ``buffers``: a module's buffers after this forward
+    (BatchNorm running statistics); the module itself is not changed, :class:`~kfac_func.KFAC` commits
+    them with the step. Empty for a function model.
     """
 
     loss: Tensor
     grads: dict[str, Tensor]
     a: dict[str, Tensor]
     g: dict[str, Tensor]
+    buffers: dict[str, Tensor] = {}
 
 
 def require_curvature(cap: Capture) -> None:
@@ -118,28 +121,21 @@ def require_curvature(cap: Capture) -> None:
 
 
 def as_function(model: Model) -> Callable[[dict[str, Tensor], Any], Tensor]:
-    """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))``."""
+    """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))``, run on copies of
+    its buffers: a pure function that never changes the module (see :func:`module_call`)."""
     if isinstance(model, nn.Module):
-        return lambda params, x: functional_call(model, params, (x,))
+        return lambda params, x: module_call(model, params, x)[0]
     if not callable(model):
         raise TypeError(f"model must be an nn.Module or a function f(params, x), got {type(model).__name__}")
     return model
 
 
-@contextmanager
-def frozen_buffers(model: Model) -> Iterator[None]:
-    """Run extra forward passes (tracing, quadratic models, loss re-evaluations) without changing a
-    module's buffers: BatchNorm's running statistics and counters move once per training step only."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    saved = [(b, b.clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
+def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(output, buffers after the call)``: the module runs with ``params`` and fresh copies of its buffers
+    (made inside any enclosing transform, so that BatchNorm may update its running statistics under
+    ``vjp``/``jvp``); the module's own buffers are left as they are."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    return functional_call(model, {**params, **buffers}, (x,)), buffers
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -192,7 +188,7 @@ def _evaluate(func: Callable, args: tuple, kwargs: dict, bound: dict[str, Any], 
 
 def _row_slice(base: Tensor, t: Tensor) -> Rows | str:
     """The rows of ``base`` that the view ``t`` is, or ``"other"`` when ``t`` is some other view."""
-    if t.dim() != base.dim() or t.dim() == 0 or t.shape[1:] != base.shape[1:] or t.stride() != base.stride():
+    if _storage(t) is None or t.dim() != base.dim() or t.dim() == 0 or t.shape[1:] != base.shape[1:] or t.stride() != base.stride():
         return "other"
     offset = t.storage_offset() - base.storage_offset()
     if offset % base.stride(0):
@@ -201,14 +197,26 @@ def _row_slice(base: Tensor, t: Tensor) -> Rows | str:
     return (start, start + t.shape[0])
 
 
+def _storage(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (``None`` where there is none to read, e.g. under ``vmap``)."""
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class _LayerMode(TorchFunctionMode):
     """Dispatches tracked layer calls (weight a parameter, or a row slice of one) to :meth:`layer` and
     everything else to :meth:`other`; ``F.multi_head_attention_forward`` runs batch-first
-    (:mod:`kfac_func.attention`) with this mode active, so that its projections are seen."""
+    (:mod:`kfac_func.attention`) with this mode active, so that its projections are seen. Views are
+    recognised by their storage (under ``torch.func`` transforms ``_base`` is not the parameter object)."""
 
-    def __init__(self, names: dict[int, str]):
+    def __init__(self, params: dict[str, Tensor]):
         super().__init__()
-        self.names = names
+        self.params = params
+        self.names = {id(p): n for n, p in params.items()}
+        self.storages = {ptr: n for n, p in params.items() if (ptr := _storage(p)) is not None}
+        self.views: dict[int, tuple[str, Rows | str]] = {}  # capture: slices registered in traced order
 
     def owner(self, t: Any) -> tuple[str, Rows | str] | None:
         """``(parameter name, rows)`` when ``t`` is a parameter (``rows=None``) or a view of one."""
@@ -216,10 +224,14 @@ class _LayerMode(TorchFunctionMode):
             return None
         if id(t) in self.names:
             return self.names[id(t)], None
-        base = getattr(t, "_base", None)
-        if base is not None and id(base) in self.names:
-            return self.names[id(base)], _row_slice(base, t)
-        return None
+        if id(t) in self.views:
+            return self.views[id(t)]
+        name = self.storages.get(_storage(t))
+        return None if name is None else (name, _row_slice(self.params[name], t))
+
+    def slices(self, func, args) -> bool:
+        """Whether this call slices a parameter directly (``w.chunk(3)``, ``w[:8]``, ...)."""
+        return func in _SLICING and bool(args) and id(args[0]) in self.names
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -246,12 +258,13 @@ class _LayerMode(TorchFunctionMode):
 class _TraceMode(_LayerMode):
     """Records tracked calls, and every other use of a parameter with the reason it cannot be tracked."""
 
-    def __init__(self, names: dict[int, str]):
-        super().__init__(names)
+    def __init__(self, params: dict[str, Tensor]):
+        super().__init__(params)
         self.calls: list[tuple[LayerCall, str, str | None, Rows]] = []
         self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self.batch: list[tuple[str, int]] = []
         self.other_uses: dict[str, str] = {}
+        self.slicings: list[tuple[str, tuple[Rows, ...]]] = []
 
     def used(self, name: str, reason: str) -> None:
         self.other_uses.setdefault(name, reason)
@@ -293,7 +306,7 @@ class _TraceMode(_LayerMode):
             out = func(*args, **kwargs)
             if not isinstance(out, Tensor):
                 return out
-        slicing = func in _SLICING and id(args[0]) in self.names if args else False
+        slicing = self.slices(func, args)
         for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
             seen = self.owner(leaf)
             if seen is None or (slicing and leaf is args[0]):
@@ -301,9 +314,11 @@ class _TraceMode(_LayerMode):
             self.used(seen[0], reason or f"used outside a tracked layer call (by {getattr(func, '__name__', func)})")
         out = func(*args, **kwargs)
         if slicing:  # a slice must be a view; an indexed copy is a use we cannot follow
-            for t in optree.tree_leaves(out):
-                if isinstance(t, Tensor) and getattr(t, "_base", None) is not args[0]:
-                    self.used(self.names[id(args[0])], f"indexed by {getattr(func, '__name__', func)} into a copy")
+            name, views = self.names[id(args[0])], optree.tree_leaves(out)
+            if any(not isinstance(t, Tensor) or _row_slice(args[0], t) == "other" for t in views):
+                self.used(name, f"sliced by {getattr(func, '__name__', func)} into something other than rows")
+            else:
+                self.slicings.append((name, tuple(_row_slice(args[0], t) for t in views)))
         return out
 
 
@@ -318,8 +333,8 @@ def _signature(params: dict[str, Tensor], inputs: Any) -> tuple:
 
 
 def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
-    """Run ``model`` once (no grad, buffers restored) to find its tracked layers; cached per model and
-    input signature."""
+    """Run ``model`` once (no grad, on copies of its buffers) to find its tracked layers; cached per model
+    and input signature."""
     if not isinstance(params, dict) or not all(isinstance(p, Tensor) for p in params.values()):
         raise TypeError("params must be a dict mapping parameter names to tensors")
     key = _signature(params, inputs)
@@ -329,8 +344,8 @@ def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
         cache = {}
     if key in cache:
         return cache[key]
-    mode = _TraceMode({id(p): n for n, p in params.items()})
-    with torch.no_grad(), frozen_buffers(model), mode:
+    mode = _TraceMode(params)
+    with torch.no_grad(), mode:
         out = as_function(model)(params, inputs)
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return one tensor (the loss's input), got {type(out).__name__}")
@@ -385,17 +400,27 @@ def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int) ->
         probes=tuple(mode.probes[i] for i in keep),
         reasons={n: reasons.get(n, "not used by the model") for n in untracked},
         output_dims=output_dims,
+        slicings=tuple(s for s in mode.slicings if s[0] in owned),
     )
 
 
 class _CaptureMode(_LayerMode):
     """Records tracked-call inputs and adds the probes to their outputs."""
 
-    def __init__(self, plan: Plan, names: dict[int, str], probes: tuple[Tensor, ...]):
-        super().__init__(names)
+    def __init__(self, plan: Plan, params: dict[str, Tensor], probes: tuple[Tensor, ...]):
+        super().__init__(params)
         self.plan, self.probes = plan, probes
         self.layer_of = {(s.weight, s.rows): name for name, s in plan.layers.items()}
         self.inputs: list[Tensor] = []
+        self.slicing = 0
+
+    def other(self, func, args, kwargs, reason):
+        out = func(*args, **kwargs)
+        if self.slices(func, args):  # under torch.func transforms views cannot be inspected: the trace's rows
+            name, rows = self.plan.slicings[self.slicing]
+            self.slicing += 1
+            self.views.update((id(t), (name, r)) for t, r in zip(optree.tree_leaves(out), rows))
+        return out
 
     def layer(self, func, args, kwargs, bound, owner):
         layer = self.layer_of.get(owner)
@@ -442,14 +467,14 @@ def capture(
 
     def forward(free: dict[str, Tensor], probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}
-        mode = _CaptureMode(plan, {id(merged[n]): n for n in tracked}, probes)
+        mode = _CaptureMode(plan, tracked, probes)
         with mode:
-            out = f(merged, inputs)
+            out, buffers = module_call(model, merged, inputs) if isinstance(model, nn.Module) else (f(merged, inputs), {})
         if len(mode.inputs) != len(plan.calls):
             raise RuntimeError(f"the model made {len(mode.inputs)} tracked layer calls, traced {len(plan.calls)}")
-        return out, tuple(mode.inputs)
+        return out, (tuple(mode.inputs), buffers)
 
-    out, vjp_fn, inputs_seen = vjp(forward, free, probes, has_aux=True)
+    out, vjp_fn, (inputs_seen, buffers) = vjp(forward, free, probes, has_aux=True)
     value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, generator)
     if curv_ct is None or fisher == "empirical":
         free_grads, probe_grads = vjp_fn(true_ct)
@@ -479,11 +504,12 @@ def capture(
         a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     if fisher is None:
-        return Capture(value, {n: grads[n] for n in params}, {}, {})
+        return Capture(value, {n: grads[n] for n in params}, {}, {}, buffers)
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
     return Capture(
         value,
         {n: grads[n] for n in params},
         {name: cat(parts, 2) for name, parts in a.items()},
         {name: cat(parts, 3) for name, parts in g.items()},
+        buffers,
     )

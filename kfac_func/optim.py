@@ -40,7 +40,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from .capture import Model, as_function, capture, frozen_buffers, trace
+from .capture import Model, as_function, capture, trace
 from .averaging import all_finite, averaged, init_average, update_average
 from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import default_reduce, eigendecompose, inverse_factors, kronecker_factors
@@ -294,6 +294,9 @@ class KFAC(torch.optim.Optimizer):
             if factored and float(new["damping"]) != damping:
                 new["decomposition"] = inverse_factors(averaged(new["factors"]), float(new["damping"]), self.decomposition_dtype)
         self._commit(update, velocity, cap.grads)
+        if isinstance(self.model, nn.Module):  # BatchNorm running statistics move once per step, with it
+            for name, b in self.model.named_buffers():
+                b.copy_(cap.buffers[name])
         new["step"] = state["step"] + 1
         self.kfac_state = new
         self.info = StepInfo(float(cap.loss), alpha, mu, float(new["damping"]), rho, update is None)
@@ -348,7 +351,7 @@ class KFAC(torch.optim.Optimizer):
 
     def _quadratic_forms(self, directions, params, inputs, targets, cap, plan) -> Tensor:
         """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
-        with torch.enable_grad(), frozen_buffers(self.model):
+        with torch.enable_grad():
             if self.quadratic_curvature == "ggn":
                 forms = ggn_quadratic_forms(self.model, params, inputs, targets, self.loss, directions)
             else:
@@ -370,8 +373,7 @@ class KFAC(torch.optim.Optimizer):
         moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
         l2 = self._l2
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
-        with frozen_buffers(self.model):
-            after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
+        after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
         before = loss_before + float(penalty(params))
         return reduction_ratio(before, after, change), not after <= before
 

@@ -32,6 +32,7 @@ from .factors import (
     KroneckerFactors,
     eigendecompose,
     factor_dims,
+    full_precision,
     pi_damping,
     right_multiply,
     transposed,
@@ -44,6 +45,7 @@ METHODS = ("kfac", "ekfac", "two_level")
 Factors = KroneckerFactors | EigenFactors | InverseFactors | EKFACFactors
 
 
+@full_precision
 def precondition(
     params: dict[str, Tensor],
     grads: dict[str, Tensor],

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from .capture import Capture, Model, as_function
+from .factors import full_precision
 from .layers import LayerSpec, weight_matrix
 from .losses import Loss, as_loss
 
@@ -66,6 +67,7 @@ def ggn_quadratic_forms(
     ])
 
 
+@full_precision
 def fisher_quadratic_forms(cap: Capture, directions: list[Tree], layers: dict[str, LayerSpec]) -> Tensor:
     """``[dᵢᵀ C dⱼ]`` for the captured curvature (MC, exact or empirical) from ``(a, g)``; ``directions``
     are parameter pytrees, of which only the tracked layers' parts enter (``C`` covers those)."""
@@ -80,6 +82,7 @@ def fisher_quadratic_forms(cap: Capture, directions: list[Tree], layers: dict[st
     return z @ z.T
 
 
+@full_precision
 def solve_quadratic_model(
     curvature: Tensor, gram: Tensor, grad_dots: Tensor, damping: float, fixed: dict[int, float] | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors, KroneckerFactors, factor_dims
+from .factors import EigenFactors, KroneckerFactors, factor_dims, full_precision
 
 SPACES = ("nicolaides", "spectral")
 COARSE_MODES = ("exact", "kronecker")
@@ -97,6 +97,7 @@ def coarse_gram(space: CoarseSpace) -> Tensor:
     return torch.block_diag(*blocks)
 
 
+@full_precision
 def coarse_matrix(cap: Capture, space: CoarseSpace, mode: str = "exact") -> Tensor:
     """The batch's undamped coarse matrix ``R₀ C R₀ᵀ`` (``exact``) or its Kronecker surrogate."""
     if mode not in COARSE_MODES:
@@ -139,6 +140,7 @@ def prolong(space: CoarseSpace, y: Tensor) -> Layerwise:
     return out
 
 
+@full_precision
 def curvature_product(cap: Capture, v: Layerwise) -> Layerwise:
     """``C v = Σₙ,ᵥ (∇ℓₙ,ᵥ·v) ∇ℓₙ,ᵥ`` for the captured curvature (MC, exact or empirical), restricted to
     the tracked layers, from ``(a, g)`` alone: a few matmuls per layer, ``C`` never formed."""

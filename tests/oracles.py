@@ -13,6 +13,7 @@ MSE/BCE mean and for cross-entropy mean with class probabilities (``1/(N·positi
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -77,11 +78,16 @@ def example_hessians(kind: str, out: Tensor, target: Tensor, ignore_index: int =
 
 @dataclass(frozen=True)
 class Layer:
-    """Which parameters form one K-FAC layer (given by the test, not taken from the library)."""
+    """Which parameters form one K-FAC layer (given by the test, not taken from the library), and how
+    they are laid out as ``θ``: ``"dense"`` (``W̄ = [W, b]`` per group, row-major), ``"embedding"``
+    (``θ = vec(Wᵀ)``: rows are embedding dims, columns tokens) or ``"norm"`` (``θ = [γ; β]``); ``rows``
+    restricts the layer to a row slice of its parameters (a packed projection)."""
 
     weight: str
     bias: str | None = None
     groups: int = 1
+    kind: str = "dense"
+    rows: tuple[int, int] | None = None
 
 
 def to_wbar(W: Tensor, b: Tensor | None, groups: int = 1) -> Tensor:
@@ -102,19 +108,38 @@ def from_wbar(theta: Tensor, w_shape: torch.Size, has_bias: bool, groups: int) -
 
 
 def layer_vector(tree: dict[str, Tensor], layer: Layer) -> Tensor:
-    """A layer's parameters (or gradients) as the flat vector ``vec(W̄)``."""
-    return to_wbar(tree[layer.weight], tree[layer.bias] if layer.bias else None, layer.groups).reshape(-1)
+    """A layer's parameters (or gradients) as the flat vector ``θ``."""
+    W, b = tree[layer.weight], tree[layer.bias] if layer.bias else None
+    if layer.rows is not None:
+        W, b = W[layer.rows[0] : layer.rows[1]], (b[layer.rows[0] : layer.rows[1]] if b is not None else None)
+    if layer.kind == "embedding":
+        return W.T.reshape(-1)
+    if layer.kind == "norm":
+        return torch.cat([W.reshape(-1)] + ([b.reshape(-1)] if b is not None else []))
+    return to_wbar(W, b, layer.groups).reshape(-1)
 
 
 def _substitute(params: dict[str, Tensor], layer: Layer):
-    w_shape = params[layer.weight].shape
+    full = params[layer.weight]
+    r0, r1 = layer.rows or (0, full.shape[0])
+    w_shape = (r1 - r0,) + tuple(full.shape[1:])
+
+    def place(name: str, part: Tensor) -> Tensor:  # the rows of the whole parameter
+        whole = params[name]
+        return torch.cat([whole[:r0], part, whole[r1:]]) if layer.rows is not None else part
 
     def sub(theta: Tensor) -> dict[str, Tensor]:
-        W, b = from_wbar(theta, w_shape, layer.bias is not None, layer.groups)
+        if layer.kind == "embedding":
+            W, b = theta.reshape(w_shape[1], w_shape[0]).T, None
+        elif layer.kind == "norm":
+            k = math.prod(w_shape)
+            W, b = theta[:k].reshape(w_shape), (theta[k:] if layer.bias is not None else None)
+        else:
+            W, b = from_wbar(theta, torch.Size(w_shape), layer.bias is not None, layer.groups)
         p = dict(params)
-        p[layer.weight] = W
+        p[layer.weight] = place(layer.weight, W)
         if layer.bias is not None:
-            p[layer.bias] = b
+            p[layer.bias] = place(layer.bias, b)
         return p
 
     return sub
@@ -191,7 +216,9 @@ def loss_grads(model, params, x, target, kind, reduction, ignore_index: int = -1
 
 
 def kfac_dense(A: Tensor, G: Tensor) -> Tensor:
-    """``blockdiag_b (G_b ⊗ A_b)`` for ``A: (B, d_a, d_a)``, ``G: (B, d_g, d_g)``."""
+    """``blockdiag_b (G_b ⊗ A_b)`` for ``A: (B, d_a, d_a)`` (or a diagonal ``(B, d_a)``), ``G: (B, d_g, d_g)``."""
+    if A.dim() == 2:
+        A = torch.diag_embed(A)
     return torch.block_diag(*[torch.kron(G[b], A[b]) for b in range(A.shape[0])])
 
 
