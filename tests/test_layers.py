@@ -193,9 +193,21 @@ def test_embedding_preconditioning_keeps_a_diagonal():
                                      ("factored", inverse, None, dense_factored_solve)):
         out = kf.precondition(params, cap.grads, fs, layers=plan.layers, damping=damping, mode=mode)
         assert_close(layer_vector(out, EMB), dense(torch.diag_embed(A), G, vec, 0.1))
-    state = kf.KFAC(model, method="ekfac", damping=0.1)  # E-KFAC and the optimizer state with Q_A = None
-    state.step(x, y)
-    assert state.kfac_state["eigen"]["emb"].QA is None
+    twin = copy.deepcopy(model)
+    opt = kf.KFAC(model, method="ekfac", damping=0.1)  # E-KFAC and the optimizer state with Q_A = None
+    opt.step(x, y)
+    assert opt.kfac_state["eigen"]["emb"].QA is None
+    resumed = kf.KFAC(twin, method="ekfac", damping=0.1)
+    twin.load_state_dict(model.state_dict())
+    resumed.load_state_dict(opt.state_dict())
+    opt.step(x, y)
+    resumed.step(x, y)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+    spectral = kf.KFAC(model, method="two_level", coarse_space="spectral", coarse_vectors=2, damping=0.1)
+    spectral.step(x, y)
+    assert spectral.kfac_state["space"].UA["emb"].shape == (2, 1, vocab)
+    assert all(p.isfinite().all() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------
