@@ -33,11 +33,16 @@ _KINDS = ("cross_entropy", "mse", "bce_with_logits")
 @dataclass(frozen=True)
 class Loss:
     """A supported loss: ``kind`` in ``cross_entropy | mse | bce_with_logits``, ``reduction`` in
-    ``mean | sum``; ``ignore_index`` applies to cross-entropy with class-index targets."""
+    ``mean | sum``; ``ignore_index`` applies to cross-entropy with class-index targets.
+
+    ``reduction_scale`` fixes ``R`` from outside instead of from the batch: the value becomes
+    ``R · Σ ℓ``. Data-parallel training sets it to the *global* batch's ``R`` on every rank, so that the
+    ranks' losses, gradients and curvature statistics simply add up (:mod:`kfac_func.distributed`)."""
 
     kind: str
     reduction: str = "mean"
     ignore_index: int = -100
+    reduction_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -46,22 +51,34 @@ class Loss:
             raise ValueError(f"unsupported reduction {self.reduction!r}; expected 'mean' or 'sum'")
 
     def value(self, out: Tensor, target: Tensor) -> Tensor:
-        """The loss exactly as torch computes it."""
+        """The loss exactly as torch computes it (``R · Σ ℓ`` with a fixed ``reduction_scale``)."""
         self._check(out, target)
+        reduction = "sum" if self.reduction_scale is not None else self.reduction
         if self.kind == "cross_entropy":
-            return F.cross_entropy(out, target, reduction=self.reduction, ignore_index=self.ignore_index)
-        if self.kind == "mse":
-            return F.mse_loss(out, target, reduction=self.reduction)
-        return F.binary_cross_entropy_with_logits(out, target, reduction=self.reduction)
+            value = F.cross_entropy(out, target, reduction=reduction, ignore_index=self.ignore_index)
+        elif self.kind == "mse":
+            value = F.mse_loss(out, target, reduction=reduction)
+        else:
+            value = F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
+        return value if self.reduction_scale is None else self.reduction_scale * value
+
+    def terms(self, target: Tensor) -> Tensor:
+        """How many terms a mean runs over: targets ``≠ ignore_index`` for class indices, positions for
+        class probabilities, elements for MSE and BCE."""
+        if self.kind == "cross_entropy" and not target.is_floating_point():
+            return (target != self.ignore_index).sum()
+        per_term = target.shape[1] if self.kind == "cross_entropy" else 1
+        return torch.tensor(target.numel() // per_term, device=target.device)
 
     def scale(self, out: Tensor, target: Tensor) -> Tensor | float:
-        """The reduction scale ``R``."""
+        """The reduction scale ``R``: ``reduction_scale`` if set, else ``1/terms`` (mean) or ``1`` (sum)."""
+        if self.reduction_scale is not None:
+            return self.reduction_scale
         if self.reduction == "sum":
             return 1.0
         if self.kind == "cross_entropy" and not target.is_floating_point():
-            return 1.0 / (target != self.ignore_index).sum().to(out.dtype)
-        per_term = out.shape[1] if self.kind == "cross_entropy" else 1
-        return 1.0 / (out.numel() // per_term)
+            return 1.0 / self.terms(target).to(out.dtype)
+        return 1.0 / int(self.terms(target))
 
     def grad(self, out: Tensor, target: Tensor) -> Tensor:
         """``∂(Σₙ ℓₙ)/∂out`` at the true targets (no reduction scale)."""

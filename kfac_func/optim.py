@@ -40,10 +40,11 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from .capture import Model, as_function, capture, trace
 from .averaging import all_finite, averaged, init_average, update_average
+from .capture import Model, as_function, capture, trace
+from .distributed import Communicator, DataParallel, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
-from .factors import default_reduce, eigendecompose, inverse_factors, kronecker_factors
+from .factors import EigenFactors, InverseFactors, default_reduce, eigendecompose, inverse_factors, kronecker_factors
 from .losses import FISHER_TYPES, Loss, as_loss
 from .precondition import METHODS, MODES, precondition
 from .quadratic import (
@@ -59,6 +60,7 @@ from .two_level import (
     SPACES,
     CoarseCorrection,
     coarse_matrix,
+    kronecker_coarse_parts,
     nicolaides_space,
     spectral_space,
 )
@@ -140,7 +142,15 @@ class KFAC(torch.optim.Optimizer):
         damping_decay: float = 0.95,
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
         reject_steps: bool = False,
+        data_parallel: bool = False,
+        process_group: Any = None,
+        lazy_factors: bool = False,
+        decomposition_fraction: float = 1.0,
+        bucket_mb: float = 25.0,
     ):
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # run the wrapped module functionally
+            process_group = process_group if process_group is not None else model.process_group
+            model, data_parallel = model.module, True
         checks = {
             "lr": lr >= 0,
             "momentum": 0 <= momentum < 1,
@@ -166,6 +176,8 @@ class KFAC(torch.optim.Optimizer):
             "damping_interval": damping_interval >= 1,
             "damping_decay": 0 < damping_decay < 1,
             "damping_bounds": 0 < damping_bounds[0] <= damping <= damping_bounds[1],
+            "decomposition_fraction": 0 < decomposition_fraction <= 1 and (decomposition_fraction == 1 or method == "kfac"),
+            "bucket_mb": bucket_mb > 0,
         }
         if method == "ekfac" and damping_mode != "eigen":
             raise ValueError("invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')")
@@ -184,10 +196,15 @@ class KFAC(torch.optim.Optimizer):
         self.damping_adaptation, self.damping_interval = damping_adaptation, damping_interval
         self.damping_factor, self.damping_bounds = damping_decay**damping_interval, damping_bounds
         self.info: StepInfo | None = None
+        self.lazy_factors = lazy_factors and data_parallel
+        self._comm: Communicator = (
+            DataParallel(process_group, fraction=decomposition_fraction, bucket_mb=bucket_mb) if data_parallel
+            else Communicator()
+        )
         self._names, groups = _named_groups(model, params)
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         first = next(iter(self._names))
-        self._generator = torch.Generator(device=first.device).manual_seed(seed)
+        self._generator = torch.Generator(device=first.device).manual_seed(seed + self._comm.rank)
         self.kfac_state: dict[str, Any] = {
             "step": torch.zeros((), dtype=torch.int64),
             "factors": None,  # MovingAverage of the Kronecker factors
@@ -229,15 +246,25 @@ class KFAC(torch.optim.Optimizer):
         n = len(targets)
         examples = max(1, math.ceil(self.stats_fraction * n)) if self.stats_fraction < 1 else None
         rng = self._generator.get_state()
+        comm = self._comm
+        loss, share = comm.shard_loss(self.loss, targets, examples or n)  # the global batch's R
         with torch.enable_grad():
             cap = capture(
-                self.model, params, inputs, targets, self.loss,
+                self.model, params, inputs, targets, loss,
                 fisher=self.fisher if factor_step or scale_step or coarse_step or fisher_forms else None,
                 mc_samples=self.mc_samples, generator=self._generator, stats_examples=examples,
             )
         reduce = default_reduce(plan) if self.reduce == "auto" else self.reduce
         batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if factor_step else None
-        if not self._finite((cap.loss, cap.grads, batch), step, rng):
+        if batch is not None:
+            batch = weight_inputs(batch, share)
+        # one bucketed all-reduce; lazy factors stay local (a NaN flag keeps the skip decision global)
+        flag = torch.where(all_finite(batch), 0.0, float("nan")) if self.lazy_factors and batch is not None else None
+        total_loss, grads, reduced = comm.sum((cap.loss.detach(), cap.grads, flag if self.lazy_factors else batch))
+        cap = cap._replace(loss=total_loss, grads=grads)
+        if not self.lazy_factors:
+            batch = reduced
+        if not self._finite((cap.loss, cap.grads, reduced), step, rng):
             return cap.loss.detach()
         new = dict(state)  # committed only once every batch quantity is known to be finite
         if batch is not None:
@@ -246,13 +273,13 @@ class KFAC(torch.optim.Optimizer):
         if refresh:
             self._refresh(new)
         if scale_step:
-            scale = ekfac_scaling(cap, new["eigen"])
+            scale = comm.sum(ekfac_scaling(cap, new["eigen"]))
             if not self._finite(scale, step, rng):
                 return cap.loss.detach()
             averages = init_average(scale) if refresh else new["scale"]
             new["scale"], _ = update_average(averages, scale, self.ema_decay, checked=True)
         if coarse_step:
-            coarse = coarse_matrix(cap, new["space"], self.coarse_mode)
+            coarse = self._coarse_matrix(cap, new["space"], share)
             if not self._finite(coarse, step, rng):
                 return cap.loss.detach()
             restart = new["coarse"] is None or (refresh and self.coarse_space == "spectral")
@@ -260,7 +287,8 @@ class KFAC(torch.optim.Optimizer):
                                               self.ema_decay, checked=True)
         factored = self.damping_mode == "factored"
         damping = float(new["damping"])
-        kwargs: dict[str, Any] = dict(layers=plan.layers, damping=None if factored else damping, mode=self.damping_mode)
+        held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: the layers this rank serves
+        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=self.damping_mode)
         factors = new["decomposition"]
         if self.method == "ekfac":
             factors = ekfac_factors(new["eigen"], averaged(new["scale"]))
@@ -270,19 +298,21 @@ class KFAC(torch.optim.Optimizer):
             matrix = averaged(new["coarse"]) if additive else coarse
             kwargs.update(
                 coarse=CoarseCorrection(new["space"], matrix), combination=self.combination,
-                capture=None if additive else cap, weights=self.coarse_weights,
+                capture=None if additive else cap, weights=self.coarse_weights, all_reduce=comm.sum,
             )
         l2 = self._l2  # the objective is L + ½ Σ η‖θ‖²: its gradient ∇ + ηθ enters the quadratic model
         objective = {n: g + l2[n] * params[n] if l2.get(n) else g for n, g in cap.grads.items()}
         if self.adaptive:
-            delta = precondition(params, objective, factors, **kwargs)
-            update, velocity, alpha, mu, forms = self._adaptive_update(delta, objective, params, inputs, targets, cap, plan, damping)
+            delta = comm.spread(precondition(params, objective, factors, **kwargs), plan.layers)
+            update, velocity, alpha, mu, forms = self._adaptive_update(
+                delta, objective, params, inputs, targets, cap, plan, damping, loss)
         else:
-            delta = precondition(params, cap.grads, factors, **kwargs)
+            delta = comm.spread(precondition(params, cap.grads, factors, **kwargs), plan.layers)
             update, velocity, alpha, mu, forms = self._fixed_update(delta, cap.grads)
         rho = float("nan")
         if adapt or self.reject_steps:
-            rho, worse = self._reduction_ratio(update, objective, params, inputs, targets, cap, plan, forms, float(cap.loss))
+            rho, worse = self._reduction_ratio(update, objective, params, inputs, targets, cap, plan, forms,
+                                               float(cap.loss), loss)
             lam = damping
             if adapt:
                 lam = levenberg_marquardt(damping, rho, factor=self.damping_factor, min_damping=self.damping_bounds[0],
@@ -292,11 +322,12 @@ class KFAC(torch.optim.Optimizer):
                 lam = max(lam, min(damping / self.damping_factor, self.damping_bounds[1]))
             new["damping"] = torch.tensor(lam, dtype=torch.float64)
             if factored and float(new["damping"]) != damping:
-                new["decomposition"] = inverse_factors(averaged(new["factors"]), float(new["damping"]), self.decomposition_dtype)
+                new["decomposition"] = self._inverses(new)
         self._commit(update, velocity, cap.grads)
         if isinstance(self.model, nn.Module):  # BatchNorm running statistics move once per step, with it
             for name, b in self.model.named_buffers():
                 b.copy_(cap.buffers[name])
+            comm.broadcast_buffers(self.model)
         new["step"] = state["step"] + 1
         self.kfac_state = new
         self.info = StepInfo(float(cap.loss), alpha, mu, float(new["damping"]), rho, update is None)
@@ -330,7 +361,7 @@ class KFAC(torch.optim.Optimizer):
                 update[name] = -group["lr"] * d
         return update, velocity, self.param_groups[0]["lr"] * scale, self.param_groups[0]["momentum"], None
 
-    def _adaptive_update(self, delta, grads, params, inputs, targets, cap, plan, damping):
+    def _adaptive_update(self, delta, grads, params, inputs, targets, cap, plan, damping, loss):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
         group's momentum when ``adaptive="lr"``)."""
         names = [self._names[p] for g in self.param_groups for p in g["params"]]
@@ -340,7 +371,7 @@ class KFAC(torch.optim.Optimizer):
             for n in params:
                 if n not in names:
                     d[n] = torch.zeros_like(params[n])
-        forms = self._quadratic_forms(directions, params, inputs, targets, cap, plan)
+        forms = self._quadratic_forms(directions, params, inputs, targets, cap, plan, loss)
         gram = torch.stack([torch.stack([sum((a[n] * b[n]).sum() for n in names) for b in directions]) for a in directions])
         b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
         fixed = {1: self.param_groups[0]["momentum"]} if self.adaptive == "lr" else None
@@ -349,23 +380,24 @@ class KFAC(torch.optim.Optimizer):
         update = {n: alpha * directions[0][n] + mu * directions[1][n] for n in names}
         return update, dict(update), alpha, mu, (forms, b, x)
 
-    def _quadratic_forms(self, directions, params, inputs, targets, cap, plan) -> Tensor:
+    def _quadratic_forms(self, directions, params, inputs, targets, cap, plan, loss) -> Tensor:
         """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
         with torch.enable_grad():
             if self.quadratic_curvature == "ggn":
-                forms = ggn_quadratic_forms(self.model, params, inputs, targets, self.loss, directions)
+                forms = ggn_quadratic_forms(self.model, params, inputs, targets, loss, directions)
             else:
                 forms = fisher_quadratic_forms(cap, directions, plan.layers)
+        forms = self._comm.sum(forms)
         l2 = self._l2
         reg = torch.stack([torch.stack([sum(l2.get(n, 0.0) * (a[n] * b[n]).sum() for n in params) for b in directions])
                            for a in directions])
         return (forms + reg.to(forms.dtype)).double()
 
-    def _reduction_ratio(self, update, grads, params, inputs, targets, cap, plan, forms, loss_before):
+    def _reduction_ratio(self, update, grads, params, inputs, targets, cap, plan, forms, loss_before, loss):
         """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher."""
         if forms is None:
             d = {n: update.get(n, torch.zeros_like(params[n])) for n in params}
-            quad = self._quadratic_forms([d], params, inputs, targets, cap, plan)[0, 0]
+            quad = self._quadratic_forms([d], params, inputs, targets, cap, plan, loss)[0, 0]
             change = 0.5 * quad + sum((grads[n] * d[n]).sum() for n in update)
         else:
             k, b, x = forms
@@ -373,7 +405,7 @@ class KFAC(torch.optim.Optimizer):
         moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
         l2 = self._l2
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
-        after = float(self.loss.value(as_function(self.model)(moved, inputs), targets) + penalty(moved))
+        after = float(self._comm.sum(loss.value(as_function(self.model)(moved, inputs), targets)) + penalty(moved))
         before = loss_before + float(penalty(params))
         return reduction_ratio(before, after, change), not after <= before
 
@@ -404,14 +436,34 @@ class KFAC(torch.optim.Optimizer):
         self._generator.set_state(rng)
         return False
 
+    def _factors(self, state: dict[str, Any]) -> dict:
+        """The averaged factors of the global batch (lazy factors: summed over ranks now)."""
+        factors = averaged(state["factors"])
+        return self._comm.sum(factors) if self.lazy_factors else factors
+
+    def _inverses(self, state: dict[str, Any]) -> dict:
+        """π-damped inverse factors at the current damping, each layer computed by its owner rank."""
+        compute = lambda f: inverse_factors(f, float(state["damping"]), self.decomposition_dtype)  # noqa: E731
+        return self._comm.decompose(self._factors(state), compute, InverseFactors)
+
+    def _coarse_matrix(self, cap, space, share: float) -> Tensor:
+        """The global batch's coarse matrix: the exact one is a sum over examples; the Kronecker surrogate
+        is the product of a mean (weighted by this rank's share of the examples) and a sum."""
+        if self.coarse_mode == "exact":
+            return self._comm.sum(coarse_matrix(cap, space, "exact"))
+        inputs, grads = kronecker_coarse_parts(cap, space)
+        inputs, grads = self._comm.sum((inputs * share, grads))
+        return inputs * grads
+
     def _refresh(self, state: dict[str, Any]) -> None:
         """New decompositions (and eigenbasis, coarse space) from the averaged factors."""
-        factors = averaged(state["factors"])
+        factors = self._factors(state)
         needs_eigen = self.damping_mode == "eigen" or self.method == "ekfac" or self.coarse_space == "spectral"
         if needs_eigen:
-            state["eigen"] = eigendecompose(factors, self.decomposition_dtype)
+            compute = lambda f: eigendecompose(f, self.decomposition_dtype)  # noqa: E731
+            state["eigen"] = self._comm.decompose(factors, compute, EigenFactors)
         if self.damping_mode == "factored":
-            state["decomposition"] = inverse_factors(factors, float(state["damping"]), self.decomposition_dtype)
+            state["decomposition"] = self._inverses(state)
         else:
             state["decomposition"] = state["eigen"]
         if self.method == "two_level":

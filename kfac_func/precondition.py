@@ -21,6 +21,9 @@ preconditioning, the documented fallback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -60,8 +63,11 @@ def precondition(
     combination: str = "additive",
     capture: Capture | None = None,
     weights: tuple[float, float] = (1.0, 1.0),
+    all_reduce: Callable[[Any], Any] | None = None,
 ) -> dict[str, Tensor]:
-    """The preconditioned gradient, a dict shaped like ``grads``."""
+    """The preconditioned gradient, a dict shaped like ``grads``. ``all_reduce`` sums a pytree over
+    data-parallel ranks (:meth:`kfac_func.distributed.Communicator.sum`): the curvature products of
+    ``adef2``/``bnn`` then cover the global batch."""
     if mode not in MODES:
         raise ValueError(f"unknown damping mode {mode!r}; expected one of {MODES}")
     if isinstance(damping, (int, float)) and damping < 0:
@@ -87,7 +93,8 @@ def precondition(
         lam = damping if damping is not None else next(iter(factors.values())).damping
         curvature = None
         if capture is not None:
-            curvature = lambda v: {k: cv + lam * v[k] for k, cv in curvature_product(capture, v).items()}  # noqa: E731
+            total = all_reduce or (lambda tree: tree)  # noqa: E731
+            curvature = lambda v: {k: cv + lam * v[k] for k, cv in total(curvature_product(capture, v)).items()}  # noqa: E731
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
     for name, spec in layers.items():

@@ -107,13 +107,22 @@ def coarse_matrix(cap: Capture, space: CoarseSpace, mode: str = "exact") -> Tens
         z = torch.cat([_per_example(cap, space, name) for name in space.UG], dim=-1)  # (V, N, K)
         z = z.reshape(-1, z.shape[-1])
         return z.T @ z
+    inputs, grads = kronecker_coarse_parts(cap, space)
+    return inputs * grads
+
+
+@full_precision
+def kronecker_coarse_parts(cap: Capture, space: CoarseSpace) -> tuple[Tensor, Tensor]:
+    """The two factors of the Kronecker surrogate, ``[u_Aᵢᵀ A_ij u_Aⱼ]`` (a mean over examples) and
+    ``[u_Gᵢᵀ G_ij u_Gⱼ]`` (a sum, carrying ``R``); the surrogate is their elementwise product."""
+    require_curvature(cap)
     alpha = torch.cat(
         [torch.einsum("nbi,jbi->nj", cap.a[name].mean(2), space.UA[name]) for name in space.UG], dim=-1
     )  # (N, K)
     gamma = torch.cat(
         [torch.einsum("vnbo,jbo->vnj", cap.g[name].sum(3), space.UG[name]) for name in space.UG], dim=-1
     ).reshape(-1, alpha.shape[-1])  # (V·N, K)
-    return (alpha.T @ alpha / alpha.shape[0]) * (gamma.T @ gamma)
+    return alpha.T @ alpha / alpha.shape[0], gamma.T @ gamma
 
 
 def _per_example(cap: Capture, space: CoarseSpace, name: str) -> Tensor:
