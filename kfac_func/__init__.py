@@ -1,5 +1,6 @@
 """kfac_func: K-FAC, E-KFAC and two-level K-FAC as functional transforms on ``torch.func``."""
 
+from . import distributed
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
 from .describe import Registration, describe
@@ -49,6 +50,7 @@ __all__ = [
     "curvature_product",
     "default_reduce",
     "describe",
+    "distributed",
     "eigendecompose",
     "ekfac_factors",
     "ekfac_scaling",

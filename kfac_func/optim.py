@@ -102,6 +102,12 @@ class KFAC(torch.optim.Optimizer):
     through ``jvp``) or ``"fisher"`` (the captured Fisher). ``damping_adaptation`` with
     ``damping_interval`` ``T₁``, factor ``damping_decay^T₁`` and ``damping_bounds``; ``reject_steps``.
 
+    Data-parallel (:mod:`kfac_func.distributed`): ``data_parallel=True`` (implied by a
+    ``DistributedDataParallel``-wrapped model, whose module is run functionally) over ``process_group``;
+    each rank passes its shard of the global batch to :meth:`step`. ``lazy_factors`` sums the factors'
+    moving averages only when they are read; ``decomposition_fraction`` (K-FAC only) is KAISA's share of
+    ranks holding each layer's decomposition; ``bucket_mb`` caps the all-reduce buckets.
+
     ``params``: for a module, ``None`` (all parameters that require grad), a list of its parameters or
     of parameter-group dicts; for a function, a dict ``name → leaf tensor`` or a list of group dicts whose
     ``"params"`` are such dicts. Parameters outside every group are held fixed.
@@ -441,10 +447,10 @@ class KFAC(torch.optim.Optimizer):
         factors = averaged(state["factors"])
         return self._comm.sum(factors) if self.lazy_factors else factors
 
-    def _inverses(self, state: dict[str, Any]) -> dict:
+    def _inverses(self, state: dict[str, Any], factors: dict | None = None) -> dict:
         """π-damped inverse factors at the current damping, each layer computed by its owner rank."""
         compute = lambda f: inverse_factors(f, float(state["damping"]), self.decomposition_dtype)  # noqa: E731
-        return self._comm.decompose(self._factors(state), compute, InverseFactors)
+        return self._comm.decompose(self._factors(state) if factors is None else factors, compute, InverseFactors)
 
     def _coarse_matrix(self, cap, space, share: float) -> Tensor:
         """The global batch's coarse matrix: the exact one is a sum over examples; the Kronecker surrogate
@@ -463,7 +469,7 @@ class KFAC(torch.optim.Optimizer):
             compute = lambda f: eigendecompose(f, self.decomposition_dtype)  # noqa: E731
             state["eigen"] = self._comm.decompose(factors, compute, EigenFactors)
         if self.damping_mode == "factored":
-            state["decomposition"] = self._inverses(state)
+            state["decomposition"] = self._inverses(state, factors)
         else:
             state["decomposition"] = state["eigen"]
         if self.method == "two_level":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -101,3 +102,10 @@ def test_two_processes_equal_one_process_on_the_global_batch():
         for rank, got in enumerate(ranks):
             for p in want:
                 torch.testing.assert_close(got[name][p], want[p], atol=1e-10, rtol=1e-8, msg=f"{name} rank {rank} {p}")
+
+
+def test_data_parallel_errors_are_clear():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        kf.KFAC(_model(), data_parallel=True)
+    with pytest.raises(ValueError, match="decomposition_fraction"):
+        kf.KFAC(_model(), method="ekfac", decomposition_fraction=0.5)
