@@ -127,7 +127,8 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callab
 
         return run
 
-    common = {"lr": 0.0, "inverse_period": PERIOD, "kl_clip": None, "damping": DAMPING}  # lr 0: same work, θ fixed
+    # lr 0: same work, θ fixed; expand factors like the peers (not the optimizer's reduce="auto")
+    common = {"lr": 0.0, "inverse_period": PERIOD, "kl_clip": None, "damping": DAMPING, "reduce": False}
     return {
         "curvature[mc]": curvature("mc"),
         "curvature[exact]": curvature("exact"),

@@ -192,7 +192,8 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         kf.kronecker_factors(kf.capture(model, params, x, y, "cross_entropy", fisher="mc", generator=gen))
 
     def kfac_period(**kw):
-        opt = kf.KFAC(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, **kw)
+        # expand factors (not the optimizer's reduce="auto"): the floor and the peers compute expand
+        opt = kf.KFAC(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, reduce=False, **kw)
         opt.step(x, y)  # builds the state; the timed period starts at a decomposition step
 
         def run():
