@@ -187,7 +187,7 @@ def parameter_grads(call: LayerCall, a: Tensor, g: Tensor, weight: Tensor, bias:
     if call.kind in NORMS:
         psi = _norm_grads(call, g.unsqueeze(0), a.to(dtype), bias)[0].sum(0)
         w = psi[: weight.numel()].reshape(weight.shape).to(weight.dtype)
-        return w, (psi[weight.numel() :].to(weight.dtype) if bias else None)
+        return w, (psi[weight.numel() :].reshape(weight.shape).to(weight.dtype) if bias else None)  # β shaped like γ
     if call.kind == EMBEDDING:
         rows = g.reshape(-1, g.shape[-1])
         idx = a.reshape(-1)
@@ -245,7 +245,7 @@ def split_weight_matrix(spec: LayerSpec, mat: Tensor, into: dict[str, Tensor]) -
         n_w = math.prod(shape)
         parts = {spec.weight: flat[:n_w].reshape(shape)}
         if spec.bias is not None:
-            parts[spec.bias] = flat[n_w:]
+            parts[spec.bias] = flat[n_w:].reshape(into[spec.bias].shape)
     elif spec.kind == EMBEDDING:
         parts = {spec.weight: mat[0].T}
     elif spec.bias is None:

@@ -133,7 +133,7 @@ def _substitute(params: dict[str, Tensor], layer: Layer):
             W, b = theta.reshape(w_shape[1], w_shape[0]).T, None
         elif layer.kind == "norm":
             k = math.prod(w_shape)
-            W, b = theta[:k].reshape(w_shape), (theta[k:] if layer.bias is not None else None)
+            W, b = theta[:k].reshape(w_shape), (theta[k:].reshape(w_shape) if layer.bias is not None else None)
         else:
             W, b = from_wbar(theta, torch.Size(w_shape), layer.bias is not None, layer.groups)
         p = dict(params)

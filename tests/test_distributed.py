@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def _functional_step(x, y, comm) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a bounded timeout: a rank that fails makes the others fail too instead of waiting 30 minutes
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     x, y = _data()
     shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
     results = {name: _train(_model(), cfg, x[shard], y[shard], data_parallel=True) for name, cfg in CONFIGS.items()}

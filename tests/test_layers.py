@@ -506,3 +506,40 @@ def test_resnet_and_transformer_train_with_the_optimizer():
         for _ in range(14):
             last = float(opt.step(x, y))
         assert last < 0.7 * first, (type(model).__name__, first, last)
+
+
+class WideNorms(nn.Module):
+    """LayerNorm over two trailing dims and GroupNorm / BatchNorm2d on images: ``γ``, ``β`` span several
+    input dims, and the per-example sums run over the others."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 2)
+        self.norm = {"layer": nn.LayerNorm((3, 3)), "group": nn.GroupNorm(2, 4), "batch": nn.BatchNorm2d(4)}[norm]
+        self.out = nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "batch"])
+def test_norm_parameters_spanning_several_dims_are_exact(norm):
+    torch.manual_seed(0)
+    model = WideNorms(norm).to(DT).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.normal_()
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=gen, dtype=DT)
+    y = make_target("cross_entropy", (3, 3), gen)
+    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+    layer = Layer("norm.weight", "norm.bias", kind="norm")
+    factors = kf.kronecker_factors(cap)
+    assert_close(_dense(factors, "norm"), ggn_block(model, params, x, y, "cross_entropy", "mean", layer))
+    _grads_match(cap, model, params, x, y, "cross_entropy")
+    plan = kf.trace(model, params, x)
+    delta = kf.precondition(params, cap.grads, factors, layers=plan.layers, damping=0.1)
+    assert delta["norm.bias"].shape == params["norm.bias"].shape
+    A, G = factors["norm"]
+    assert_close(layer_vector(delta, layer), dense_eigen_solve(A, G, layer_vector(cap.grads, layer), 0.1))
