@@ -1,6 +1,6 @@
 r"""``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls) rewritten batch-first out of
 ``F.linear`` and plain matmul/softmax attention, so that the capture sees its projections (and the
-batched backward over curvature vectors has batching rules for every op).
+backward over many curvature vectors, batched with ``vmap``, has batching rules for every op).
 
 torch's own implementation runs sequence-first and flattens ``(L·N, E)`` before the output projection,
 so the rows of a layer input would not be examples. This version transposes to ``(N, L, E)`` once and

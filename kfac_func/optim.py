@@ -3,7 +3,7 @@ r"""A thin ``torch.optim.Optimizer`` adapter that orders the pure stages.
 Each ``step(inputs, targets)``:
 
 1. :func:`~kfac_func.capture` — loss, gradients and, when this step needs them, the layer statistics
-   for ``fisher`` (one forward, one batched backward);
+   for ``fisher`` (one forward, one backward per cotangent);
 2. NaN/Inf in the loss, gradients or any curvature statistic → the step is skipped with a warning; no
    parameter or state tensor changes (new state is built aside and committed at the end);
 3. every ``factor_period`` steps, the moving average of the Kronecker factors (``ema_decay``,

@@ -4,6 +4,8 @@ a plain ``f(params, x)`` = the equivalent ``nn.Module``; >2-D outputs = flattene
 
 from __future__ import annotations
 
+import sys
+
 import optree
 import pytest
 import torch
@@ -297,3 +299,21 @@ def test_cross_entropy_positions_equal_flattened_batch(seed, n, t, c, reduction,
     assert_close(cp.loss, cb.loss)
     assert_trees_close(cp.grads, cb.grads)
     assert_trees_close(kf.kronecker_factors(cp), kf.kronecker_factors(cb))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the cotangents' backwards as a loop = as one vmap
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc", "empirical"])
+def test_looped_backward_equals_vmapped_backward(fisher, monkeypatch):
+    """Few cotangents run as a loop of vjps, many as one vmap (``LOOP_COTANGENTS``): the same capture."""
+    model = conv_net(0)
+    params = params_of(model)
+    x = torch.randn(4, 2, 4, 4, generator=gen(0), dtype=DT)
+    y = make_target("cross_entropy", (4, 3), gen(1))
+    looped = capture(model, params, x, y, "cross_entropy", "mean", fisher)
+    monkeypatch.setattr(sys.modules["kfac_func.capture"], "LOOP_COTANGENTS", 0)  # the function shadows the module
+    vmapped = capture(model, params, x, y, "cross_entropy", "mean", fisher)
+    optree.tree_map(lambda a, b: torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10), looped, vmapped)
