@@ -543,3 +543,34 @@ def test_norm_parameters_spanning_several_dims_are_exact(norm):
     assert delta["norm.bias"].shape == params["norm.bias"].shape
     A, G = factors["norm"]
     assert_close(layer_vector(delta, layer), dense_eigen_solve(A, G, layer_vector(cap.grads, layer), 0.1))
+
+
+class SDPABlock(nn.Module):
+    """A causal attention block written with ``Linear``s and ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int = 4, heads: int = 2):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        n, length, dim = x.shape
+        q, k, v = (t.reshape(n, length, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.transpose(1, 2).reshape(n, length, dim)).flatten(1)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "empirical"])
+def test_sdpa_block_written_with_linears_is_captured_exactly(fisher):
+    torch.manual_seed(0)
+    model = SDPABlock().to(DT)
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 4, generator=gen, dtype=DT), torch.randn(3, 20, generator=gen, dtype=DT)
+    plan = kf.trace(model, params, x)
+    assert set(plan.layers) == {"qkv", "out"} and not plan.untracked
+    cap = kf.capture(model, params, x, y, "mse", fisher=fisher)
+    block = ggn_block if fisher == "exact" else empirical_fisher_block
+    for name in plan.layers:
+        layer = Layer(f"{name}.weight", f"{name}.bias")
+        assert_close(captured_block(cap.a[name], cap.g[name]), block(model, params, x, y, "mse", "mean", layer))
+    _grads_match(cap, model, params, x, y, "mse")
