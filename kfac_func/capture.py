@@ -5,9 +5,10 @@ Layers are *found*, not declared: while the model runs, a :class:`~torch.overrid
 sees every call of ``F.linear``, ``torch.conv1d/2d/3d``, ``F.embedding`` and the norm layers
 (``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``) and recognises the weight (and bias) by tensor
 identity against the parameter pytree, or as a row slice of a parameter (``F.linear`` only: packed
-projections). ``F.multi_head_attention_forward`` is rerun batch-first (:mod:`kfac_func.attention`). In the capture pass it records the call's input and adds a zero
-"probe" tensor to its output; the vector-Jacobian product with respect to the probes is exactly the
-output gradient ``∂ℓ/∂s`` of every call — no hooks, one backward for all layers, and it composes with
+projections). ``F.multi_head_attention_forward`` is rerun batch-first (:mod:`kfac_func.attention`).
+In the capture pass the mode records each call's input and adds a zero "probe" tensor to its output;
+the vector-Jacobian product with respect to the probes is exactly the output gradient ``∂ℓ/∂s`` of
+every call — no hooks, one backward per cotangent for all layers, and it composes with
 ``torch.func`` (``vmap`` over an ensemble of parameter sets included).
 
 The backward runs for ``1 + V`` cotangents — the true-loss gradient and the ``V`` curvature vectors of
@@ -193,7 +194,8 @@ def _evaluate(func: Callable, args: tuple, kwargs: dict, bound: dict[str, Any], 
 
 def _row_slice(base: Tensor, t: Tensor) -> Rows | str:
     """The rows of ``base`` that the view ``t`` is, or ``"other"`` when ``t`` is some other view."""
-    if _storage(t) is None or t.dim() != base.dim() or t.dim() == 0 or t.shape[1:] != base.shape[1:] or t.stride() != base.stride():
+    same_rows = t.dim() == base.dim() > 0 and t.shape[1:] == base.shape[1:] and t.stride() == base.stride()
+    if _storage(t) is None or not same_rows:
         return "other"
     offset = t.storage_offset() - base.storage_offset()
     if offset % base.stride(0):
