@@ -3,7 +3,8 @@ process on the whole batch ends (float64, exact Fisher, so that no sampling diff
 and factored damping, the adaptive quadratic-model step with damping adaptation and rejected steps, lazy
 factor averaging, KAISA's split with half of the ranks holding each decomposition: one holder per layer
 on 2 ranks, two holders serving blocks of two on 4), E-KFAC and two-level K-FAC (exact and Kronecker
-coarse matrices), through a ``DistributedDataParallel``-wrapped module and through the functional API.
+coarse matrices), through a ``DistributedDataParallel``-wrapped module, a function model with explicit
+params, and the pure functions.
 
 The targets include ignored classes spread unevenly over the ranks, so the global ``R`` differs from
 each rank's own.
@@ -62,6 +63,20 @@ def _train(model, config: dict, x, y, **extra) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in inner.named_parameters()}
 
 
+def _function_model(x, y, **extra) -> dict[str, torch.Tensor]:
+    """``KFAC`` on ``f(params, x)`` written with ``torch.nn.functional`` and a dict of leaf tensors."""
+    params = {n: p.detach().clone().requires_grad_() for n, p in _model().named_parameters()}
+
+    def f(p, inputs):
+        h = torch.tanh(torch.conv2d(inputs, p["0.weight"], p["0.bias"], padding=1))
+        return torch.nn.functional.linear(h.flatten(1), p["3.weight"], p["3.bias"])
+
+    opt = kf.KFAC(f, params, **COMMON, **extra)
+    for _ in range(STEPS):
+        opt.step(x, y)
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
 def _functional_step(x, y, comm) -> dict[str, torch.Tensor]:
     """capture → factors → precondition with explicit params, summed over ranks by ``comm``."""
     model = _model()
@@ -82,6 +97,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     results = {name: _train(_model(), cfg, x[shard], y[shard], data_parallel=True) for name, cfg in CONFIGS.items()}
     results["ddp"] = _train(nn.parallel.DistributedDataParallel(_model()), {}, x[shard], y[shard])
     results["functional"] = _functional_step(x[shard], y[shard], DataParallel())
+    results["function model"] = _function_model(x[shard], y[shard], data_parallel=True)
     torch.save(results, f"{out}.{rank}")
     dist.barrier()  # no rank closes its connections while the other still reads
     # leave without running gloo's C++ teardown, which can abort ("terminate called without an active
@@ -95,6 +111,7 @@ def test_processes_equal_one_process_on_the_global_batch(world):
     expected = {name: _train(_model(), cfg, x, y) for name, cfg in CONFIGS.items()}
     expected["ddp"] = expected["kfac-eigen"]
     expected["functional"] = _functional_step(x, y, Communicator())
+    expected["function model"] = _function_model(x, y)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         mp.spawn(_worker, args=(world, f"file://{os.path.join(tmp, 'rendezvous')}", out), nprocs=world)
