@@ -52,6 +52,7 @@ def _run(rank: int, world: int, options: dict | None, steps: int, batch: int, th
          out: str | None) -> dict:
     torch.set_num_threads(threads)
     if options is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = mlp()

@@ -90,6 +90,7 @@ def _functional_step(x, y, comm) -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on the host name resolving
     # a bounded timeout: a rank that fails makes the others fail too instead of waiting 30 minutes
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     x, y = _data()
