@@ -77,6 +77,8 @@ def kronecker_factors(
     all layers, or per layer name; see :func:`default_reduce`). With ``layers`` (``trace(...).layers``),
     layers with a diagonal ``A`` (embeddings) keep it as a vector."""
     require_curvature(cap)
+    if isinstance(reduce, Mapping) and set(reduce) - set(cap.a):
+        raise ValueError(f"reduce names unknown layers {sorted(set(reduce) - set(cap.a))}; the layers are {sorted(cap.a)}")
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]

@@ -425,6 +425,8 @@ def test_reduce_per_layer_and_eschenhagen_defaults():
     assert torch.equal(mixed["3"].A, expanded["3"].A)
     with pytest.raises(ValueError, match="reduce"):
         kf.KFAC(pooled, reduce="sometimes")
+    with pytest.raises(ValueError, match=r"unknown layers \['conv'\]"):
+        kf.kronecker_factors(cap, reduce={"conv": True})
 
 
 def test_registration_tables_of_the_example_models():
