@@ -77,13 +77,14 @@ def kronecker_factors(
     all layers, or per layer name; see :func:`default_reduce`). With ``layers`` (``trace(...).layers``),
     layers with a diagonal ``A`` (embeddings) keep it as a vector."""
     require_curvature(cap)
-    if isinstance(reduce, Mapping) and set(reduce) - set(cap.a):
-        raise ValueError(f"reduce names unknown layers {sorted(set(reduce) - set(cap.a))}; the layers are {sorted(cap.a)}")
+    unknown = sorted(set(reduce) - set(cap.a)) if isinstance(reduce, Mapping) else []
+    if unknown:
+        raise ValueError(f"reduce names unknown layers {unknown}; the layers are {sorted(cap.a)}")
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]
         diagonal = layers is not None and layers[name].diagonal_a
-        gram_a = (lambda x: x.square().sum(tuple(range(x.dim() - 1))).unsqueeze(0)) if diagonal else (lambda x: _gram(x, 1))
+        gram_a = (lambda x: _gram(x, 1, diagonal=True)) if diagonal else (lambda x: _gram(x, 1))
         n, positions = a.shape[0], a.shape[2]
         if reduce.get(name, False) if isinstance(reduce, Mapping) else reduce:
             out[name] = KroneckerFactors(gram_a(a.mean(2)) / n, _gram(g.sum(3), 2))
@@ -99,11 +100,11 @@ def default_reduce(plan) -> dict[str, bool]:
     return {name: plan.output_dims <= 2 for name in plan.layers}
 
 
-def _gram(x: Tensor, block_dim: int) -> Tensor:
+def _gram(x: Tensor, block_dim: int, diagonal: bool = False) -> Tensor:
     """``Σ x xᵀ`` over every dim but ``block_dim`` and the last: ``(B, d, d)``, one matmul per block (a
-    view, no copy, when ``B = 1``)."""
+    view, no copy, when ``B = 1``); with ``diagonal`` only its diagonal ``(B, d)``."""
     rows = x.movedim(block_dim, 0).reshape(x.shape[block_dim], -1, x.shape[-1])
-    return rows.mT @ rows
+    return rows.square().sum(1) if diagonal else rows.mT @ rows
 
 
 @full_precision
