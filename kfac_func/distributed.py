@@ -73,7 +73,9 @@ class Communicator:
 
 class DataParallel(Communicator):
     """Collectives over ``group`` (default: the world), timed in :attr:`comm_seconds` and counted in
-    :attr:`comm_bytes` (bytes this rank sends into collectives)."""
+    :attr:`comm_bytes` (bytes this rank sends into collectives). The timing is wall time around each
+    call: transfers and waiting with gloo; with NCCL, whose collectives run asynchronously on the GPU
+    stream, only their launch."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, fraction: float = 1.0, bucket_mb: float = 25.0):
         if not dist.is_available() or not dist.is_initialized():
