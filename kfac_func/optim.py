@@ -478,6 +478,14 @@ class KFAC(torch.optim.Optimizer):
             elif state["space"] is None:
                 state["space"] = nicolaides_space(factors)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, so that ``copy.deepcopy`` and ``pickle`` keep the options and the K-FAC state
+        (``torch.optim.Optimizer`` keeps only ``defaults``, ``state`` and ``param_groups``)."""
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         out["kfac"] = {**self.kfac_state, "generator": self._generator.get_state()}

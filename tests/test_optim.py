@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -266,3 +267,21 @@ def test_method_options_are_validated():
         kf.KFAC(_mlp(), method="two_level", coarse_vectors=3)
     with pytest.raises(ValueError, match="combination"):
         kf.KFAC(_mlp(), method="two_level", combination="multiplicative")
+
+
+def test_deepcopy_and_pickle_continue_exactly():
+    """``copy.deepcopy`` / ``pickle`` of the model with its optimizer keep options and K-FAC state: the copy
+    continues exactly as the original (torch's Optimizer would keep only its param-group state)."""
+    model = _mlp()
+    opt = kf.KFAC(model, lr=0.1, damping_mode="factored")
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    opt.step(x, y)
+    copies = [copy.deepcopy({"model": model, "opt": opt}), pickle.loads(pickle.dumps({"model": model, "opt": opt}))]
+    for _ in range(3):
+        opt.step(x, y)
+        for c in copies:
+            c["opt"].step(x, y)
+    for c in copies:
+        assert c["opt"].model is c["model"]
+        for p, q in zip(model.parameters(), c["model"].parameters()):
+            assert torch.equal(p, q)
