@@ -214,40 +214,24 @@ def _fresh(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def curvlinops_kfac(model, x, y, fisher_type: str):
+def curvlinops_kfac(model, x, y, fisher_type: str, ekfac: bool = False):
+    """curvlinops' ``KFACLinearOperator`` factors, or with ``ekfac`` the ``EKFACLinearOperator`` factors
+    and eigenvalue correction."""
     try:
-        from curvlinops import KFACLinearOperator
+        from curvlinops import EKFACLinearOperator, KFACLinearOperator
     except Exception as err:
         raise Missing(reason(err)) from err
     m = _fresh(model)
     params = [p for p in m.parameters()]
 
     def run():
-        op = KFACLinearOperator(
+        op = (EKFACLinearOperator if ekfac else KFACLinearOperator)(
             m, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=fisher_type, kfac_approx="expand",
             separate_weight_and_bias=False, check_deterministic=False, num_data=len(x), num_per_example_loss_terms=1,
         )
         op.compute_kronecker_factors()
-        return op
-
-    return run
-
-
-def curvlinops_ekfac(model, x, y, fisher_type: str = "mc"):
-    try:
-        from curvlinops import EKFACLinearOperator
-    except Exception as err:
-        raise Missing(reason(err)) from err
-    m = _fresh(model)
-    params = [p for p in m.parameters()]
-
-    def run():
-        op = EKFACLinearOperator(
-            m, nn.CrossEntropyLoss(), params, [(x, y)], fisher_type=fisher_type, kfac_approx="expand",
-            separate_weight_and_bias=False, check_deterministic=False, num_data=len(x), num_per_example_loss_terms=1,
-        )
-        op.compute_kronecker_factors()
-        op.compute_eigenvalue_correction()
+        if ekfac:
+            op.compute_eigenvalue_correction()
         return op
 
     return run
@@ -324,7 +308,7 @@ PEERS: list[tuple[str, str, str, str, str, Callable, bool]] = [
     ("curvlinops KFAC[empirical]", "curvlinops", "KFACLinearOperator.compute_kronecker_factors", "empirical",
      "curvature[empirical]", lambda m, x, y: curvlinops_kfac(m, x, y, "empirical"), False),
     ("curvlinops EKFAC[mc]", "curvlinops", "EKFACLinearOperator: factors + eigh (f32) + eigenvalue correction", "mc",
-     "ekfac_factors[f32]", lambda m, x, y: curvlinops_ekfac(m, x, y, "mc"), False),
+     "ekfac_factors[f32]", lambda m, x, y: curvlinops_kfac(m, x, y, "mc", ekfac=True), False),
     ("backpack KFAC", "backpack", "forward + backward with extension KFAC(mc_samples=1)", "mc", "curvature[mc]",
      lambda m, x, y: backpack_ext(m, x, y, "kfac"), True),
     ("backpack KFLR", "backpack", "forward + backward with extension KFLR", "exact", "curvature[exact]",

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import bind_arguments
+
 _NAMES = (
     "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
     "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
@@ -35,10 +37,7 @@ _DEFAULTS = dict(training=True, key_padding_mask=None, need_weights=True, attn_m
 
 def bind(args: tuple, kwargs: dict) -> dict:
     """``F.multi_head_attention_forward``'s arguments by name."""
-    out = dict(_DEFAULTS)
-    out.update(zip(_NAMES, args))
-    out.update(kwargs)
-    return out
+    return bind_arguments(_NAMES, _DEFAULTS, args, kwargs)
 
 
 def unsupported(b: dict) -> str | None:

@@ -46,6 +46,7 @@ from .layers import (
     LayerCall,
     LayerSpec,
     Rows,
+    bind_arguments,
     conv_call,
     input_patches,
     output_grads,
@@ -145,11 +146,7 @@ def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[Te
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
-    names = _SIGNATURES[func]
-    bound = {n: _DEFAULTS.get(n) for n in names}
-    bound.update(zip(names, args))
-    bound.update(kwargs)
-    return bound
+    return bind_arguments(_SIGNATURES[func], _DEFAULTS, args, kwargs)
 
 
 def _layer_name(weight: str, rows: Rows) -> str:
@@ -215,26 +212,22 @@ def _storage(t: Tensor) -> int | None:
 class _LayerMode(TorchFunctionMode):
     """Dispatches tracked layer calls (weight a parameter, or a row slice of one) to :meth:`layer` and
     everything else to :meth:`other`; ``F.multi_head_attention_forward`` runs batch-first
-    (:mod:`kfac_func.attention`) with this mode active, so that its projections are seen. Views are
-    recognised by their storage (under ``torch.func`` transforms ``_base`` is not the parameter object)."""
+    (:mod:`kfac_func.attention`) with this mode active, so that its projections are seen. The trace
+    recognises views by their storage; the capture, where views under ``torch.func`` transforms cannot
+    be inspected, by the slicing calls the trace saw, in the same order."""
 
     def __init__(self, params: dict[str, Tensor]):
         super().__init__()
-        self.params = params
         self.names = {id(p): n for n, p in params.items()}
-        self.storages = {ptr: n for n, p in params.items() if (ptr := _storage(p)) is not None}
         self.views: dict[int, tuple[str, Rows | str]] = {}  # capture: slices registered in traced order
 
     def owner(self, t: Any) -> tuple[str, Rows | str] | None:
-        """``(parameter name, rows)`` when ``t`` is a parameter (``rows=None``) or a view of one."""
+        """``(parameter name, rows)`` when ``t`` is a parameter (``rows=None``) or a known view of one."""
         if not isinstance(t, Tensor):
             return None
         if id(t) in self.names:
             return self.names[id(t)], None
-        if id(t) in self.views:
-            return self.views[id(t)]
-        name = self.storages.get(_storage(t))
-        return None if name is None else (name, _row_slice(self.params[name], t))
+        return self.views.get(id(t))
 
     def slices(self, func, args) -> bool:
         """Whether this call slices a parameter directly (``w.chunk(3)``, ``w[:8]``, ...)."""
@@ -267,11 +260,21 @@ class _TraceMode(_LayerMode):
 
     def __init__(self, params: dict[str, Tensor]):
         super().__init__(params)
+        self.params = params
+        self.storages = {ptr: n for n, p in params.items() if (ptr := _storage(p)) is not None}
         self.calls: list[tuple[LayerCall, str, str | None, Rows]] = []
         self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self.batch: list[tuple[str, int]] = []
         self.other_uses: dict[str, str] = {}
         self.slicings: list[tuple[str, tuple[Rows, ...]]] = []
+
+    def owner(self, t: Any) -> tuple[str, Rows | str] | None:
+        """Also any view of a parameter, found by its storage."""
+        found = super().owner(t)
+        if found is not None or not isinstance(t, Tensor):
+            return found
+        name = self.storages.get(_storage(t))
+        return None if name is None else (name, _row_slice(self.params[name], t))
 
     def used(self, name: str, reason: str) -> None:
         self.other_uses.setdefault(name, reason)

@@ -79,6 +79,15 @@ class LayerCall:
     param_dims: tuple[int, ...] = ()  # norms: the input dims that γ and β span
 
 
+def bind_arguments(names: tuple[str, ...], defaults: dict, args: tuple, kwargs: dict) -> dict:
+    """A torch function's arguments by name: ``defaults``, then the positional ``args`` in the order of
+    ``names``, then ``kwargs``."""
+    bound = {n: defaults.get(n) for n in names}
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
 def _tuple(v: int | tuple[int, ...], d: int) -> tuple[int, ...]:
     return (int(v),) * d if isinstance(v, int) else tuple(int(x) for x in v)
 

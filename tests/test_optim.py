@@ -21,6 +21,14 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
 
 
+def _first_capture():
+    """A fresh MLP, its first batch, its parameters and the exact-Fisher capture of that batch."""
+    model = _mlp()
+    x, y = _batches(1)[0]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model, x, y, params, kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+
+
 def _batches(steps: int, n: int = 16, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for _ in range(steps)]
@@ -28,10 +36,7 @@ def _batches(steps: int, n: int = 16, seed: int = 0):
 
 def test_first_step_is_the_functional_composition():
     """One step with momentum 0, no KL clip: θ₁ = θ₀ − η · precondition(∇, eig(A, G)) exactly."""
-    model = _mlp()
-    x, y = _batches(1)[0]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+    model, x, y, params, cap = _first_capture()
     plan = kf.trace(model, params, x)
     eig = kf.eigendecompose(kf.kronecker_factors(cap))
     delta = kf.precondition(params, cap.grads, eig, layers=plan.layers, damping=0.1)
@@ -155,10 +160,7 @@ def test_kl_clip_with_zero_gradient_is_finite():
 
 def test_kl_clip_bounds_the_step():
     """KL clip κ: the applied step is ν η Δ with ν² η² Σ Δ·∇ = κ when the unclipped step is larger."""
-    model = _mlp()
-    x, y = _batches(1)[0]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+    model, x, y, params, cap = _first_capture()
     eig = kf.eigendecompose(kf.kronecker_factors(cap))
     delta = kf.precondition(params, cap.grads, eig, layers=kf.trace(model, params, x).layers, damping=1e-3)
     vg = sum(float((delta[n] * cap.grads[n]).sum()) for n in params)
@@ -217,10 +219,7 @@ def test_methods_resume_bit_identically(config):
 
 
 def test_ekfac_first_step_is_the_functional_composition():
-    model = _mlp()
-    x, y = _batches(1)[0]
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
+    model, x, y, params, cap = _first_capture()
     eigen = kf.eigendecompose(kf.kronecker_factors(cap))
     factors = kf.ekfac_factors(eigen, kf.ekfac_scaling(cap, eigen))
     delta = kf.precondition(params, cap.grads, factors, layers=kf.trace(model, params, x).layers, damping=0.1)

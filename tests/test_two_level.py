@@ -35,6 +35,9 @@ from oracles import (
 )
 
 SPACES = ["nicolaides", "spectral1", "spectral3", "random"]
+# the draws every Setup-based test shares
+SETUPS = dict(model_kind=st.sampled_from(["mlp", "cnn"]), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
+              kind=st.sampled_from(KINDS), fisher=st.sampled_from(["exact", "empirical", "mc"]))
 
 
 class CNN(nn.Module):
@@ -153,9 +156,7 @@ def surrogate_oracle(cap, space, names):
 # ----------------------------------------------------------------------------------------------------
 
 
-@given(model_kind=st.sampled_from(["mlp", "cnn"]), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
-       kind=st.sampled_from(KINDS), reduction=st.sampled_from(REDUCTIONS),
-       fisher=st.sampled_from(["exact", "empirical", "mc"]), which=st.sampled_from(SPACES))
+@given(**SETUPS, reduction=st.sampled_from(REDUCTIONS), which=st.sampled_from(SPACES))
 @settings(max_examples=budget(12))
 def test_exact_coarse_matrix_is_dense_R0_C_R0T(model_kind, seed, n, bias, kind, reduction, fisher, which):
     s = Setup(model_kind, seed, n, bias, kind, reduction, fisher)
@@ -203,9 +204,7 @@ def test_spaces_are_what_they_claim(model_kind):
 # ----------------------------------------------------------------------------------------------------
 
 
-@given(model_kind=st.sampled_from(["mlp", "cnn"]), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
-       kind=st.sampled_from(KINDS), reduction=st.sampled_from(REDUCTIONS),
-       fisher=st.sampled_from(["exact", "empirical", "mc"]), which=st.sampled_from(SPACES))
+@given(**SETUPS, reduction=st.sampled_from(REDUCTIONS), which=st.sampled_from(SPACES))
 @settings(max_examples=budget(10))
 def test_kronecker_coarse_matrix_is_the_surrogate(model_kind, seed, n, bias, kind, reduction, fisher, which):
     s = Setup(model_kind, seed, n, bias, kind, reduction, fisher)
@@ -238,9 +237,7 @@ def test_kronecker_surrogate_is_not_exact_on_a_nonlinear_net():
 # ----------------------------------------------------------------------------------------------------
 
 
-@given(model_kind=st.sampled_from(["mlp", "cnn"]), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
-       kind=st.sampled_from(KINDS), reduction=st.sampled_from(REDUCTIONS),
-       fisher=st.sampled_from(["exact", "empirical", "mc"]))
+@given(**SETUPS, reduction=st.sampled_from(REDUCTIONS))
 @settings(max_examples=budget(10))
 def test_curvature_product_is_dense_C_v(model_kind, seed, n, bias, kind, reduction, fisher):
     s = Setup(model_kind, seed, n, bias, kind, reduction, fisher)
@@ -274,9 +271,7 @@ def dense_combination(s, R0, M, damping, combination, weights=(1.0, 1.0), ekfac=
     return ((I - Q @ Ct) @ P_inv @ (I - Ct @ Q) + Q) @ g
 
 
-@given(model_kind=st.sampled_from(["mlp", "cnn"]), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
-       kind=st.sampled_from(KINDS), fisher=st.sampled_from(["exact", "empirical", "mc"]),
-       which=st.sampled_from(SPACES), coarse_mode=st.sampled_from(["exact", "kronecker"]),
+@given(**SETUPS, which=st.sampled_from(SPACES), coarse_mode=st.sampled_from(["exact", "kronecker"]),
        combination=st.sampled_from(["additive", "adef2", "bnn"]), damping=st.sampled_from([1e-2, 0.1, 1.0]),
        weights=st.sampled_from([(1.0, 1.0), (0.5, 2.0), (1.0, 0.0), (0.0, 1.0)]),
        method=st.sampled_from([None, "two_level"]), fine=st.sampled_from(["kronecker", "eigen", "ekfac"]))
