@@ -56,8 +56,8 @@ from .losses import Loss, as_loss, cotangents
 
 Model = nn.Module | Callable[[dict[str, Tensor], Any], Tensor]
 # up to this many backward cotangents (1 + V) run as a loop of vjps, more as one vmap: batched conv and
-# pooling backwards copy their saved tensors per cotangent (exact-Fisher CNN capture: 221 ms looped
-# against 299 ms vmapped, batch 128 on 2 CPU threads; an MLP is equal either way)
+# pooling backwards copy their saved tensors per cotangent (benchmarks/bench_peers.py, CNN exact Fisher:
+# 299 ms vmapped, 242 ms looped)
 LOOP_COTANGENTS = 32
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
