@@ -180,7 +180,7 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     model = make()
     floor = Floor(model, x, y)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    gen = torch.Generator().manual_seed(0)
+    key = kf.random.key(0)
     sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
     def grad_step():
@@ -189,7 +189,7 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         sgd.step()
 
     def curvature():
-        kf.kronecker_factors(kf.capture(model, params, x, y, "cross_entropy", fisher="mc", generator=gen))
+        kf.kronecker_factors(kf.capture(model, params, x, y, "cross_entropy", fisher="mc", key=key))
 
     def kfac_period(**kw):
         # expand factors (not the optimizer's reduce="auto"): the floor and the peers compute expand

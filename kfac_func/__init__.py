@@ -1,6 +1,6 @@
 """kfac_func: K-FAC, E-KFAC and two-level K-FAC as functional transforms on ``torch.func``."""
 
-from . import distributed
+from . import distributed, random, tree
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
 from .describe import Registration, describe
@@ -17,6 +17,7 @@ from .factors import (
 from .layers import LayerSpec
 from .losses import Loss
 from .optim import EKFAC, KFAC
+from .optimizer import Hyper, KFACState, Optimizer, Schedule, StepInfo, kfac
 from .precondition import precondition
 from .two_level import (
     CoarseCorrection,
@@ -32,16 +33,21 @@ __all__ = [
     "CoarseCorrection",
     "CoarseSpace",
     "EigenFactors",
+    "Hyper",
     "EKFAC",
     "EKFACFactors",
     "InverseFactors",
     "KFAC",
+    "KFACState",
     "KroneckerFactors",
     "LayerSpec",
     "Loss",
     "MovingAverage",
+    "Optimizer",
     "Plan",
     "Registration",
+    "Schedule",
+    "StepInfo",
     "all_finite",
     "as_function",
     "averaged",
@@ -56,10 +62,13 @@ __all__ = [
     "ekfac_scaling",
     "init_average",
     "inverse_factors",
+    "kfac",
     "kronecker_factors",
     "nicolaides_space",
     "precondition",
+    "random",
     "spectral_space",
     "trace",
+    "tree",
     "update_average",
 ]

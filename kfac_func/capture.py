@@ -4,7 +4,7 @@ gradients and every tracked layer's inputs ``a`` and output gradients ``g``.
 Layers are *found*, not declared: while the model runs, a :class:`~torch.overrides.TorchFunctionMode`
 sees every call of ``F.linear``, ``torch.conv1d/2d/3d``, ``F.embedding`` and the norm layers
 (``F.layer_norm``, ``F.group_norm``, ``F.batch_norm``) and recognises the weight (and bias) by tensor
-identity against the parameter pytree, or as a row slice of a parameter (``F.linear`` only: packed
+identity against the parameters, or as a row slice of a parameter (``F.linear`` only: packed
 projections). ``F.multi_head_attention_forward`` is rerun batch-first (:mod:`kfac_func.attention`).
 In the capture pass the mode records each call's input and adds a zero "probe" tensor to its output;
 the vector-Jacobian product with respect to the probes is exactly the output gradient ``∂ℓ/∂s`` of
@@ -23,6 +23,9 @@ reported with their reason in :attr:`Plan.reasons` (:func:`kfac_func.describe` p
 
 A weight used by several calls (weight sharing, tied layers of the same kind) is one layer whose
 positions are the positions of all its calls (the *expand* rule: ``S`` counts every call).
+
+``params`` may be any pytree of tensors (:mod:`kfac_func.tree`): parameters, layers and errors are named
+by the leaves' paths, a function model gets the caller's structure back and ``Capture.grads`` has it.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ from .layers import (
     parameter_grads,
 )
 from .losses import Loss, as_loss, cotangents
+from .tree import PyTree, Spec, flatten, require_names
 
-Model = nn.Module | Callable[[dict[str, Tensor], Any], Tensor]
+Model = nn.Module | Callable[[PyTree, Any], Tensor]
 # up to this many backward cotangents (1 + V) run as a loop of vjps, more as one vmap: batched conv and
 # pooling backwards copy their saved tensors per cotangent (benchmarks/bench_peers.py, CNN exact Fisher:
 # 299 ms vmapped, 242 ms looped)
@@ -104,7 +108,7 @@ class Capture(NamedTuple):
     """What one capture pass returns (tensors only, so it can leave a ``vmap``).
 
     * ``loss``: the loss as torch computes it;
-    * ``grads``: ``∂loss/∂params`` for every parameter, keyed like ``params``;
+    * ``grads``: ``∂loss/∂params`` for every parameter, a pytree shaped like ``params``;
     * ``a``: per layer, homogeneous inputs ``(N, B, S, d_a)``;
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
       the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``.
@@ -115,7 +119,7 @@ class Capture(NamedTuple):
     """
 
     loss: Tensor
-    grads: dict[str, Tensor]
+    grads: PyTree
     a: dict[str, Tensor]
     g: dict[str, Tensor]
     buffers: dict[str, Tensor] = {}
@@ -127,14 +131,23 @@ def require_curvature(cap: Capture) -> None:
         raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
 
 
-def as_function(model: Model) -> Callable[[dict[str, Tensor], Any], Tensor]:
-    """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))``, run on copies of
-    its buffers: a pure function that never changes the module (see :func:`module_call`)."""
+def as_function(model: Model) -> Callable[[PyTree, Any], Tensor]:
+    """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))`` (``params`` any
+    pytree whose path names are the module's), run on copies of its buffers: a pure function that never
+    changes the module (see :func:`module_call`)."""
     if isinstance(model, nn.Module):
-        return lambda params, x: module_call(model, params, x)[0]
+        return lambda params, x: module_call(model, flatten(params)[0], x)[0]
     if not callable(model):
         raise TypeError(f"model must be an nn.Module or a function f(params, x), got {type(model).__name__}")
     return model
+
+
+def flat_call(model: Model, spec: Spec, flat: dict[str, Tensor], x: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(output, buffers after the call)`` of ``model`` on the flat parameters ``flat`` of structure
+    ``spec``: a module through :func:`module_call`, a function on ``spec.unflatten(flat)`` (no buffers)."""
+    if isinstance(model, nn.Module):
+        return module_call(model, flat, x)
+    return as_function(model)(spec.unflatten(flat), x), {}
 
 
 def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -342,11 +355,13 @@ def _signature(params: dict[str, Tensor], inputs: Any) -> tuple:
     return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), autocast
 
 
-def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
+def trace(model: Model, params: PyTree, inputs: Any) -> Plan:
     """Run ``model`` once (no grad, on copies of its buffers) to find its tracked layers; cached per model
     and input signature."""
-    if not isinstance(params, dict) or not all(isinstance(p, Tensor) for p in params.values()):
-        raise TypeError("params must be a dict mapping parameter names to tensors")
+    return _trace(model, *flatten(params), inputs)
+
+
+def _trace(model: Model, params: dict[str, Tensor], spec: Spec, inputs: Any) -> Plan:
     key = _signature(params, inputs)
     try:
         cache = _PLANS.setdefault(model, {})
@@ -356,7 +371,7 @@ def trace(model: Model, params: dict[str, Tensor], inputs: Any) -> Plan:
         return cache[key]
     mode = _TraceMode(params)
     with torch.no_grad(), mode:
-        out = as_function(model)(params, inputs)
+        out = flat_call(model, spec, params, inputs)[0]
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return one tensor (the loss's input), got {type(out).__name__}")
     plan = _make_plan(params, mode, out.dim())
@@ -450,27 +465,32 @@ class _CaptureMode(_LayerMode):
 
 def capture(
     model: Model,
-    params: dict[str, Tensor],
+    params: PyTree,
     inputs: Any,
     targets: Tensor,
     loss: Loss | str,
     *,
     fisher: str | None = "mc",
     mc_samples: int = 1,
-    generator: torch.Generator | None = None,
+    key: Tensor | None = None,
     stats_examples: int | None = None,
+    plan: Plan | None = None,
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and the backwards of its cotangents.
 
-    ``model`` is an ``nn.Module`` (run through ``functional_call``) or ``f(params, inputs)``; ``fisher``
-    is ``"mc"`` (``mc_samples`` targets drawn with ``generator``), ``"exact"``, ``"empirical"`` or
-    ``None`` (gradients only). ``stats_examples``: keep ``(a, g)`` of the first rows only, a cheaper
-    estimate of the same curvature (``g`` is rescaled by ``√(N/m)``); gradients always use the whole
-    batch. Pure: no input is modified.
+    ``model`` is an ``nn.Module`` (run through ``functional_call``) or ``f(params, inputs)``, ``params``
+    any pytree of tensors; ``fisher`` is ``"mc"`` (``mc_samples`` targets drawn with the random ``key``
+    tensor), ``"exact"``, ``"empirical"`` or ``None`` (gradients only). ``stats_examples``: keep
+    ``(a, g)`` of the first rows only, a cheaper estimate of the same curvature (``g`` is rescaled by
+    ``√(N/m)``); gradients always use the whole batch. ``plan``: the model's :func:`trace` on these
+    parameters, when already at hand. Pure: no input is modified.
     """
     loss = as_loss(loss)
-    plan = trace(model, params, inputs)
-    f = as_function(model)
+    params, structure = flatten(params)
+    if plan is None:
+        plan = _trace(model, params, structure, inputs)
+    else:
+        require_names(plan.tracked + plan.untracked, structure.names, "the plan")
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
     probes = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in plan.probes)
@@ -479,13 +499,13 @@ def capture(
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}
         mode = _CaptureMode(plan, tracked, probes)
         with mode:
-            out, buffers = module_call(model, merged, inputs) if isinstance(model, nn.Module) else (f(merged, inputs), {})
+            out, buffers = flat_call(model, structure, merged, inputs)
         if len(mode.inputs) != len(plan.calls):
             raise RuntimeError(f"the model made {len(mode.inputs)} tracked layer calls, traced {len(plan.calls)}")
         return out, (tuple(mode.inputs), buffers)
 
     out, vjp_fn, (inputs_seen, buffers) = vjp(forward, free, probes, has_aux=True)
-    value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, generator)
+    value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, key)
     if curv_ct is None or fisher == "empirical":
         free_grads, probe_grads = vjp_fn(true_ct)
         probe_grads = tuple(p.unsqueeze(0) for p in probe_grads)
@@ -520,11 +540,11 @@ def capture(
         a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     if fisher is None:
-        return Capture(value, {n: grads[n] for n in params}, {}, {}, buffers)
+        return Capture(value, structure.unflatten(grads), {}, {}, buffers)
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
     return Capture(
         value,
-        {n: grads[n] for n in params},
+        structure.unflatten(grads),
         {name: cat(parts, 2) for name, parts in a.items()},
         {name: cat(parts, 3) for name, parts in g.items()},
         buffers,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from torch import Tensor, nn
+from torch import nn
 
 from .capture import Model, trace
 from .layers import NORMS, weight_matrix
+from .tree import PyTree, flatten
 
 
 class Entry(NamedTuple):
@@ -24,7 +25,8 @@ class Entry(NamedTuple):
 
 
 class Registration(NamedTuple):
-    """Every parameter of a model, in the order of the parameter dict; ``str()`` gives the table."""
+    """Every parameter of a model, in the order of its flattened parameters (:mod:`kfac_func.tree`);
+    ``str()`` gives the table."""
 
     entries: tuple[Entry, ...]
 
@@ -46,13 +48,15 @@ class Registration(NamedTuple):
         return "\n".join(lines)
 
 
-def describe(model: Model, inputs: Any, params: dict[str, Tensor] | None = None) -> Registration:
-    """The registration table of ``model`` on ``inputs`` (``params`` default to a module's parameters)."""
+def describe(model: Model, inputs: Any, params: PyTree | None = None) -> Registration:
+    """The registration table of ``model`` on ``inputs`` (``params``, any pytree, default to a module's
+    parameters); parameters are named by their paths."""
     if params is None:
         if not isinstance(model, nn.Module):
             raise TypeError("describe(f, inputs) of a function model needs params")
         params = {n: p.detach() for n, p in model.named_parameters()}
     plan = trace(model, params, inputs)
+    params = flatten(params)[0]
     owner = {}
     for name, spec in plan.layers.items():
         blocks, d_g, d_a = weight_matrix(spec, params[spec.weight], params[spec.bias] if spec.bias else None).shape

@@ -139,7 +139,7 @@ class DataParallel(Communicator):
         return optree.tree_unflatten(spec, out)
 
     def shard_loss(self, loss: Loss, targets: Tensor, examples: int) -> tuple[Loss, float]:
-        counts = torch.stack([loss.terms(targets).to(torch.float64), torch.tensor(float(examples), dtype=torch.float64)])
+        counts = torch.tensor([float(loss.terms(targets)), float(examples)], dtype=torch.float64)
         terms, total = self.sum(counts.to(targets.device)).tolist()
         scale = 1.0 / terms if loss.reduction == "mean" else 1.0
         return dataclasses.replace(loss, reduction_scale=scale), examples / total

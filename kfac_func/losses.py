@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import random
+
 FISHER_TYPES = ("mc", "exact", "empirical")
 _KINDS = ("cross_entropy", "mse", "bce_with_logits")
 
@@ -62,13 +64,13 @@ class Loss:
             value = F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
         return value if self.reduction_scale is None else self.reduction_scale * value
 
-    def terms(self, target: Tensor) -> Tensor:
-        """How many terms a mean runs over: targets ``≠ ignore_index`` for class indices, positions for
-        class probabilities, elements for MSE and BCE."""
+    def terms(self, target: Tensor) -> Tensor | int:
+        """How many terms a mean runs over: targets ``≠ ignore_index`` for class indices (a tensor),
+        positions for class probabilities, elements for MSE and BCE (ints: known from the shape)."""
         if self.kind == "cross_entropy" and not target.is_floating_point():
             return (target != self.ignore_index).sum()
         per_term = target.shape[1] if self.kind == "cross_entropy" else 1
-        return torch.tensor(target.numel() // per_term, device=target.device)
+        return target.numel() // per_term
 
     def scale(self, out: Tensor, target: Tensor) -> Tensor | float:
         """The reduction scale ``R``: ``reduction_scale`` if set, else ``1/terms`` (mean) or ``1`` (sum)."""
@@ -76,9 +78,8 @@ class Loss:
             return self.reduction_scale
         if self.reduction == "sum":
             return 1.0
-        if self.kind == "cross_entropy" and not target.is_floating_point():
-            return 1.0 / self.terms(target).to(out.dtype)
-        return 1.0 / int(self.terms(target))
+        terms = self.terms(target)
+        return 1.0 / (terms.to(out.dtype) if isinstance(terms, Tensor) else terms)
 
     def grad(self, out: Tensor, target: Tensor) -> Tensor:
         """``∂(Σₙ ℓₙ)/∂out`` at the true targets (no reduction scale)."""
@@ -94,19 +95,18 @@ class Loss:
         onehot = F.one_hot(torch.where(mask, target, 0), p.shape[-1]).to(p.dtype)
         return _class_second((p - onehot) * mask.unsqueeze(-1))
 
-    def sampled_grads(self, out: Tensor, target: Tensor, samples: int, generator: torch.Generator | None) -> Tensor:
-        """``(M, *out.shape)``: ``∂ℓₙ/∂out`` at targets sampled from the predictive distribution."""
+    def sampled_grads(self, out: Tensor, target: Tensor, samples: int, key: Tensor) -> Tensor:
+        """``(M, *out.shape)``: ``∂ℓₙ/∂out`` at targets sampled from the predictive distribution with the
+        random ``key`` (:mod:`kfac_func.random`)."""
         shape = (samples,) + tuple(out.shape)
         if self.kind == "mse":
-            noise = torch.randn(shape, generator=generator, dtype=out.dtype, device=out.device)
-            return -(2**0.5) * noise
+            return -(2**0.5) * random.normal(key, shape, out.dtype)
         if self.kind == "bce_with_logits":
             p = torch.sigmoid(out)
-            return p - torch.bernoulli(_finite_probs(p).expand(shape), generator=generator)
+            return p - random.bernoulli(key, _finite_probs(p).expand(shape))
         p = _class_last(out).softmax(-1)
-        flat = p.reshape(-1, p.shape[-1])
-        idx = torch.multinomial(_finite_probs(flat), samples, replacement=True, generator=generator).T
-        onehot = F.one_hot(idx.reshape((samples,) + p.shape[:-1]), p.shape[-1]).to(p.dtype)
+        idx = random.categorical(key, _finite_probs(p), samples)
+        onehot = F.one_hot(idx, p.shape[-1]).to(p.dtype)
         return _class_second((p - onehot) * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1), batch_dims=2)
 
     def hessian_sqrt(self, out: Tensor, target: Tensor) -> Tensor:
@@ -161,10 +161,11 @@ def cotangents(
     target: Tensor,
     fisher: str | None,
     samples: int = 1,
-    generator: torch.Generator | None = None,
+    key: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | float]:
     """Loss value, ``∂L/∂out``, the curvature vectors ``(V, *out.shape)`` (None if ``fisher`` is None)
-    and the scale ``R``. For ``"empirical"`` the vectors are ``∂L/∂out / √R`` (no extra work)."""
+    and the scale ``R``. For ``"empirical"`` the vectors are ``∂L/∂out / √R`` (no extra work). ``"mc"``
+    samples with ``key`` (:mod:`kfac_func.random`); without one, a key is drawn from torch's global RNG."""
     if fisher is not None and fisher not in FISHER_TYPES:
         raise ValueError(f"unknown Fisher type {fisher!r}; expected one of {FISHER_TYPES}")
     if samples < 1:
@@ -179,7 +180,7 @@ def cotangents(
     elif fisher == "exact":
         curv = scale**0.5 * loss.hessian_sqrt(out, target)
     else:
-        curv = (scale / samples) ** 0.5 * loss.sampled_grads(out, target, samples, generator)
+        curv = (scale / samples) ** 0.5 * loss.sampled_grads(out, target, samples, random.draw_key() if key is None else key)
     return value, true_grad, curv, scale
 
 

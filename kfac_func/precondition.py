@@ -16,7 +16,8 @@ For each tracked layer, with ``Γ = ∇W̄`` as ``(B, d_g, d_a)``:
 ``coarse`` correction the layerwise solve above is ``P⁻¹`` of :mod:`kfac_func.two_level`, combined by
 ``combination``; ``adef2`` and ``bnn`` also need ``capture`` (the batch whose curvature ``C`` enters
 ``C̃ = C + λI``). Untracked parameters (those of no layer) are passed through unchanged: identity
-preconditioning, the documented fallback.
+preconditioning, the documented fallback. ``params`` and ``grads`` are pytrees (:mod:`kfac_func.tree`)
+with the same leaf names; the result has ``grads``' structure.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .factors import (
     transposed,
 )
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
+from .tree import PyTree, flatten, require_names
 from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
 MODES = ("eigen", "factored")
@@ -50,8 +52,8 @@ Factors = KroneckerFactors | EigenFactors | InverseFactors | EKFACFactors
 
 @full_precision
 def precondition(
-    params: dict[str, Tensor],
-    grads: dict[str, Tensor],
+    params: PyTree,
+    grads: PyTree,
     factors: dict[str, Factors],
     *,
     layers: dict[str, LayerSpec],
@@ -64,8 +66,8 @@ def precondition(
     capture: Capture | None = None,
     weights: tuple[float, float] = (1.0, 1.0),
     all_reduce: Callable[[Any], Any] | None = None,
-) -> dict[str, Tensor]:
-    """The preconditioned gradient, a dict shaped like ``grads``. ``all_reduce`` sums a pytree over
+) -> PyTree:
+    """The preconditioned gradient, a pytree shaped like ``grads``. ``all_reduce`` sums a pytree over
     data-parallel ranks (:meth:`kfac_func.distributed.Communicator.sum`): the curvature products of
     ``adef2``/``bnn`` then cover the global batch."""
     if mode not in MODES:
@@ -73,7 +75,8 @@ def precondition(
     if isinstance(damping, (int, float)) and damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
     _check_method(method, factors, coarse)
-    _check_grads(params, grads)
+    grads, spec = flatten(grads)
+    _check_grads(flatten(params)[0], grads)
     missing = sorted(set(layers) - set(factors))
     if missing:
         raise ValueError(f"no factors for layers {missing}; have {sorted(factors)}")
@@ -97,9 +100,9 @@ def precondition(
             curvature = lambda v: {k: cv + lam * v[k] for k, cv in total(curvature_product(capture, v)).items()}  # noqa: E731
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
-    for name, spec in layers.items():
-        out.update(split_weight_matrix(spec, delta[name], out))
-    return out
+    for name, layer in layers.items():
+        out.update(split_weight_matrix(layer, delta[name], out))
+    return spec.unflatten(out)
 
 
 def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, mode: str, dtype: torch.dtype) -> Tensor:
@@ -146,9 +149,7 @@ def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: s
 
 
 def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
-    if set(grads) != set(params):
-        missing, extra = sorted(set(params) - set(grads)), sorted(set(grads) - set(params))
-        raise ValueError(f"grads and params must have the same names; missing {missing}, unexpected {extra}")
+    require_names(grads, params, "grads")
     for n, g in grads.items():
         p = params[n]
         if g.shape != p.shape or g.dtype != p.dtype:

@@ -21,12 +21,11 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
-from .capture import Capture, Model, as_function
+from .capture import Capture, Model, flat_call
 from .factors import full_precision
 from .layers import LayerSpec, weight_matrix
 from .losses import Loss, as_loss
-
-Tree = dict[str, Tensor]
+from .tree import PyTree, flatten
 
 
 def output_hessian_product(loss: Loss, out: Tensor, target: Tensor, u: Tensor) -> Tensor:
@@ -43,23 +42,26 @@ def output_hessian_product(loss: Loss, out: Tensor, target: Tensor, u: Tensor) -
 
 
 def ggn_vector_product(
-    model: Model, params: Tree, inputs: Any, targets: Tensor, loss: Loss | str, v: Tree
-) -> Tree:
-    """``C v`` for the exact GGN (= type-2 Fisher) of the batch loss, every parameter included."""
+    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, v: PyTree
+) -> PyTree:
+    """``C v`` for the exact GGN (= type-2 Fisher) of the batch loss, every parameter included; ``v`` has
+    the parameters' names, the result their structure."""
     loss = as_loss(loss)
-    f = as_function(model)
-    out, jv = jvp(lambda p: f(p, inputs), (params,), (v,))
-    _, pullback = vjp(lambda p: f(p, inputs), params)
-    return pullback(output_hessian_product(loss, out.detach(), targets, jv))[0]
+    flat, spec = flatten(params)
+    f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
+    out, jv = jvp(f, (flat,), (spec.like(v, "v"),))
+    _, pullback = vjp(f, flat)
+    return spec.unflatten(pullback(output_hessian_product(loss, out.detach(), targets, jv))[0])
 
 
 def ggn_quadratic_forms(
-    model: Model, params: Tree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[Tree]
+    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree]
 ) -> Tensor:
     """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` per direction, no backward."""
     loss = as_loss(loss)
-    f = as_function(model)
-    outs = [jvp(lambda p: f(p, inputs), (params,), (d,)) for d in directions]
+    flat, spec = flatten(params)
+    f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
+    outs = [jvp(f, (flat,), (spec.like(d, "each direction"),)) for d in directions]
     out = outs[0][0].detach()
     jds = [jd for _, jd in outs]
     return torch.stack([
@@ -68,11 +70,11 @@ def ggn_quadratic_forms(
 
 
 @full_precision
-def fisher_quadratic_forms(cap: Capture, directions: list[Tree], layers: dict[str, LayerSpec]) -> Tensor:
+def fisher_quadratic_forms(cap: Capture, directions: list[PyTree], layers: dict[str, LayerSpec]) -> Tensor:
     """``[dᵢᵀ C dⱼ]`` for the captured curvature (MC, exact or empirical) from ``(a, g)``; ``directions``
     are parameter pytrees, of which only the tracked layers' parts enter (``C`` covers those)."""
     dots = []
-    for d in directions:
+    for d in map(lambda tree: flatten(tree)[0], directions):
         per = 0
         for name, spec in layers.items():
             w = weight_matrix(spec, d[spec.weight], d[spec.bias] if spec.bias else None)
@@ -84,55 +86,53 @@ def fisher_quadratic_forms(cap: Capture, directions: list[Tree], layers: dict[st
 
 @full_precision
 def solve_quadratic_model(
-    curvature: Tensor, gram: Tensor, grad_dots: Tensor, damping: float, fixed: dict[int, float] | None = None
+    curvature: Tensor, gram: Tensor, grad_dots: Tensor, damping: float | Tensor, fixed: dict[int, float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Minimise ``M(x) = ½ xᵀ(K + (λ)G)x + bᵀx`` over the free coefficients.
 
     ``curvature`` ``K = [dᵢᵀ C dⱼ]``, ``gram`` ``G = [dᵢᵀ dⱼ]``, ``grad_dots`` ``b = [∇ᵀdᵢ]`` (include the
     L2 term in ``C``/``∇`` and ``λ + η`` in ``damping`` as wanted); ``fixed`` maps indices to values
     held fixed (e.g. a fixed momentum). Returns ``x`` and the model change ``M(x) − M(0)``. A direction
-    that is zero (the first step's previous update) gets coefficient 0.
+    that is zero (the first step's previous update) gets coefficient 0. Tensor operations only (no host
+    sync): the free block is solved with a pseudo-inverse in which zero directions are masked out.
     """
     fixed = dict(fixed or {})
+    k = len(grad_dots)
     m = curvature + damping * gram
-    for i in range(len(grad_dots)):
-        if float(gram[i, i]) == 0.0 and i not in fixed:
-            fixed[i] = 0.0
-    free = [i for i in range(len(grad_dots)) if i not in fixed]
-    held = list(fixed)
-    x = torch.zeros(len(grad_dots), dtype=m.dtype, device=m.device)
-    x[held] = torch.tensor([fixed[i] for i in held], dtype=m.dtype, device=m.device)
-    if free:
-        rhs = -grad_dots[free] - m[free][:, held] @ x[held]
-        # a pseudo-inverse: parallel directions (e.g. Δ ∥ δ_prev) leave the minimiser non-unique, not absent
-        x[free] = torch.linalg.pinv(m[free][:, free], hermitian=True) @ rhs
+    held = torch.zeros(k, dtype=torch.bool, device=m.device)
+    x = torch.zeros(k, dtype=m.dtype, device=m.device)
+    for i, v in fixed.items():
+        held[i] = True
+        x[i] = v
+    free = ~held & (gram.diagonal() != 0)  # a zero direction stays at 0
+    mask = free.unsqueeze(0) & free.unsqueeze(1)
+    rhs = torch.where(free, -grad_dots - m @ x, 0.0)
+    # a pseudo-inverse: parallel directions (e.g. Δ ∥ δ_prev) leave the minimiser non-unique, not absent
+    x = x + torch.where(free, torch.linalg.pinv(torch.where(mask, m, 0.0), hermitian=True) @ rhs, 0.0)
     return x, 0.5 * x @ m @ x + grad_dots @ x
 
 
-def reduction_ratio(loss_before: Tensor | float, loss_after: Tensor | float, model_change: Tensor | float) -> float:
-    """``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))``; NaN when the model predicts no decrease or a loss is NaN."""
-    change = float(model_change)
-    if not change < 0:
-        return float("nan")
-    return (float(loss_after) - float(loss_before)) / change
+def reduction_ratio(loss_before: Tensor | float, loss_after: Tensor | float, model_change: Tensor | float) -> Tensor:
+    """``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))`` (float64); NaN when the model predicts no decrease or a loss
+    is NaN."""
+    before, after, change = (torch.as_tensor(v, dtype=torch.float64) for v in (loss_before, loss_after, model_change))
+    return torch.where(change < 0, (after - before) / torch.where(change < 0, change, -1.0), float("nan"))
 
 
 def levenberg_marquardt(
-    damping: float,
-    rho: float,
+    damping: float | Tensor,
+    rho: float | Tensor,
     *,
     factor: float = 0.95**5,
     lower: float = 0.25,
     upper: float = 0.75,
     min_damping: float = 1e-8,
     max_damping: float = 1e8,
-) -> float:
+) -> Tensor:
     """The Levenberg–Marquardt rule of Martens & Grosse (§6.5): ``ρ < lower`` or NaN → ``λ/factor``,
-    ``ρ > upper`` → ``λ·factor``; ``factor = (19/20)^T₁`` with ``T₁ = 5`` by default; clipped."""
+    ``ρ > upper`` → ``λ·factor``; ``factor = (19/20)^T₁`` with ``T₁ = 5`` by default; clipped (float64)."""
     if not 0 < factor < 1:
         raise ValueError(f"factor must be in (0, 1), got {factor}")
-    if rho != rho or rho < lower:
-        damping = damping / factor
-    elif rho > upper:
-        damping = damping * factor
-    return min(max(damping, min_damping), max_damping)
+    damping, rho = torch.as_tensor(damping, dtype=torch.float64), torch.as_tensor(rho, dtype=torch.float64)
+    damping = torch.where(~(rho >= lower), damping / factor, torch.where(rho > upper, damping * factor, damping))
+    return damping.clamp(min_damping, max_damping)

@@ -363,7 +363,7 @@ def test_precondition_ekfac_equals_dense_solve(seed, bias, damping, kind, method
     x = torch.randn(3, 4, 4, 4, generator=gen, dtype=DT)
     y = make_target(kind, (3, 3), gen)
     plan = kf.trace(model, params, x)
-    cap = kf.capture(model, params, x, y, kind, fisher=fisher, generator=torch.Generator().manual_seed(seed))
+    cap = kf.capture(model, params, x, y, kind, fisher=fisher, key=kf.random.key(seed))
     factors, _, ek = _ekfac(cap)
     out = kf.precondition(params, cap.grads, ek, layers=plan.layers, damping=damping, method=method)
     assert set(out) == set(params)

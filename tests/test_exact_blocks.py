@@ -458,7 +458,7 @@ def test_untracked_parameters_gradients_and_blocks(fisher):
     assert set(plan.layers) == {"fc1", "norm", "out"}
     assert set(plan.untracked) == {"tied.weight", "tied.bias", "scale"}
     assert "matmul" in plan.reasons["tied.weight"] and "tied" in plan.reasons["tied.bias"]
-    cap = kf.capture(model, params, x, y, "cross_entropy", fisher=fisher, generator=torch.Generator().manual_seed(0))
+    cap = kf.capture(model, params, x, y, "cross_entropy", fisher=fisher, key=kf.random.key(0))
     expected = loss_grads(model, params, x, y, "cross_entropy", "mean")
     assert set(cap.grads) == set(expected)
     for k in expected:
@@ -494,7 +494,7 @@ def test_mc_factors_converge_to_exact(kind, reduction):
     y = make_target(kind, (4, 3), gen)
     loss = kf.Loss(kind, reduction)
     exact = kf.kronecker_factors(kf.capture(model, params, x, y, loss, fisher="exact"))
-    cap = kf.capture(model, params, x, y, loss, fisher="mc", mc_samples=M, generator=torch.Generator().manual_seed(1))
+    cap = kf.capture(model, params, x, y, loss, fisher="mc", mc_samples=M, key=kf.random.key(1))
     mc = kf.kronecker_factors(cap)
     for name in exact:
         assert_close(mc[name].A, exact[name].A)

@@ -56,7 +56,7 @@ def gen(seed):
 
 def capture(model, params, x, y, kind, reduction, fisher, seed=123, ignore_index=-100, **kw):
     return kf.capture(model, params, x, y, kf.Loss(kind, reduction, ignore_index), fisher=fisher,
-                      mc_samples=kw.pop("mc_samples", 3), generator=gen(seed), **kw)
+                      mc_samples=kw.pop("mc_samples", 3), key=kf.random.key(seed), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def assert_resumes_bit_identically(kwargs: dict, steps: int, save_after: int) ->
         resumed_opt.step(x, y)
     for (n, p), q in zip(ref.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
-    assert int(resumed_opt.kfac_state["step"]) == steps
+    assert int(resumed_opt.kfac_state.step) == steps
     return resumed_opt
 
 
@@ -141,7 +141,7 @@ def test_param_groups_and_lr_scheduler():
     opt.step(x, y)  # lr 0 everywhere now: nothing moves, but the curvature state advances
     for k, v in model.state_dict().items():
         assert torch.equal(v, after_one[k]), k
-    assert int(opt.kfac_state["step"]) == 2
+    assert int(opt.kfac_state.step) == 2
 
 
 def test_kl_clip_with_zero_gradient_is_finite():
@@ -240,9 +240,9 @@ def test_coarse_matrix_does_not_grow_over_refreshes():
         opt.step(x, y)
     params = {n: p.detach() for n, p in model.named_parameters()}
     cap = kf.capture(model, params, x, y, "cross_entropy", fisher="exact")
-    expected = kf.coarse_matrix(cap, opt.kfac_state["space"])
-    torch.testing.assert_close(kf.averaged(opt.kfac_state["coarse"]), expected, rtol=1e-5, atol=1e-8)
-    assert int(opt.kfac_state["coarse"].updates) == 30
+    expected = kf.coarse_matrix(cap, opt.kfac_state.space)
+    torch.testing.assert_close(kf.averaged(opt.kfac_state.coarse), expected, rtol=1e-5, atol=1e-8)
+    assert int(opt.kfac_state.coarse.updates) == 30
 
 
 def test_two_level_and_ekfac_train():

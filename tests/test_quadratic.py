@@ -294,7 +294,7 @@ def test_fisher_quadratic_forms_mc_equal_dense_from_captured_vectors():
     model, params, x, t, layers = _captured_problem("conv", "cross_entropy", "mean", 2)
     plan = kf.trace(model, params, x)
     cap = kf.capture(model, params, x, t, "cross_entropy", fisher="mc", mc_samples=3,
-                     generator=torch.Generator().manual_seed(0))
+                     key=kf.random.key(0))
     names = list(plan.layers)
     C = O.captured_full(cap.a, cap.g, names)
     gen = torch.Generator().manual_seed(4)

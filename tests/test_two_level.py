@@ -76,7 +76,7 @@ class Setup:
         self.y = make_target(kind, out.shape, gen)
         self.plan = kf.trace(self.model, self.params, self.x)
         self.cap = kf.capture(self.model, self.params, self.x, self.y, kf.Loss(kind, reduction), fisher=fisher,
-                              mc_samples=2, generator=torch.Generator().manual_seed(seed))
+                              mc_samples=2, key=kf.random.key(seed))
         self.names = list(self.plan.layers)
         all_layers = linear_layers(self.model)
         assert set(all_layers) == set(self.names)

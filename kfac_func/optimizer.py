@@ -1,0 +1,571 @@
+r"""The pure K-FAC optimizer (kfac-jax's shape): ``opt = kfac(model, loss=..., **options)`` gives
+
+* ``state = opt.init(params, inputs)`` — a :class:`KFACState` of tensors only;
+* ``params, state, info = opt.step(params, state, inputs, targets)`` — nothing is mutated.
+
+``params`` is any pytree of tensors (nested dicts, lists, tuples, NamedTuples); the returned parameters
+mirror it, layers are named by their pytree path. The MC sampling randomness comes from ``state.key``
+(:mod:`kfac_func.random`), so a step is reproducible from its state alone, compiles with
+``torch.compile`` and draws each ensemble member's own samples under ``torch.func.vmap``.
+
+Each step, on the flat ``name → tensor`` view of the parameters:
+
+1. the :class:`Schedule` — which periodic work this step does — read from the step counter
+   ``t``: factors every ``factor_period``, decompositions every ``inverse_period`` (from ``t = 0``),
+   E-KFAC scalings every ``scale_period`` (and with each new eigenbasis, which restarts their average),
+   two-level coarse matrices with the factors (every step for ``adef2``/``bnn``), Levenberg–Marquardt
+   every ``damping_interval``. It is the only host read of a step; :meth:`Optimizer.update` takes it
+   explicitly, so that ``torch.compile(opt.update, fullgraph=True)`` sees no data-dependent branch;
+2. :func:`~kfac_func.capture` — loss, gradients and, when the schedule needs them, the statistics of
+   ``fisher`` (``mc`` samples with a key split from ``state.key``);
+3. the moving averages (``ema_decay``, bias-corrected), decompositions (eigen, or π-damped inverses
+   from Cholesky factors for ``damping_mode="factored"``), E-KFAC scalings, coarse spaces and matrices;
+4. ``Δ = precondition(∇)``; with a fixed learning rate, KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))``
+   (``ν = 1`` when ``Σ Δ·∇ = 0``), then per parameter ``d = νΔ + wd·θ``, ``v ← μv + d``, ``θ ← θ − ηv``;
+   with ``adaptive``, ``δ = αΔ + μδ_prev`` with ``(α, μ)`` from the quadratic model
+   (:mod:`kfac_func.quadratic`; weight decay is its L2 term);
+5. ``damping_adaptation``: the reduction ratio ``ρ`` and the Levenberg–Marquardt rule for ``λ``;
+   ``reject_steps``: a step whose new loss is NaN or higher keeps ``θ`` and the velocity and raises
+   ``λ`` once;
+6. the NaN guard: a non-finite loss, gradient or statistic leaves parameters and state exactly as they
+   were (the key included) and says so in ``info.finite`` — a ``torch.where``, no host sync, so it works
+   under ``torch.compile`` and ``vmap``.
+
+Every decision in 3–6 is a tensor operation; the only Python branches are on the schedule and on the
+options, so a compiled step has one graph per schedule that occurs (with the defaults, two: with and
+without a refresh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from . import random
+from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
+from .capture import Model, Plan, as_function, capture, trace
+from .distributed import Communicator, weight_inputs
+from .ekfac import ekfac_factors, ekfac_scaling
+from .factors import EigenFactors, InverseFactors, KroneckerFactors, default_reduce, eigendecompose, inverse_factors, kronecker_factors
+from .layers import stat_dtype, weight_matrix
+from .losses import FISHER_TYPES, Loss, as_loss
+from .precondition import METHODS, MODES, precondition
+from .quadratic import (
+    fisher_quadratic_forms,
+    ggn_quadratic_forms,
+    levenberg_marquardt,
+    reduction_ratio,
+    solve_quadratic_model,
+)
+from .tree import flatten
+from .two_level import (
+    COARSE_MODES,
+    COMBINATIONS,
+    SPACES,
+    CoarseCorrection,
+    coarse_matrix,
+    kronecker_coarse_parts,
+    nicolaides_space,
+    spectral_space,
+)
+
+ADAPTIVE = (None, "lr", "lr_momentum")
+Flat = dict[str, Tensor]
+
+
+class KFACState(NamedTuple):
+    """Everything the optimizer carries between steps, tensors only (``{}`` for parts a method does not
+    use): the step counter, the sampling key, the damping ``λ``, the moving average of the Kronecker
+    factors, the eigendecompositions (``damping_mode="eigen"``, E-KFAC, spectral coarse spaces; an
+    embedding's identity ``Q_A`` is stored as an empty tensor), the π-damped inverse factors
+    (``"factored"``), E-KFAC's moving average of the scaling, the two-level coarse space and the moving
+    average of its coarse matrix, and per parameter path the velocity (the momentum buffer, or the
+    previous update of the adaptive step)."""
+
+    step: Tensor
+    key: Tensor
+    damping: Tensor
+    factors: MovingAverage
+    eigen: dict
+    inverses: dict
+    scale: Any
+    space: Any
+    coarse: Any
+    velocity: Flat
+
+
+class Schedule(NamedTuple):
+    """The periodic work of one step (host booleans, from the step counter)."""
+
+    refresh: bool
+    factors: bool
+    scale: bool
+    coarse: bool
+    adapt: bool
+
+
+class StepInfo(NamedTuple):
+    """What a step did (0-dim tensors): the loss before the step, the learning rate ``α`` and momentum
+    ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the reduction ratio ``ρ``
+    (NaN when not computed), whether the step was rejected, and whether every batch quantity was finite
+    (if not, nothing changed). ``grads``: the loss's gradient, shaped like the parameters; ``buffers``:
+    a module's buffers after the forward (BatchNorm running statistics), for the caller to keep."""
+
+    loss: Tensor
+    alpha: Tensor
+    mu: Tensor
+    damping: Tensor
+    rho: Tensor
+    rejected: Tensor
+    finite: Tensor
+    grads: Any
+    buffers: dict
+
+
+class Hyper(NamedTuple):
+    """Per-parameter learning rate, momentum and weight decay (path → float); parameters absent from
+    ``lr`` are held fixed. The ``torch.optim`` wrapper passes its parameter groups this way."""
+
+    lr: dict[str, float]
+    momentum: dict[str, float]
+    weight_decay: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The validated options of :func:`kfac` (see its docstring)."""
+
+    loss: Loss
+    lr: float
+    momentum: float
+    weight_decay: float
+    damping: float
+    damping_mode: str
+    fisher: str
+    mc_samples: int
+    factor_period: int
+    inverse_period: int
+    ema_decay: float
+    kl_clip: float | None
+    reduce: Any
+    stats_fraction: float
+    decomposition_dtype: torch.dtype
+    seed: int
+    method: str
+    scale_period: int
+    coarse_space: str
+    coarse_vectors: int
+    coarse_mode: str
+    combination: str
+    coarse_weights: tuple[float, float]
+    adaptive: str | None
+    quadratic_curvature: str
+    damping_adaptation: bool
+    damping_interval: int
+    damping_decay: float
+    damping_bounds: tuple[float, float]
+    reject_steps: bool
+    lazy_factors: bool
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr >= 0 and math.isfinite(self.lr),
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "damping": self.damping > 0 and math.isfinite(self.damping),
+            "damping_mode": self.damping_mode in MODES,
+            "fisher": self.fisher in FISHER_TYPES,
+            "mc_samples": self.mc_samples >= 1,
+            "factor_period": self.factor_period >= 1,
+            "inverse_period": self.inverse_period >= 1,
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "kl_clip": self.kl_clip is None or self.kl_clip > 0,
+            "stats_fraction": 0 < self.stats_fraction <= 1,
+            "reduce": isinstance(self.reduce, (bool, dict)) or self.reduce == "auto",
+            "method": self.method in METHODS,
+            "scale_period": self.scale_period >= 1,
+            "coarse_space": self.coarse_space in SPACES,
+            "coarse_vectors": self.coarse_vectors >= 1 and (self.coarse_vectors == 1 or self.coarse_space == "spectral"),
+            "coarse_mode": self.coarse_mode in COARSE_MODES,
+            "combination": self.combination in COMBINATIONS,
+            "adaptive": self.adaptive in ADAPTIVE,
+            "quadratic_curvature": self.quadratic_curvature in ("ggn", "fisher"),
+            "damping_interval": self.damping_interval >= 1,
+            "damping_decay": 0 < self.damping_decay < 1,
+            "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
+        }
+        if self.method == "ekfac" and self.damping_mode != "eigen":
+            raise ValueError("invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')")
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
+
+    @property
+    def needs_eigen(self) -> bool:
+        return self.damping_mode == "eigen" or self.method == "ekfac" or self.coarse_space == "spectral"
+
+    @property
+    def damping_factor(self) -> float:
+        """The Levenberg–Marquardt factor ``ω = damping_decay^damping_interval``."""
+        return self.damping_decay**self.damping_interval
+
+
+class Optimizer(NamedTuple):
+    """The pure functions of :func:`kfac`."""
+
+    init: Callable[[Any, Any], KFACState]
+    step: Callable[..., tuple[Any, KFACState, StepInfo]]
+    update: Callable[..., tuple[Any, KFACState, StepInfo]]
+    schedule: Callable[[KFACState], Schedule]
+    options: Options
+
+
+def kfac(
+    model: Model,
+    *,
+    loss: Loss | str = "cross_entropy",
+    lr: float = 1e-2,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    damping: float = 1e-3,
+    damping_mode: str = "eigen",
+    fisher: str = "mc",
+    mc_samples: int = 1,
+    factor_period: int = 1,
+    inverse_period: int = 10,
+    ema_decay: float = 0.95,
+    kl_clip: float | None = 1e-3,
+    reduce: bool | dict[str, bool] | str = "auto",
+    stats_fraction: float = 1.0,
+    decomposition_dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    method: str = "kfac",
+    scale_period: int = 1,
+    coarse_space: str = "nicolaides",
+    coarse_vectors: int = 1,
+    coarse_mode: str = "exact",
+    combination: str = "additive",
+    coarse_weights: tuple[float, float] = (1.0, 1.0),
+    adaptive: str | None = None,
+    quadratic_curvature: str = "ggn",
+    damping_adaptation: bool = False,
+    damping_interval: int = 5,
+    damping_decay: float = 0.95,
+    damping_bounds: tuple[float, float] = (1e-8, 1e8),
+    reject_steps: bool = False,
+    lazy_factors: bool = False,
+    communicator: Communicator | None = None,
+) -> Optimizer:
+    """K-FAC, E-KFAC or two-level K-FAC as pure ``init``/``step`` functions for an ``nn.Module`` (run
+    through ``functional_call`` on the given parameters) or a function ``f(params, x)``.
+
+    The options are those of :class:`kfac_func.KFAC` (which wraps this): ``method`` ``"kfac"`` /
+    ``"ekfac"`` / ``"two_level"`` (``coarse_space``, ``coarse_vectors``, ``coarse_mode``,
+    ``combination``, ``coarse_weights``); ``damping`` ``λ`` and ``damping_mode`` ``"eigen"`` (exact
+    damping of ``G ⊗ A``) or ``"factored"`` (π-damped inverses, two matmuls per layer); ``fisher``
+    ``"mc"`` (``mc_samples``) / ``"exact"`` / ``"empirical"``; ``factor_period``, ``inverse_period``,
+    ``scale_period``, ``ema_decay``; ``stats_fraction`` (statistics from the first rows of the batch);
+    ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype``; ``lr``,
+    ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
+    ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
+    ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
+    ``state.key``). ``communicator`` and ``lazy_factors``: data-parallel training
+    (:mod:`kfac_func.distributed`).
+    """
+    options = Options(
+        as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
+        inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
+        scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
+        quadratic_curvature, damping_adaptation, damping_interval, damping_decay, tuple(damping_bounds),
+        reject_steps, lazy_factors and communicator is not None,
+    )
+    return _Transform(model, options, communicator or Communicator()).functions()
+
+
+def _store(tree: Any) -> Any:
+    """``None`` (an identity ``Q_A``) → an empty tensor, so that the state holds tensors only."""
+    return optree.tree_map(lambda t: torch.empty(0) if t is None else t, tree, none_is_leaf=True)
+
+
+def _load(tree: Any) -> Any:
+    """Undo :func:`_store`."""
+    return optree.tree_map(lambda t: None if t.dim() == 1 and t.numel() == 0 else t, tree)
+
+
+def _select(ok: Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``ok``, else ``old``, leaf by leaf (same structure)."""
+    return optree.tree_map(lambda n, o: torch.where(ok, n, o), new, old)
+
+
+def _host_int(t: Tensor) -> int:
+    """A counter's value on the host; under ``vmap`` the members must share it (an ensemble steps
+    together), which is read from the batched tensor."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    values = t.unique()
+    if values.numel() != 1:
+        raise ValueError(f"the members of a vmapped state are at different steps {values.tolist()}; step them together")
+    return int(values)
+
+
+class _Transform:
+    """The closure of :func:`kfac`: model, options, communicator and the traced plans."""
+
+    def __init__(self, model: Model, options: Options, comm: Communicator):
+        self.model, self.o, self.comm = model, options, comm
+
+    def functions(self) -> Optimizer:
+        return Optimizer(self.init, self.step, self.update, self.schedule, self.o)
+
+    # ----------------------------------------------------------------------------------------- state
+    def init(self, params: Any, inputs: Any) -> KFACState:
+        """The state before the first step: zero averages, identity decompositions (replaced at step 0)."""
+        o = self.o
+        flat, _ = flatten(params)
+        plan = trace(self.model, params, inputs)
+        first = next(iter(flat.values()))
+        zeros: dict[str, KroneckerFactors] = {}
+        for name, spec in plan.layers.items():
+            w = flat[spec.weight]
+            blocks, d_g, d_a = weight_matrix(spec, w, flat[spec.bias] if spec.bias else None).shape
+            dtype = stat_dtype(w.dtype)
+            a = w.new_zeros((blocks, d_a) if spec.diagonal_a else (blocks, d_a, d_a), dtype=dtype)
+            zeros[name] = KroneckerFactors(a, w.new_zeros((blocks, d_g, d_g), dtype=dtype))
+        factors = init_average(zeros) if zeros else MovingAverage({}, first.new_zeros(()), first.new_zeros((), dtype=torch.int64))
+        eigen = inverses = scale = space = coarse = {}
+        # the decompositions of zero factors (the layers this rank holds: KAISA), replaced at step 0
+        if o.needs_eigen:
+            eigen = _store(self.comm.decompose(zeros, eigendecompose, EigenFactors))
+        if o.damping_mode == "factored":
+            inverses = self.comm.decompose(zeros, lambda f: inverse_factors(f, o.damping), InverseFactors)
+        if o.method == "ekfac":
+            scale = init_average({n: f.G.new_zeros((f.G.shape[0], f.G.shape[-1], f.A.shape[-1])) for n, f in zeros.items()})
+        if o.method == "two_level":
+            space = nicolaides_space(zeros) if o.coarse_space == "nicolaides" else spectral_space(_load(eigen), o.coarse_vectors)
+            k = sum(u.shape[0] for u in space.UG.values())
+            ref = next(iter(zeros.values())).G
+            coarse = init_average(ref.new_zeros((k, k)))
+        return KFACState(
+            step=torch.zeros((), dtype=torch.int64),
+            key=random.key(o.seed + self.comm.rank),
+            damping=torch.tensor(float(o.damping), dtype=torch.float64),
+            factors=factors, eigen=eigen, inverses=inverses, scale=scale, space=space, coarse=coarse,
+            velocity={n: torch.zeros_like(p) for n, p in flat.items()},
+        )
+
+    def schedule(self, state: KFACState) -> Schedule:
+        o, t = self.o, _host_int(state.step)
+        refresh = t % o.inverse_period == 0
+        factor_step = t % o.factor_period == 0
+        scale = o.method == "ekfac" and (refresh or t % o.scale_period == 0)
+        coarse = o.method == "two_level" and (factor_step or refresh or o.combination != "additive")
+        adapt = o.damping_adaptation and t % o.damping_interval == 0
+        return Schedule(refresh, factor_step, scale, coarse, adapt)
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
+        """One step: :meth:`schedule` then :meth:`update`."""
+        return self.update(params, state, inputs, targets, self.schedule(state), hyper)
+
+    def update(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, schedule: Schedule,
+               hyper: Hyper | None = None) -> tuple[Any, KFACState, StepInfo]:
+        """One step with its :class:`Schedule` given (for ``torch.compile(..., fullgraph=True)``)."""
+        o, comm = self.o, self.comm
+        flat, spec = flatten(params)
+        hyper = hyper or Hyper({n: o.lr for n in flat}, {n: o.momentum for n in flat}, {n: o.weight_decay for n in flat})
+        plan = trace(self.model, params, inputs)
+        fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or schedule.adapt or o.reject_steps)
+        stats = schedule.factors or schedule.scale or schedule.coarse or fisher_forms
+        n = targets.shape[0]
+        examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
+        loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
+        key, sample_key = random.split(state.key)
+        with torch.enable_grad():
+            cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if stats else None,
+                          mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan)
+        cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
+        reduce = default_reduce(plan) if o.reduce == "auto" else o.reduce
+        batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if schedule.factors else None
+        if batch is not None:
+            batch = weight_inputs(batch, share)
+        # one bucketed all-reduce; lazy factors stay local (a NaN flag keeps the skip decision global)
+        lazy = o.lazy_factors and batch is not None
+        flag = torch.where(all_finite(batch), 0.0, float("nan")) if lazy else None
+        total_loss, grads, reduced = comm.sum((cap.loss.detach(), cap.grads, flag if lazy else batch))
+        if not lazy:
+            batch = reduced
+        # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
+        # decomposition sees a NaN, and the whole new state is discarded at the end
+        ok = all_finite((total_loss, grads, reduced if batch is not None else (cap.a, cap.g)))
+        clean = lambda tree: optree.tree_map(lambda t: torch.where(ok, t, torch.zeros_like(t)), tree)  # noqa: E731
+        grads, cap = clean(grads), cap._replace(loss=total_loss, a=clean(cap.a), g=clean(cap.g))
+        new = state._replace(key=key)
+        if batch is not None:
+            new = new._replace(factors=update_average(state.factors, clean(batch), o.ema_decay, checked=True)[0])
+        if schedule.refresh:
+            new = self._refresh(new)
+        if schedule.scale:
+            scale = comm.sum(ekfac_scaling(cap, _load(new.eigen)))
+            ok = ok & all_finite(scale)
+            restart = init_average(scale) if schedule.refresh else new.scale
+            new = new._replace(scale=update_average(restart, scale, o.ema_decay, checked=True)[0])
+        coarse = None
+        if schedule.coarse:
+            coarse = self._coarse_matrix(cap, new.space, share)
+            ok = ok & all_finite(coarse)
+            restart = o.coarse_space == "spectral" and schedule.refresh
+            average = init_average(coarse) if restart else new.coarse
+            new = new._replace(coarse=update_average(average, coarse, o.ema_decay, checked=True)[0])
+        damping = state.damping
+        held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
+        factored = o.damping_mode == "factored"
+        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode)
+        factors = new.inverses if factored else _load(new.eigen)
+        if o.method == "ekfac":
+            factors = ekfac_factors(_load(new.eigen), averaged(new.scale))
+        elif o.method == "two_level":
+            additive = o.combination == "additive"
+            # the multiplicative forms project with Q = R₀ᵀ(R₀C̃R₀ᵀ)⁻¹R₀: it must use the batch's own C̃
+            matrix = averaged(new.coarse) if additive else coarse
+            kwargs.update(coarse=CoarseCorrection(new.space, matrix), combination=o.combination,
+                          capture=None if additive else cap, weights=o.coarse_weights, all_reduce=comm.sum)
+        lr = hyper.lr
+        l2 = {n: hyper.weight_decay.get(n, 0.0) for n in lr}
+        # the objective is L + ½ Σ η‖θ‖²: its gradient ∇ + ηθ enters the quadratic model
+        objective = {n: g + l2[n] * flat[n] if l2.get(n) else g for n, g in grads.items()}
+        delta = comm.spread(precondition(flat, objective if o.adaptive else grads, factors, **kwargs), plan.layers)
+        if o.adaptive:
+            update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
+                                                                cap, plan, damping, loss, hyper)
+        else:
+            update, velocity, alpha, mu, forms = self._fixed(delta, grads, flat, state, hyper)
+        nan = torch.full((), float("nan"), dtype=torch.float64)
+        rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
+        if schedule.adapt or o.reject_steps:
+            rho, worse = self._reduction_ratio(update, objective, flat, spec, inputs, targets, cap, plan, forms, loss,
+                                               hyper)
+            if schedule.adapt:
+                lam = levenberg_marquardt(damping, rho, factor=o.damping_factor, min_damping=o.damping_bounds[0],
+                                          max_damping=o.damping_bounds[1])
+            if o.reject_steps:  # keep θ and the velocity; λ rises once, even if L-M raised it too
+                rejected = worse
+                raised = torch.maximum(lam, (damping / o.damping_factor).clamp_max(o.damping_bounds[1]))
+                lam = torch.where(worse, raised, lam)
+                update = {n: torch.where(worse, torch.zeros_like(u), u) for n, u in update.items()}
+                velocity = {n: torch.where(worse, state.velocity[n], v) for n, v in velocity.items()}
+            new = new._replace(damping=lam)
+            if factored:  # the cached inverses include λ
+                new = new._replace(inverses=self._inverses(new))
+        new = new._replace(step=state.step + 1, velocity={**state.velocity, **velocity})
+        moved = {n: p + update[n] if n in update else p for n, p in flat.items()}
+        new_state, moved = _select(ok, (new, moved), (state, flat))
+        info = StepInfo(
+            loss=total_loss, alpha=torch.where(ok, alpha, nan), mu=torch.where(ok, mu, nan), damping=new_state.damping,
+            rho=torch.where(ok, rho, nan), rejected=rejected | ~ok, finite=ok,
+            grads=spec.unflatten(cap.grads), buffers=cap.buffers,
+        )
+        return spec.unflatten(moved), new_state, info
+
+    # ---------------------------------------------------------------------------------- components
+    def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
+        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning."""
+        o, lr = self.o, hyper.lr
+        scale = torch.ones((), dtype=torch.float64)
+        if o.kl_clip is not None:
+            vg = sum(lr[n] ** 2 * (delta[n] * grads[n]).sum() for n in lr).double().abs()  # two-level need not be symmetric
+            scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
+        update, velocity = {}, {}
+        for n in lr:
+            d = delta[n] * scale.to(delta[n].dtype)
+            if hyper.weight_decay.get(n):
+                d = d.add(params[n], alpha=hyper.weight_decay[n])
+            if hyper.momentum.get(n):
+                d = velocity[n] = state.velocity[n] * hyper.momentum[n] + d
+            update[n] = -lr[n] * d
+        first = next(iter(lr), None)
+        alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
+        mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
+        return update, velocity, alpha, mu, None
+
+    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
+        """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
+        parameter's momentum when ``adaptive="lr"``)."""
+        names = list(hyper.lr)
+        zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
+        directions = [{**{n: -delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
+        forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper)
+        gram = torch.stack([torch.stack([sum((a[n] * b[n]).sum() for n in names) for b in directions]) for a in directions])
+        b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
+        fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
+        x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
+        update = {n: x[0].to(directions[0][n].dtype) * directions[0][n] + x[1].to(directions[1][n].dtype) * directions[1][n]
+                  for n in names}
+        return update, dict(update), x[0], x[1], (forms, b, x)
+
+    def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper) -> Tensor:
+        """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
+        with torch.enable_grad():
+            if self.o.quadratic_curvature == "ggn":
+                forms = ggn_quadratic_forms(self.model, spec.unflatten(params), inputs, targets, loss,
+                                            [spec.unflatten(d) for d in directions])
+            else:
+                forms = fisher_quadratic_forms(cap, directions, plan.layers)
+        forms = self.comm.sum(forms)
+        l2 = hyper.weight_decay
+        reg = torch.stack([torch.stack([sum(l2.get(n, 0.0) * (a[n] * b[n]).sum() for n in params) for b in directions])
+                           for a in directions])
+        return (forms + reg.to(forms.dtype)).double()
+
+    def _reduction_ratio(self, update, grads, params, spec, inputs, targets, cap, plan, forms, loss, hyper):
+        """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher."""
+        if forms is None:
+            d = {n: update.get(n, torch.zeros_like(params[n])) for n in params}
+            quad = self._quadratic_forms([d], params, spec, inputs, targets, cap, plan, loss, hyper)[0, 0]
+            change = 0.5 * quad + sum((grads[n] * d[n]).sum() for n in update)
+        else:
+            k, b, x = forms
+            change = 0.5 * x @ k @ x + b @ x
+        moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
+        l2 = hyper.weight_decay
+        penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
+        out = as_function(self.model)(spec.unflatten(moved), inputs)
+        after = (self.comm.sum(loss.value(out, targets)) + penalty(moved)).double()
+        before = (cap.loss + penalty(params)).double()
+        return reduction_ratio(before, after, change), ~(after <= before)
+
+    def _factors(self, state: KFACState) -> dict:
+        """The averaged factors of the global batch (lazy factors: summed over ranks now)."""
+        factors = averaged(state.factors)
+        return self.comm.sum(factors) if self.o.lazy_factors else factors
+
+    def _inverses(self, state: KFACState, factors: dict | None = None) -> dict:
+        """π-damped inverse factors at the state's damping, each layer computed by its owner rank."""
+        compute = lambda f: inverse_factors(f, state.damping, self.o.decomposition_dtype)  # noqa: E731
+        return self.comm.decompose(self._factors(state) if factors is None else factors, compute, InverseFactors)
+
+    def _coarse_matrix(self, cap, space, share: float) -> Tensor:
+        """The global batch's coarse matrix: the exact one is a sum over examples; the Kronecker surrogate
+        is the product of a mean (weighted by this rank's share of the examples) and a sum."""
+        if self.o.coarse_mode == "exact":
+            return self.comm.sum(coarse_matrix(cap, space, "exact"))
+        inputs, grads = kronecker_coarse_parts(cap, space)
+        inputs, grads = self.comm.sum((inputs * share, grads))
+        return inputs * grads
+
+    def _refresh(self, state: KFACState) -> KFACState:
+        """New decompositions (and eigenbasis, coarse space) from the averaged factors."""
+        o = self.o
+        factors = self._factors(state)
+        if o.needs_eigen:
+            compute = lambda f: eigendecompose(f, o.decomposition_dtype)  # noqa: E731
+            state = state._replace(eigen=_store(self.comm.decompose(factors, compute, EigenFactors)))
+        if o.damping_mode == "factored":
+            state = state._replace(inverses=self._inverses(state, factors))
+        if o.method == "two_level" and o.coarse_space == "spectral":
+            state = state._replace(space=spectral_space(_load(state.eigen), o.coarse_vectors))
+        return state

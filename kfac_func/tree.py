@@ -1,0 +1,66 @@
+"""Parameter pytrees named by path: any optree pytree of tensors (nested dicts, tuples, lists,
+NamedTuples, ...) is handled internally as a flat dict ``name → tensor``, each leaf named by its optree
+path joined with ``"."`` (``{"l1": {"w": w}}`` → ``"l1.w"``, ``((w, b),)`` → ``"0.0"``, ``"0.1"``; a flat
+dict's keys are its names). ``None`` entries are empty subtrees, not leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optree
+from torch import Tensor
+
+PyTree = Any  # a pytree of tensors
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to rebuild a flattened pytree: its leaf ``names`` (in leaf order) and optree ``treespec``
+    (``None`` for a flat dict ``str → tensor``, rebuilt as a dict in ``names`` order)."""
+
+    names: tuple[str, ...]
+    treespec: optree.PyTreeSpec | None = None
+
+    def unflatten(self, flat: Mapping[str, Tensor]) -> PyTree:
+        """The tree of this structure whose leaf ``name`` is ``flat[name]`` (the same tensor objects)."""
+        require_names(flat, self.names, "the flat dict")
+        if self.treespec is None:
+            return {n: flat[n] for n in self.names}
+        return self.treespec.unflatten([flat[n] for n in self.names])
+
+    def like(self, tree: PyTree, what: str) -> dict[str, Tensor]:
+        """``tree`` (e.g. gradients or a direction) flattened, in this spec's name order; its names must be
+        this spec's (``what`` names it in the error)."""
+        flat = flatten(tree)[0]
+        require_names(flat, self.names, what)
+        return {n: flat[n] for n in self.names}
+
+
+def flatten(tree: PyTree) -> tuple[dict[str, Tensor], Spec]:
+    """``(name → tensor, spec)``. A flat dict of tensors costs a dict copy; otherwise a non-tensor leaf
+    raises ``TypeError`` and two paths with the same name raise ``ValueError``, naming the paths."""
+    if type(tree) is dict and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tree.items()):
+        return dict(tree), Spec(tuple(tree))
+    paths, leaves, treespec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
+    flat: dict[str, Tensor] = {}
+    path_of: dict[str, tuple] = {}
+    for path, leaf in zip(paths, leaves):
+        name = ".".join(map(str, path))
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"parameter {name!r} (path {path}) must be a tensor, got {type(leaf).__name__}")
+        if name in flat:
+            raise ValueError(f"parameter paths {path_of[name]} and {path} have the same name {name!r}")
+        flat[name], path_of[name] = leaf, path
+    return flat, Spec(tuple(flat), treespec)
+
+
+def require_names(got: Iterable[str], expected: Iterable[str], what: str) -> None:
+    """Raise ``ValueError`` naming the missing and unexpected names unless ``got`` has exactly ``expected``."""
+    got, expected = set(got), set(expected)
+    if got != expected:
+        raise ValueError(
+            f"{what} must have the parameters' names; missing {sorted(expected - got)}, "
+            f"unexpected {sorted(got - expected)}"
+        )

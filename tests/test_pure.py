@@ -1,0 +1,258 @@
+"""The pure optimizer ``kfac(model).init/step``: a hand-written reference of the orchestration (refresh
+periods, moving averages, KL clip, momentum, weight decay, key splitting) over several steps; nested
+pytrees equal flat dicts; ``torch.compile`` equals eager for every Fisher type with refreshes inside the
+compiled run; ``vmap`` over an ensemble equals the loop; a NaN batch changes nothing; ``KFAC`` is the pure
+step."""
+
+from __future__ import annotations
+
+import math
+
+import optree
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import vmap
+
+import kfac_func as kf
+from kfac_func import random
+
+DT = torch.float64
+
+
+def mlp(params, x):
+    h = torch.tanh(F.linear(x, params["l1"]["w"], params["l1"]["b"]))
+    return F.linear(h, params["l2"]["w"], params["l2"]["b"])
+
+
+def nested_params(seed: int = 0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: 0.5 * torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return {"l1": {"w": r(8, 5), "b": r(8)}, "l2": {"w": r(3, 8), "b": r(3)}}
+
+
+def batches(steps: int, n: int = 12, seed: int = 1, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)) for _ in range(steps)]
+
+
+def run(opt, params, data):
+    state = opt.init(params, data[0][0])
+    infos = []
+    for x, y in data:
+        params, state, info = opt.step(params, state, x, y)
+        infos.append(info)
+    return params, state, infos
+
+
+def flat(tree):
+    return kf.tree.flatten(tree)[0]
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_steps_equal_a_hand_written_reference(fisher):
+    """Four steps of K-FAC (eigen damping, decompositions every 2 steps, factors every step, EMA 0.8,
+    KL clip, momentum, weight decay) against the stages composed by hand, with the key split as
+    documented: ``key, sample = split(key)`` each step."""
+    lr, mom, wd, lam, beta, kl, period = 0.3, 0.7, 1e-2, 0.05, 0.8, 1e-3, 2
+    opt = kf.kfac(mlp, lr=lr, momentum=mom, weight_decay=wd, damping=lam, ema_decay=beta, kl_clip=kl,
+                  inverse_period=period, fisher=fisher, seed=7)
+    params, data = nested_params(), batches(4)
+    got, state, infos = run(opt, params, data)
+
+    p = flat(params)
+    key = random.key(7)
+    avg = None
+    velocity = {n: torch.zeros_like(t) for n, t in p.items()}
+    weight = 0.0
+    for t, (x, y) in enumerate(data):
+        key, sample = random.split(key)
+        tree = kf.tree.flatten(params)[1].unflatten(p)
+        cap = kf.capture(mlp, tree, x, y, "cross_entropy", fisher=fisher, key=sample)
+        batch = kf.kronecker_factors(cap, reduce=True)  # (N, C) output: reduce (= expand for S = 1)
+        avg = batch if avg is None else {n: kf.KroneckerFactors(*(beta * m + (1 - beta) * f for m, f in zip(avg[n], batch[n])))
+                                         for n in batch}
+        if t == 0:
+            avg = {n: kf.KroneckerFactors(*((1 - beta) * f for f in batch[n])) for n in batch}
+        weight = beta * weight + (1 - beta)
+        if t % period == 0:
+            eig = kf.eigendecompose({n: kf.KroneckerFactors(*(m / weight for m in avg[n])) for n in avg})
+        plan = kf.trace(mlp, tree, x)
+        grads = flat(cap.grads)
+        delta = kf.precondition(p, grads, eig, layers=plan.layers, damping=lam)
+        vg = abs(sum(lr**2 * (delta[n] * grads[n]).sum() for n in p))
+        nu = min(1.0, math.sqrt(kl / vg))
+        for n in p:
+            velocity[n] = mom * velocity[n] + (nu * delta[n] + wd * p[n])
+            p[n] = p[n] - lr * velocity[n]
+        assert float(infos[t].alpha) == pytest.approx(lr * nu, rel=1e-12)
+    for n, v in flat(got).items():
+        torch.testing.assert_close(v, p[n], rtol=1e-11, atol=1e-13)
+    assert int(state.step) == 4 and torch.equal(state.key, key)
+    assert optree.tree_structure(got) == optree.tree_structure(params)
+
+
+METHODS = {
+    "kfac-eigen": dict(),
+    "kfac-factored": dict(damping_mode="factored"),
+    "ekfac": dict(method="ekfac"),
+    "two-level-bnn": dict(method="two_level", combination="bnn"),
+    "adaptive": dict(adaptive="lr_momentum", damping_adaptation=True, damping_interval=2, reject_steps=True, loss="cross_entropy"),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_nested_pytrees_equal_flat_dicts(name):
+    """The same function on nested, tuple and flat parameters: identical results, structure kept."""
+    kwargs = {"inverse_period": 2, "fisher": "mc", **METHODS[name]}
+    data = batches(3)
+
+    def tuple_mlp(params, x):
+        (w1, b1), (w2, b2) = params
+        return mlp({"l1": {"w": w1, "b": b1}, "l2": {"w": w2, "b": b2}}, x)
+
+    def flat_mlp(params, x):
+        return mlp({"l1": {"w": params["l1.w"], "b": params["l1.b"]}, "l2": {"w": params["l2.w"], "b": params["l2.b"]}}, x)
+
+    nested = nested_params()
+    got_nested, _, _ = run(kf.kfac(mlp, **kwargs), nested, data)
+    got_flat, _, _ = run(kf.kfac(flat_mlp, **kwargs), flat(nested), data)
+    tup = ((nested["l1"]["w"], nested["l1"]["b"]), (nested["l2"]["w"], nested["l2"]["b"]))
+    got_tuple, _, _ = run(kf.kfac(tuple_mlp, **kwargs), tup, data)
+    assert optree.tree_structure(got_nested) == optree.tree_structure(nested)
+    assert optree.tree_structure(got_tuple) == optree.tree_structure(tup)
+    for n, v in flat(got_nested).items():
+        assert torch.equal(v, got_flat[n])
+    (w1, b1), (w2, b2) = got_tuple
+    for a, b in zip((w1, b1, w2, b2), (got_flat["l1.w"], got_flat["l1.b"], got_flat["l2.w"], got_flat["l2.b"])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "exact", "empirical"])
+def test_compiled_step_equals_eager(fisher):
+    """``torch.compile(step)`` over five steps (decompositions at steps 0, 2, 4: refreshes inside the
+    compiled run) and a new batch size equals the eager run."""
+    opt = kf.kfac(mlp, fisher=fisher, inverse_period=2, seed=3)
+    params = nested_params()
+    data = batches(4) + batches(1, n=7, seed=5)
+    want, want_state, _ = run(opt, params, data)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="aot_eager")
+    state = opt.init(params, data[0][0])
+    got = params
+    for x, y in data:
+        got, state, info = step(got, state, x, y)
+        assert bool(info.finite)
+    for a, b in zip(optree.tree_leaves((got, state)), optree.tree_leaves((want, want_state))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_update_compiles_with_fullgraph():
+    """``update`` with the host schedule is one graph per schedule: fullgraph=True works (MC Fisher)."""
+    opt = kf.kfac(mlp, inverse_period=2, seed=3)
+    params, data = nested_params(), batches(3)
+    want, _, _ = run(opt, params, data)
+    torch._dynamo.reset()
+    update = torch.compile(opt.update, backend="aot_eager", fullgraph=True)
+    state = opt.init(params, data[0][0])
+    got = params
+    for x, y in data:
+        got, state, _ = update(got, state, x, y, opt.schedule(state))
+    for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_vmap_over_an_ensemble_equals_the_loop():
+    """``vmap(step)`` over three stacked members, each with its own key (MC Fisher), equals stepping
+    each member alone; the members draw different samples."""
+    opt = kf.kfac(mlp, inverse_period=2)
+    members = [nested_params(seed) for seed in range(3)]
+    data = batches(3)
+    states = [opt.init(p, data[0][0]) for p in members]
+    states = [s._replace(key=random.key(10 + i)) for i, s in enumerate(states)]
+    stack = lambda trees: optree.tree_map(lambda *t: torch.stack(t), *trees)  # noqa: E731
+    params, state = stack(members), stack(states)
+    step = vmap(opt.step, in_dims=(0, 0, None, None))
+    loops = list(zip(members, states))
+    for x, y in data:
+        params, state, info = step(params, state, x, y)
+        loops = [opt.step(p, s, x, y)[:2] for p, s in loops]
+    for i, (p, s) in enumerate(loops):
+        for a, b in zip(optree.tree_leaves((p, s)), optree.tree_leaves((params, state))):
+            torch.testing.assert_close(a, b[i], rtol=1e-10, atol=1e-12)
+    # the same parameters with different keys: different MC factors
+    same = stack([members[0]] * 2)
+    one = stack([opt.init(members[0], data[0][0])._replace(key=random.key(k)) for k in (1, 2)])
+    _, out, _ = vmap(opt.step, in_dims=(0, 0, None, None))(same, one, *data[0])
+    assert not torch.equal(out.factors.value["l1.w"].G[0], out.factors.value["l1.w"].G[1])
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile", "vmap"])
+def test_a_nan_batch_changes_nothing(mode):
+    """A NaN input leaves parameters and every state tensor (key included) as they were; ``info``
+    says so."""
+    opt = kf.kfac(mlp, inverse_period=1)
+    params, data = nested_params(), batches(2)
+    _, state, _ = run(opt, params, data[:1])
+    x, y = data[1]
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    step = opt.step
+    if mode == "compile":
+        torch._dynamo.reset()
+        step = torch.compile(opt.step, backend="aot_eager")
+    if mode == "vmap":
+        ps, ss = optree.tree_map(lambda t: t.unsqueeze(0), (params, state))
+        new, new_state, info = vmap(opt.step, in_dims=(0, 0, None, None))(ps, ss, bad, y)
+        new, new_state, info = optree.tree_map(lambda t: t[0], (new, new_state, info))
+    else:
+        new, new_state, info = step(params, state, bad, y)
+    assert not bool(info.finite) and bool(info.rejected)
+    for a, b in zip(optree.tree_leaves((new, new_state)), optree.tree_leaves((params, state))):
+        assert torch.equal(a, b)
+
+
+def test_kfac_wrapper_is_the_pure_step():
+    """``KFAC(module)`` and the pure step on the module's parameters give identical parameters and
+    state (E-KFAC with weight decay and momentum, several steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kwargs = dict(method="ekfac", weight_decay=1e-2, inverse_period=2, lr=0.1)
+    opt = kf.KFAC(model, **kwargs)
+    data = batches(4)
+    for x, y in data:
+        opt.step(x, y)
+    got, state, _ = run(kf.kfac(model, **kwargs), params, data)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), got[n])
+    for a, b in zip(optree.tree_leaves(state), optree.tree_leaves(opt.kfac_state)):
+        assert torch.equal(a, b)
+
+
+def test_the_state_is_tensors_only():
+    for kwargs in METHODS.values():
+        state = kf.kfac(mlp, **kwargs).init(nested_params(), batches(1)[0][0])
+        assert all(isinstance(t, torch.Tensor) for t in optree.tree_leaves(state, none_is_leaf=True))
+
+
+def test_random_draws_are_uniform_and_keyed():
+    """The counter-based generator: moments and class frequencies within 5 standard errors, the same
+    key gives the same draws, split keys give different ones."""
+    k1, k2 = random.split(random.key(0))
+    u = random.uniform(k1, (200_000,), DT)
+    n = u.numel()
+    assert abs(float(u.mean()) - 0.5) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(float(u.var()) - 1 / 12) < 5 * (1 / 180 / n) ** 0.5
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    z = random.normal(k2, (200_000,), DT)
+    assert abs(float(z.mean())) < 5 / n**0.5 and abs(float(z.var()) - 1) < 5 * (2 / n) ** 0.5
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=DT)
+    draws = random.categorical(k1, p.expand(50_000, 4), 2).flatten()
+    freq = torch.bincount(draws, minlength=4).to(DT) / draws.numel()
+    assert torch.all((freq - p).abs() < 5 * (p * (1 - p) / draws.numel()).sqrt())
+    assert torch.equal(random.uniform(k1, (5,)), random.uniform(k1, (5,)))
+    assert not torch.equal(random.uniform(k1, (5,)), random.uniform(k2, (5,)))
+    # each index's draw is a function of (key, index): a longer draw starts with the shorter one
+    assert torch.equal(random.uniform(k1, (3,), DT), random.uniform(k1, (6,), DT)[:3])
