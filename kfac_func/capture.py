@@ -490,7 +490,7 @@ def capture(
     if plan is None:
         plan = _trace(model, params, structure, inputs)
     else:
-        require_names(plan.tracked + plan.untracked, structure.names, "the plan")
+        require_names({*plan.tracked, *plan.untracked}, structure.names, "the plan")
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
     probes = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in plan.probes)

@@ -337,7 +337,7 @@ class _Transform:
             a = w.new_zeros((blocks, d_a) if spec.diagonal_a else (blocks, d_a, d_a), dtype=dtype)
             zeros[name] = KroneckerFactors(a, w.new_zeros((blocks, d_g, d_g), dtype=dtype))
         factors = init_average(zeros) if zeros else MovingAverage({}, first.new_zeros(()), first.new_zeros((), dtype=torch.int64))
-        eigen = inverses = scale = space = coarse = {}
+        eigen, inverses, scale, space, coarse = {}, {}, {}, {}, {}  # distinct: compiled guards check aliasing
         # the decompositions of zero factors (the layers this rank holds: KAISA), replaced at step 0
         if o.needs_eigen:
             eigen = _store(self.comm.decompose(zeros, eigendecompose, EigenFactors))

@@ -5,8 +5,9 @@ dict's keys are its names). ``None`` entries are empty subtrees, not leaves."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import optree
@@ -23,9 +24,10 @@ class Spec:
     names: tuple[str, ...]
     treespec: optree.PyTreeSpec | None = None
 
-    def unflatten(self, flat: Mapping[str, Tensor]) -> PyTree:
-        """The tree of this structure whose leaf ``name`` is ``flat[name]`` (the same tensor objects)."""
-        require_names(flat, self.names, "the flat dict")
+    def unflatten(self, flat: Mapping[str, Tensor], what: str = "the flat dict") -> PyTree:
+        """The tree of this structure whose leaf ``name`` is ``flat[name]`` (the same tensor objects);
+        ``what`` names ``flat`` in the error when its names are not this spec's."""
+        require_names(flat, self.names, what)
         if self.treespec is None:
             return {n: flat[n] for n in self.names}
         return self.treespec.unflatten([flat[n] for n in self.names])
@@ -33,15 +35,14 @@ class Spec:
     def like(self, tree: PyTree, what: str) -> dict[str, Tensor]:
         """``tree`` (e.g. gradients or a direction) flattened, in this spec's name order; its names must be
         this spec's (``what`` names it in the error)."""
-        flat = flatten(tree)[0]
-        require_names(flat, self.names, what)
-        return {n: flat[n] for n in self.names}
+        return Spec(self.names).unflatten(flatten(tree)[0], what)
 
 
 def flatten(tree: PyTree) -> tuple[dict[str, Tensor], Spec]:
     """``(name → tensor, spec)``. A flat dict of tensors costs a dict copy; otherwise a non-tensor leaf
     raises ``TypeError`` and two paths with the same name raise ``ValueError``, naming the paths."""
-    if type(tree) is dict and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tree.items()):
+    tensors = type(tree) is dict and all(map(isinstance, tree.values(), repeat(Tensor)))
+    if tensors and all(map(isinstance, tree, repeat(str))):
         return dict(tree), Spec(tuple(tree))
     paths, leaves, treespec = optree.tree_flatten_with_path(tree, none_is_leaf=False)
     flat: dict[str, Tensor] = {}
@@ -56,11 +57,12 @@ def flatten(tree: PyTree) -> tuple[dict[str, Tensor], Spec]:
     return flat, Spec(tuple(flat), treespec)
 
 
-def require_names(got: Iterable[str], expected: Iterable[str], what: str) -> None:
-    """Raise ``ValueError`` naming the missing and unexpected names unless ``got`` has exactly ``expected``."""
+def require_names(got: Collection[str], expected: Collection[str], what: str) -> None:
+    """Raise ``ValueError`` naming the missing and unexpected names unless ``got`` (a dict or set) has
+    exactly the (distinct) names ``expected``."""
+    if len(got) == len(expected) and all(map(got.__contains__, expected)):
+        return
     got, expected = set(got), set(expected)
-    if got != expected:
-        raise ValueError(
-            f"{what} must have the parameters' names; missing {sorted(expected - got)}, "
-            f"unexpected {sorted(got - expected)}"
-        )
+    raise ValueError(
+        f"{what} must have the parameters' names; missing {sorted(expected - got)}, unexpected {sorted(got - expected)}"
+    )

@@ -64,7 +64,9 @@ def setup(case: Case, widths: list[int], seed: int):
     flat = {n: t for (nw, nb), (w, b) in zip(names, pairs) for n, t in ((nw, w), (nb, b))}
     x = torch.randn(5, widths[0], generator=g, dtype=DT)
     y = torch.randint(0, widths[-1], (5,), generator=g)
-    return (lambda p, x: mlp(case.pairs(p), x)), case.build(pairs), (lambda p, x: mlp([(p[w], p[b]) for w, b in names], x)), flat, x, y
+    f_tree = lambda p, x: mlp(case.pairs(p), x)  # noqa: E731
+    f_flat = lambda p, x: mlp([(p[w], p[b]) for w, b in names], x)  # noqa: E731
+    return f_tree, case.build(pairs), f_flat, flat, x, y
 
 
 def assert_equal_trees(got: Any, like: Any, flat: dict[str, Tensor]) -> None:
@@ -89,13 +91,15 @@ def test_nested_params_equal_the_flat_dict_exactly(case: str, fisher: str, hidde
     assert torch.equal(cap_tree.loss, cap_flat.loss)
     assert_equal_trees(cap_tree.grads, tree, cap_flat.grads)
     assert cap_tree.a.keys() == cap_flat.a.keys() == plan_flat.layers.keys()
-    assert all(torch.equal(cap_tree.a[k], cap_flat.a[k]) and torch.equal(cap_tree.g[k], cap_flat.g[k]) for k in cap_flat.a)
+    assert all(torch.equal(cap_tree.a[k], cap_flat.a[k]) for k in cap_flat.a)
+    assert all(torch.equal(cap_tree.g[k], cap_flat.g[k]) for k in cap_flat.g)
     with_plan = kf.capture(f_tree, tree, x, y, "cross_entropy", fisher=fisher, plan=plan_tree)
     assert_equal_trees(with_plan.grads, tree, cap_flat.grads)
 
     factors = kf.eigendecompose(kf.kronecker_factors(cap_flat))
     update = kf.precondition(tree, cap_tree.grads, factors, layers=plan_tree.layers, damping=1e-2)
-    assert_equal_trees(update, tree, kf.precondition(flat, cap_flat.grads, factors, layers=plan_flat.layers, damping=1e-2))
+    expected = kf.precondition(flat, cap_flat.grads, factors, layers=plan_flat.layers, damping=1e-2)
+    assert_equal_trees(update, tree, expected)
 
     directions = [cap_tree.grads, update]
     flat_directions = [cap_flat.grads, flatten(update)[0]]
@@ -113,7 +117,7 @@ def test_module_takes_nested_params_named_like_its_parameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     flat = {n: p.detach() for n, p in model.named_parameters()}
-    nested = {"0": {"weight": flat["0.weight"], "bias": flat["0.bias"]}, "2": {"weight": flat["2.weight"], "bias": flat["2.bias"]}}
+    nested = {k: {"weight": flat[f"{k}.weight"], "bias": flat[f"{k}.bias"]} for k in ("0", "2")}
     x, y = torch.randn(5, 3, dtype=DT), torch.randint(0, 2, (5,))
     assert torch.equal(kf.as_function(model)(nested, x), model(x))
     cap = kf.capture(model, nested, x, y, "cross_entropy", fisher="exact")
@@ -148,9 +152,9 @@ def test_errors_name_the_path():
     plan = kf.trace(f, params, x)
     cap = kf.capture(f, params, x, torch.zeros(4, 2, dtype=DT), "mse", fisher="exact")
     factors = kf.kronecker_factors(cap)
-    with pytest.raises(ValueError, match=r"grads must have the parameters' names; missing \['l1\.b', 'l1\.w'\], unexpected \['0', '1'\]"):
+    with pytest.raises(ValueError, match=r"grads must .* missing \['l1\.b', 'l1\.w'\], unexpected \['0', '1'\]"):
         kf.precondition(params, (cap.grads["l1"]["b"], cap.grads["l1"]["w"]), factors, layers=plan.layers, damping=1.0)
     with pytest.raises(ValueError, match=r"gradient of 'l1\.w' has shape \(3, 2\)"):
         kf.precondition(params, {"l1": {"w": w.T, "b": b}}, factors, layers=plan.layers, damping=1.0)
-    with pytest.raises(ValueError, match=r"the plan must have the parameters' names; missing \['l0\.b'\], unexpected \['l1\.b'\]"):
+    with pytest.raises(ValueError, match=r"the plan must .* missing \['l0\.b'\], unexpected \['l1\.b'\]"):
         kf.capture(f, {"l1": {"w": w}, "l0": {"b": b}}, x, torch.zeros(4, 2, dtype=DT), "mse", plan=plan)
