@@ -85,9 +85,9 @@ _SLICING = {torch.Tensor.split, torch.Tensor.chunk, torch.Tensor.narrow, torch.T
 
 @dataclass(frozen=True)
 class Plan:
-    """Static structure of a model on inputs of one shape: tracked layers (in call order of their
-    first use), every tracked call, untracked parameters with the reason for each, the probe shapes and
-    the number of dims of the model output."""
+    """Static structure of a model on inputs of one shape up to the batch size: tracked layers (in call
+    order of their first use), every tracked call, untracked parameters with the reason for each, the
+    probe shapes without their leading batch dim and the number of dims of the model output."""
 
     layers: dict[str, LayerSpec]
     calls: tuple[LayerCall, ...]
@@ -231,20 +231,27 @@ class _LayerMode(TorchFunctionMode):
 
     def __init__(self, params: dict[str, Tensor]):
         super().__init__()
-        self.names = {id(p): n for n, p in params.items()}
-        self.views: dict[int, tuple[str, Rows | str]] = {}  # capture: slices registered in traced order
+        # tensors are matched by identity (`is`, not `id()`): torch.compile then traces the capture
+        # without guarding on the parameters' object ids, which change every step
+        self.known = list(params.items())
+        self.views: list[tuple[Tensor, tuple[str, Rows | str]]] = []  # capture: slices in traced order
+
+    def name_of(self, t: Any) -> str | None:
+        """The parameter ``t`` is, if any."""
+        return next((n for n, p in self.known if t is p), None)
 
     def owner(self, t: Any) -> tuple[str, Rows | str] | None:
         """``(parameter name, rows)`` when ``t`` is a parameter (``rows=None``) or a known view of one."""
         if not isinstance(t, Tensor):
             return None
-        if id(t) in self.names:
-            return self.names[id(t)], None
-        return self.views.get(id(t))
+        name = self.name_of(t)
+        if name is not None:
+            return name, None
+        return next((o for v, o in self.views if t is v), None)
 
     def slices(self, func, args) -> bool:
         """Whether this call slices a parameter directly (``w.chunk(3)``, ``w[:8]``, ...)."""
-        return func in _SLICING and bool(args) and id(args[0]) in self.names
+        return func in _SLICING and bool(args) and self.name_of(args[0]) is not None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -320,7 +327,7 @@ class _TraceMode(_LayerMode):
                 self.used(bias_owner[0], f"bias of {layer!r} does not match the rows of its weight")
             bias_owner = None
         self.calls.append((call, weight_name, bias_owner and bias_owner[0], rows))
-        self.probes.append((out.shape, out.dtype, out.device))
+        self.probes.append((out.shape[1:], out.dtype, out.device))
         self.batch.append((layer, recorded.shape[0] if recorded.dim() else 0))
         return out
 
@@ -337,7 +344,7 @@ class _TraceMode(_LayerMode):
             self.used(seen[0], reason or f"used outside a tracked layer call (by {getattr(func, '__name__', func)})")
         out = func(*args, **kwargs)
         if slicing:  # a slice must be a view; an indexed copy is a use we cannot follow
-            name, views = self.names[id(args[0])], optree.tree_leaves(out)
+            name, views = self.name_of(args[0]), optree.tree_leaves(out)
             if any(not isinstance(t, Tensor) or _row_slice(args[0], t) == "other" for t in views):
                 self.used(name, f"sliced by {getattr(func, '__name__', func)} into something other than rows")
             else:
@@ -349,8 +356,10 @@ _PLANS: "weakref.WeakKeyDictionary[Any, dict[tuple, Plan]]" = weakref.WeakKeyDic
 
 
 def _signature(params: dict[str, Tensor], inputs: Any) -> tuple:
+    """The cache key of a plan: everything but the inputs' leading (batch) dims, so that a new batch size
+    reuses the plan (and a compiled step finds it without tracing the model again)."""
     leaves = optree.tree_leaves(inputs)
-    shapes = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves)
+    shapes = tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves)
     autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
     return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), autocast
 
@@ -444,7 +453,7 @@ class _CaptureMode(_LayerMode):
         if self.slices(func, args):  # under torch.func transforms views cannot be inspected: the trace's rows
             name, rows = self.plan.slicings[self.slicing]
             self.slicing += 1
-            self.views.update((id(t), (name, r)) for t, r in zip(optree.tree_leaves(out), rows))
+            self.views.extend((t, (name, r)) for t, r in zip(optree.tree_leaves(out), rows))
         return out
 
     def layer(self, func, args, kwargs, bound, owner):
@@ -493,7 +502,9 @@ def capture(
         require_names({*plan.tracked, *plan.untracked}, structure.names, "the plan")
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
-    probes = tuple(torch.zeros((), dtype=dtype, device=device).expand(shape) for shape, dtype, device in plan.probes)
+    n = targets.shape[0]  # the examples: every tracked layer's batch dim (checked by the trace)
+    probes = tuple(torch.zeros((), dtype=dtype, device=device).expand((n,) + tuple(shape))
+                   for shape, dtype, device in plan.probes)
 
     def forward(free: dict[str, Tensor], probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}

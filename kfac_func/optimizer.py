@@ -302,15 +302,15 @@ def _select(ok: Tensor, new: Any, old: Any) -> Any:
     return optree.tree_map(lambda n, o: torch.where(ok, n, o), new, old)
 
 
+@torch.compiler.disable  # the step's one graph break under torch.compile, without a warning about .item()
 def _host_int(t: Tensor) -> int:
-    """A counter's value on the host; under ``vmap`` the members must share it (an ensemble steps
-    together), which is read from the batched tensor."""
+    """A counter's value on the host. Under ``vmap``
+    the members must share it (an ensemble steps together); it is read from the batched tensor."""
     while torch._C._functorch.is_batchedtensor(t):
         t = torch._C._functorch.get_unwrapped(t)
-    values = t.unique()
-    if values.numel() != 1:
-        raise ValueError(f"the members of a vmapped state are at different steps {values.tolist()}; step them together")
-    return int(values)
+    if t.dim() and not bool((t == t.flatten()[0]).all()):
+        raise ValueError(f"the members of a vmapped state are at different steps {t.tolist()}; step them together")
+    return int(t.flatten()[0]) if t.dim() else int(t)
 
 
 class _Transform:

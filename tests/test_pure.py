@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.func import vmap
 
 import kfac_func as kf
@@ -131,19 +132,22 @@ def test_nested_pytrees_equal_flat_dicts(name):
 
 @pytest.mark.parametrize("fisher", ["mc", "exact", "empirical"])
 def test_compiled_step_equals_eager(fisher):
-    """``torch.compile(step)`` over five steps (decompositions at steps 0, 2, 4: refreshes inside the
-    compiled run) and a new batch size equals the eager run."""
+    """``torch.compile(step)`` over six steps (decompositions at steps 0, 2, 4: refreshes inside the
+    compiled run; a new batch size at steps 4 and 5) equals the eager run, in one graph per schedule and
+    shape kind: (refresh or not) × (first shape, dynamic batch) = 4 graphs at most."""
     opt = kf.kfac(mlp, fisher=fisher, inverse_period=2, seed=3)
     params = nested_params()
-    data = batches(4) + batches(1, n=7, seed=5)
+    data = batches(4) + batches(2, n=7, seed=5)
     want, want_state, _ = run(opt, params, data)
     torch._dynamo.reset()
+    counters.clear()
     step = torch.compile(opt.step, backend="aot_eager")
     state = opt.init(params, data[0][0])
     got = params
     for x, y in data:
         got, state, info = step(got, state, x, y)
         assert bool(info.finite)
+    assert counters["stats"]["unique_graphs"] == 4
     for a, b in zip(optree.tree_leaves((got, state)), optree.tree_leaves((want, want_state))):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -157,8 +161,10 @@ def test_update_compiles_with_fullgraph():
     update = torch.compile(opt.update, backend="aot_eager", fullgraph=True)
     state = opt.init(params, data[0][0])
     got = params
+    counters.clear()
     for x, y in data:
         got, state, _ = update(got, state, x, y, opt.schedule(state))
+    assert counters["stats"]["unique_graphs"] == 2  # with and without a refresh
     for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
