@@ -31,6 +31,7 @@ by the leaves' paths, a function model gets the caller's structure back and ``Ca
 from __future__ import annotations
 
 import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -96,6 +97,7 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     output_dims: int = 2
     slicings: tuple[tuple[str, tuple[Rows, ...]], ...] = ()
+    batch_leaf: int | None = None  # the input leaf whose leading dim is the batch (sizes the probes)
 
     @property
     def tracked(self) -> tuple[str, ...]:
@@ -392,6 +394,9 @@ def _trace(model: Model, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
                 "kfac_func needs batch-first layer inputs whose first dim indexes the loss's examples (for a "
                 "sequence loss return (N, C, L) logits rather than (N·L, C))"
             )
+    leaves = optree.tree_leaves(inputs)
+    batch_leaf = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == examples), None)
+    plan = dataclasses.replace(plan, batch_leaf=batch_leaf)
     cache[key] = plan
     return plan
 
@@ -502,7 +507,8 @@ def capture(
         require_names({*plan.tracked, *plan.untracked}, structure.names, "the plan")
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
-    n = targets.shape[0]  # the examples: every tracked layer's batch dim (checked by the trace)
+    # the examples: every tracked layer's batch dim (checked by the trace)
+    n = targets.shape[0] if plan.batch_leaf is None else optree.tree_leaves(inputs)[plan.batch_leaf].shape[0]
     probes = tuple(torch.zeros((), dtype=dtype, device=device).expand((n,) + tuple(shape))
                    for shape, dtype, device in plan.probes)
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .capture import Model, trace
 from .distributed import Communicator, DataParallel
 from .losses import Loss
-from .optimizer import Hyper, KFACState, kfac
+from .optimizer import Hyper, KFACState, StepInfo, kfac
 
 
 class Report(NamedTuple):
@@ -162,32 +162,36 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._warned_untracked = True
-        if self.kfac_state is None:
-            self.kfac_state = self._pure.init(params, inputs)
-        step = int(self.kfac_state.step)
-        new, self.kfac_state, info = self._pure.step(params, self.kfac_state, inputs, targets, self._hyper())
-        finite = bool(info.finite)
+        state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
+        new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
+        return self._commit(new, new_state, info, state.step)
+
+    @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
+    @torch.no_grad()
+    def _commit(self, new: dict[str, Tensor], state: KFACState, info: StepInfo, step: Tensor) -> Tensor:
+        """Write the pure step's result into the model and the optimizer; warn about a skipped step."""
+        self.kfac_state = state
         for group in self.param_groups:
             for p in group["params"]:
                 name = self._names[p]
                 p.grad = info.grads[name]
                 p.copy_(new[name])
-        if not finite:
+        if not bool(info.finite):
             nan = float("nan")
             self.info = Report(nan, nan, nan, float(info.damping), nan, True)
             warnings.warn(
-                f"kfac_func: non-finite loss, gradient or curvature statistics at step {step}; step skipped, "
+                f"kfac_func: non-finite loss, gradient or curvature statistics at step {int(step)}; step skipped, "
                 "parameters and optimizer state unchanged",
-                stacklevel=2,
+                stacklevel=3,
             )
-            return info.loss
+            return info.loss.detach()
         if isinstance(self.model, nn.Module):  # BatchNorm running statistics move once per step, with it
             for name, b in self.model.named_buffers():
                 b.copy_(info.buffers[name])
             self._comm.broadcast_buffers(self.model)
         self.info = Report(float(info.loss), float(info.alpha), float(info.mu), float(info.damping), float(info.rho),
                            bool(info.rejected))
-        return info.loss
+        return info.loss.detach()
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything, so that ``copy.deepcopy`` and ``pickle`` keep the options and the K-FAC state

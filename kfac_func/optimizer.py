@@ -218,7 +218,7 @@ class Options:
 class Optimizer(NamedTuple):
     """The pure functions of :func:`kfac`."""
 
-    init: Callable[[Any, Any], KFACState]
+    init: Callable[..., KFACState]
     step: Callable[..., tuple[Any, KFACState, StepInfo]]
     update: Callable[..., tuple[Any, KFACState, StepInfo]]
     schedule: Callable[[KFACState], Schedule]
@@ -323,8 +323,9 @@ class _Transform:
         return Optimizer(self.init, self.step, self.update, self.schedule, self.o)
 
     # ----------------------------------------------------------------------------------------- state
-    def init(self, params: Any, inputs: Any) -> KFACState:
-        """The state before the first step: zero averages, identity decompositions (replaced at step 0)."""
+    def init(self, params: Any, inputs: Any, key: Tensor | None = None) -> KFACState:
+        """The state before the first step: zero averages, the decompositions of zero factors (replaced
+        at step 0), zero velocity and the sampling ``key`` (default ``random.key(seed + rank)``)."""
         o = self.o
         flat, _ = flatten(params)
         plan = trace(self.model, params, inputs)
@@ -352,7 +353,7 @@ class _Transform:
             coarse = init_average(ref.new_zeros((k, k)))
         return KFACState(
             step=torch.zeros((), dtype=torch.int64),
-            key=random.key(o.seed + self.comm.rank),
+            key=random.key(o.seed + self.comm.rank) if key is None else key,
             damping=torch.tensor(float(o.damping), dtype=torch.float64),
             factors=factors, eigen=eigen, inverses=inverses, scale=scale, space=space, coarse=coarse,
             velocity={n: torch.zeros_like(p) for n, p in flat.items()},

@@ -175,8 +175,7 @@ def test_vmap_over_an_ensemble_equals_the_loop():
     opt = kf.kfac(mlp, inverse_period=2)
     members = [nested_params(seed) for seed in range(3)]
     data = batches(3)
-    states = [opt.init(p, data[0][0]) for p in members]
-    states = [s._replace(key=random.key(10 + i)) for i, s in enumerate(states)]
+    states = [opt.init(p, data[0][0], key=random.key(10 + i)) for i, p in enumerate(members)]
     stack = lambda trees: optree.tree_map(lambda *t: torch.stack(t), *trees)  # noqa: E731
     params, state = stack(members), stack(states)
     step = vmap(opt.step, in_dims=(0, 0, None, None))
@@ -189,7 +188,7 @@ def test_vmap_over_an_ensemble_equals_the_loop():
             torch.testing.assert_close(a, b[i], rtol=1e-10, atol=1e-12)
     # the same parameters with different keys: different MC factors
     same = stack([members[0]] * 2)
-    one = stack([opt.init(members[0], data[0][0])._replace(key=random.key(k)) for k in (1, 2)])
+    one = stack([opt.init(members[0], data[0][0], key=random.key(k)) for k in (1, 2)])
     _, out, _ = vmap(opt.step, in_dims=(0, 0, None, None))(same, one, *data[0])
     assert not torch.equal(out.factors.value["l1.w"].G[0], out.factors.value["l1.w"].G[1])
 
@@ -262,3 +261,21 @@ def test_random_draws_are_uniform_and_keyed():
     assert not torch.equal(random.uniform(k1, (5,)), random.uniform(k2, (5,)))
     # each index's draw is a function of (key, index): a longer draw starts with the shorter one
     assert torch.equal(random.uniform(k1, (3,), DT), random.uniform(k1, (6,), DT)[:3])
+
+
+def test_compiled_kfac_wrapper_equals_eager():
+    """``torch.compile(opt.step)`` of the ``torch.optim`` wrapper trains exactly like the eager wrapper."""
+    data = batches(3)
+
+    def train(compiled: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+        opt = kf.KFAC(model, inverse_period=2)
+        step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+        losses = [step(x, y) for x, y in data]
+        return losses, list(model.parameters())
+
+    torch._dynamo.reset()
+    (want_loss, want), (got_loss, got) = train(False), train(True)
+    for a, b in zip(want_loss + want, got_loss + got):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
