@@ -1,6 +1,6 @@
 """Step cost of kfac_func against its floor: the dense operations K-FAC needs, timed alone.
 
-    python benchmarks/bench_step.py [--repeats 15] [--quick] [--json results.json]
+    python benchmarks/bench_step.py [--repeats 15] [--quick] [--compile] [--json results.json]
 
 For each model and batch size, in one run and interleaved (round-robin, so machine noise hits every
 candidate alike), it times
@@ -12,7 +12,8 @@ candidate alike), it times
   whole 10-step periods so the decomposition cost is amortised exactly;
 * the knobs that lower the floor: statistics from a quarter of the batch, factors every 5 steps;
 
-and **the floor** of each: eager PyTorch doing only the dense work — forward, the true backward and the
+with ``--compile``, the pure step ``kf.kfac(model).step`` eager against ``torch.compile`` (inductor):
+milliseconds per step and the compile time (MLP at batch 256, the CNN); and **the floor** of each: eager PyTorch doing only the dense work — forward, the true backward and the
 output-gradient backward of the sampled targets, the covariance matmuls (with the conv patch unfold), the
 preconditioning matmuls (4 per layer in the eigenbasis, 2 with cached inverses), the decompositions
 divided by their period, the factors' moving average and the parameter update (momentum, axpy). Ratios are medians of the same run.
@@ -242,6 +243,44 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     return rows
 
 
+def compiled(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int,
+             fisher: str = "mc") -> dict:
+    """The pure step ``kf.kfac(model).step`` eager against ``torch.compile(step)`` (inductor), over whole
+    10-step periods (one decomposition each), interleaved; the compile time is the first period's wall
+    time (both graphs, with and without a refresh, are built there) minus a compiled period's median."""
+    torch.manual_seed(0)
+    model = make()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    opt = kf.kfac(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, reduce=False, fisher=fisher)
+    torch._dynamo.reset()
+    torch._inductor.config.force_disable_caches = True  # time a cold compile, not a cache hit from an earlier run
+    steps = {"eager": opt.step, "compiled": torch.compile(opt.step)}
+    states = {k: opt.init(params, x) for k in steps}
+
+    def period(kind: str) -> Callable[[], None]:
+        def run():
+            for _ in range(PERIOD):
+                _, states[kind], _ = steps[kind](params, states[kind], x, y)
+        return run
+
+    start = time.perf_counter()
+    period("compiled")()
+    first = time.perf_counter() - start
+    t = interleaved({k: period(k) for k in steps}, repeats)
+    return {"model": name, "batch": int(x.shape[0]), "fisher": fisher, "eager_ms": 1e3 * t["eager"] / PERIOD,
+            "compiled_ms": 1e3 * t["compiled"] / PERIOD, "speedup": t["eager"] / t["compiled"],
+            "compile_s": first - t["compiled"]}
+
+
+def compile_table(rows: list[dict]) -> str:
+    lines = ["| model | batch | Fisher | eager ms/step | compiled ms/step | eager / compiled | compile time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['fisher']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
+                     f"{r['speedup']:.2f} | {r['compile_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | batch | step | median ms | × grad step | floor ms | × floor |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -257,6 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (a smoke run)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the pure step compiled with torch.compile (inductor) against eager")
     args = parser.parse_args(argv)
     g = torch.Generator().manual_seed(0)
     if args.quick:
@@ -274,9 +315,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         x, y = torch.randn((n,) + shape, generator=g), torch.randint(0, 10, (n,), generator=g)
         rows += bench(name, make, x, y, args.repeats)
     print(table(rows))
+    compile_rows = []
+    if args.compile:
+        for name, make, n, shape in cases[::2] if not args.quick else cases:  # MLP at the first batch, CNN
+            x, y = torch.randn((n,) + shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+            compile_rows.append(compiled(name, make, x, y, args.repeats))
+        print(compile_table(compile_rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+            json.dump({"machine": machine(), "rows": rows, "compiled": compile_rows}, f, indent=1)
     return rows
 
 

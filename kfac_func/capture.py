@@ -395,7 +395,8 @@ def _trace(model: Model, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
                 "sequence loss return (N, C, L) logits rather than (N·L, C))"
             )
     leaves = optree.tree_leaves(inputs)
-    batch_leaf = next((i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == examples), None)
+    batched = (i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == examples)
+    batch_leaf = next(batched, None)
     plan = dataclasses.replace(plan, batch_leaf=batch_leaf)
     cache[key] = plan
     return plan

@@ -20,7 +20,7 @@ ranks, so that the result equals one process on the global batch (up to floating
   preconditioned gradient every step: least memory); in between, the ``k = fraction·W`` holders of a
   layer each serve a block of ``W/k`` ranks.
 
-MC sampling uses an independent generator per rank, so MC runs match the single process in
+MC sampling uses an independent key per rank (``seed + rank``), so MC runs match the single process in
 distribution, not sample for sample; ``fisher="exact"``/``"empirical"`` match exactly.
 """
 

@@ -12,7 +12,7 @@ scalings, coarse matrices, step counter, sampling key), so a resumed run continu
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .capture import Model, trace
 from .distributed import Communicator, DataParallel
 from .losses import Loss
+from .tree import Spec, flatten
 from .optimizer import Hyper, KFACState, StepInfo, kfac
 
 
@@ -64,8 +65,10 @@ class KFAC(torch.optim.Optimizer):
     ranks holding each layer's decomposition; ``bucket_mb`` caps the all-reduce buckets.
 
     ``params``: for a module, ``None`` (all parameters that require grad), a list of its parameters or
-    of parameter-group dicts; for a function, a dict ``name → leaf tensor`` or a list of group dicts whose
-    ``"params"`` are such dicts. Parameters outside every group are held fixed.
+    of parameter-group dicts; for a function, any pytree of leaf tensors (passed to the function in that
+    structure; parameters are named by path) or a list of group dicts whose ``"params"`` are dicts
+    ``name → leaf tensor`` (together the function's flat dict). Parameters outside every group are held
+    fixed.
     """
 
     def __init__(
@@ -113,14 +116,17 @@ class KFAC(torch.optim.Optimizer):
             process_group = process_group if process_group is not None else model.process_group
             model, data_parallel = model.module, True
         checks = {
-            "decomposition_fraction": 0 < decomposition_fraction <= 1 and (decomposition_fraction == 1 or method == "kfac"),
+            "decomposition_fraction": 0 < decomposition_fraction <= 1
+            and (decomposition_fraction == 1 or method == "kfac"),
             "bucket_mb": bucket_mb > 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {locals()[name]!r}")
         self.model = model
-        comm = DataParallel(process_group, fraction=decomposition_fraction, bucket_mb=bucket_mb) if data_parallel else None
+        comm = None
+        if data_parallel:
+            comm = DataParallel(process_group, fraction=decomposition_fraction, bucket_mb=bucket_mb)
         self._comm: Communicator = comm or Communicator()
         self._pure = kfac(
             model, loss=loss, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
@@ -135,7 +141,7 @@ class KFAC(torch.optim.Optimizer):
         )
         self.info: Report | None = None
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
-        self._names, groups = _named_groups(model, params)
+        self._names, groups, self._spec = _named_groups(model, params)
         super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self._warned_untracked = False
 
@@ -143,7 +149,7 @@ class KFAC(torch.optim.Optimizer):
         """Every parameter the model takes (optimised or fixed), detached."""
         if isinstance(self.model, nn.Module):
             return {n: p.detach() for n, p in self.model.named_parameters()}
-        return {n: p.detach() for p, n in self._names.items()}
+        return self._spec.unflatten({n: p.detach() for p, n in self._names.items()})
 
     def _hyper(self) -> Hyper:
         """The parameter groups' hyperparameters per parameter name, in group order."""
@@ -171,10 +177,11 @@ class KFAC(torch.optim.Optimizer):
     def _commit(self, new: dict[str, Tensor], state: KFACState, info: StepInfo, step: Tensor) -> Tensor:
         """Write the pure step's result into the model and the optimizer; warn about a skipped step."""
         self.kfac_state = state
+        new, grads = flatten(new)[0], flatten(info.grads)[0]
         for group in self.param_groups:
             for p in group["params"]:
                 name = self._names[p]
-                p.grad = info.grads[name]
+                p.grad = grads[name]
                 p.copy_(new[name])
         if not bool(info.finite):
             nan = float("nan")
@@ -216,8 +223,9 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state = None if kfac_state is None else KFACState(**optree.tree_map(clone, kfac_state))
 
 
-def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[dict[str, Any]]]:
-    """Resolve parameter names (by identity) and torch-style parameter groups."""
+def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[dict[str, Any]], Spec | None]:
+    """Resolve parameter names (by identity), torch-style parameter groups and, for a function model, the
+    structure its parameters are passed in."""
     if isinstance(model, nn.Module):
         by_id = {id(p): n for n, p in model.named_parameters()}
         if params is None:
@@ -230,20 +238,23 @@ def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[di
             g["params"] = list(g["params"])
             for p in g["params"]:
                 if id(p) not in by_id:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model")
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model"
+                    )
                 names[p] = by_id[id(p)]
-        return names, groups
-    if isinstance(params, dict) and "params" not in params:
-        params = [{"params": params}]
-    if not isinstance(params, Iterable) or not params:
-        raise ValueError("for a function model, params must be a dict name → tensor or a list of group dicts")
-    names, groups = {}, []
-    for g in params:
-        if not isinstance(g.get("params"), dict):
-            raise ValueError("each parameter group of a function model needs 'params': a dict name → tensor")
-        names.update({p: n for n, p in g["params"].items()})
-        groups.append({**g, "params": list(g["params"].values())})
-    return names, groups
+        return names, groups, None
+    if isinstance(params, (list, tuple)) and params and isinstance(params[0], dict) and "params" in params[0]:
+        groups = params  # torch-style groups: each 'params' a dict name → tensor, together the model's
+    else:
+        groups = [{"params": params}]  # one group: any pytree of tensors, passed to the model as it is
+    names, out = {}, []
+    for g in groups:
+        flat, spec = flatten(g["params"])
+        if not flat:
+            raise ValueError("for a function model, params must be a pytree of tensors or a list of group dicts")
+        names.update({p: n for n, p in flat.items()})
+        out.append({**g, "params": list(flat.values())})
+    return names, out, spec if len(groups) == 1 else Spec(tuple(names.values()))
 
 
 class EKFAC(KFAC):

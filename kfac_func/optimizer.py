@@ -44,14 +44,22 @@ from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
-from .capture import Model, Plan, as_function, capture, trace
+from .capture import Model, as_function, capture, trace
 from .distributed import Communicator, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
-from .factors import EigenFactors, InverseFactors, KroneckerFactors, default_reduce, eigendecompose, inverse_factors, kronecker_factors
+from .factors import (
+    EigenFactors,
+    InverseFactors,
+    KroneckerFactors,
+    default_reduce,
+    eigendecompose,
+    inverse_factors,
+    kronecker_factors,
+)
 from .layers import stat_dtype, weight_matrix
 from .losses import FISHER_TYPES, Loss, as_loss
 from .precondition import METHODS, MODES, precondition
@@ -190,7 +198,8 @@ class Options:
             "method": self.method in METHODS,
             "scale_period": self.scale_period >= 1,
             "coarse_space": self.coarse_space in SPACES,
-            "coarse_vectors": self.coarse_vectors >= 1 and (self.coarse_vectors == 1 or self.coarse_space == "spectral"),
+            "coarse_vectors": self.coarse_vectors >= 1
+            and (self.coarse_vectors == 1 or self.coarse_space == "spectral"),
             "coarse_mode": self.coarse_mode in COARSE_MODES,
             "combination": self.combination in COMBINATIONS,
             "adaptive": self.adaptive in ADAPTIVE,
@@ -200,7 +209,9 @@ class Options:
             "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
         }
         if self.method == "ekfac" and self.damping_mode != "eigen":
-            raise ValueError("invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')")
+            raise ValueError(
+                "invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')"
+            )
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
@@ -297,15 +308,28 @@ def _load(tree: Any) -> Any:
     return optree.tree_map(lambda t: None if t.dim() == 1 and t.numel() == 0 else t, tree)
 
 
+def _traced(t: Tensor) -> bool:
+    """Whether ``t``'s value cannot be read on the host: under ``torch.compile`` or ``vmap``."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
+
+
 def _select(ok: Tensor, new: Any, old: Any) -> Any:
-    """``new`` where ``ok``, else ``old``, leaf by leaf (same structure)."""
-    return optree.tree_map(lambda n, o: torch.where(ok, n, o), new, old)
+    """``new`` where ``ok``, else ``old`` (same structure): a ``torch.where`` per leaf that differs when
+    traced, one host read of ``ok`` in eager mode (no copies)."""
+    if not _traced(ok):
+        return new if bool(ok) else old
+    return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old)
+
+
+def _zero_unless(ok: Tensor, tree: Any) -> Any:
+    """``tree``, or zeros in its place when not ``ok``."""
+    return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if _traced(ok) or not bool(ok) else tree
 
 
 @torch.compiler.disable  # the step's one graph break under torch.compile, without a warning about .item()
 def _host_int(t: Tensor) -> int:
-    """A counter's value on the host. Under ``vmap``
-    the members must share it (an ensemble steps together); it is read from the batched tensor."""
+    """A counter's value on the host. Under ``vmap`` the members must share it (an ensemble steps
+    together); it is read from the batched tensor."""
     while torch._C._functorch.is_batchedtensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     if t.dim() and not bool((t == t.flatten()[0]).all()):
@@ -337,7 +361,8 @@ class _Transform:
             dtype = stat_dtype(w.dtype)
             a = w.new_zeros((blocks, d_a) if spec.diagonal_a else (blocks, d_a, d_a), dtype=dtype)
             zeros[name] = KroneckerFactors(a, w.new_zeros((blocks, d_g, d_g), dtype=dtype))
-        factors = init_average(zeros) if zeros else MovingAverage({}, first.new_zeros(()), first.new_zeros((), dtype=torch.int64))
+        empty = MovingAverage({}, first.new_zeros(()), first.new_zeros((), dtype=torch.int64))  # no tracked layer
+        factors = init_average(zeros) if zeros else empty
         eigen, inverses, scale, space, coarse = {}, {}, {}, {}, {}  # distinct: compiled guards check aliasing
         # the decompositions of zero factors (the layers this rank holds: KAISA), replaced at step 0
         if o.needs_eigen:
@@ -345,9 +370,11 @@ class _Transform:
         if o.damping_mode == "factored":
             inverses = self.comm.decompose(zeros, lambda f: inverse_factors(f, o.damping), InverseFactors)
         if o.method == "ekfac":
-            scale = init_average({n: f.G.new_zeros((f.G.shape[0], f.G.shape[-1], f.A.shape[-1])) for n, f in zeros.items()})
+            scale = init_average({n: f.G.new_zeros((f.G.shape[0], f.G.shape[-1], f.A.shape[-1]))
+                                  for n, f in zeros.items()})
         if o.method == "two_level":
-            space = nicolaides_space(zeros) if o.coarse_space == "nicolaides" else spectral_space(_load(eigen), o.coarse_vectors)
+            spectral = o.coarse_space == "spectral"
+            space = spectral_space(_load(eigen), o.coarse_vectors) if spectral else nicolaides_space(zeros)
             k = sum(u.shape[0] for u in space.UG.values())
             ref = next(iter(zeros.values())).G
             coarse = init_average(ref.new_zeros((k, k)))
@@ -378,7 +405,7 @@ class _Transform:
         """One step with its :class:`Schedule` given (for ``torch.compile(..., fullgraph=True)``)."""
         o, comm = self.o, self.comm
         flat, spec = flatten(params)
-        hyper = hyper or Hyper({n: o.lr for n in flat}, {n: o.momentum for n in flat}, {n: o.weight_decay for n in flat})
+        hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)
         fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or schedule.adapt or o.reject_steps)
         stats = schedule.factors or schedule.scale or schedule.coarse or fisher_forms
@@ -403,11 +430,12 @@ class _Transform:
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
         ok = all_finite((total_loss, grads, reduced if batch is not None else (cap.a, cap.g)))
-        clean = lambda tree: optree.tree_map(lambda t: torch.where(ok, t, torch.zeros_like(t)), tree)  # noqa: E731
-        grads, cap = clean(grads), cap._replace(loss=total_loss, a=clean(cap.a), g=clean(cap.g))
+        grads, a, g = _zero_unless(ok, (grads, cap.a, cap.g))
+        cap = cap._replace(loss=total_loss, a=a, g=g)
         new = state._replace(key=key)
         if batch is not None:
-            new = new._replace(factors=update_average(state.factors, clean(batch), o.ema_decay, checked=True)[0])
+            batch = _zero_unless(ok, batch)
+            new = new._replace(factors=update_average(state.factors, batch, o.ema_decay, checked=True)[0])
         if schedule.refresh:
             new = self._refresh(new)
         if schedule.scale:
@@ -478,7 +506,8 @@ class _Transform:
         o, lr = self.o, hyper.lr
         scale = torch.ones((), dtype=torch.float64)
         if o.kl_clip is not None:
-            vg = sum(lr[n] ** 2 * (delta[n] * grads[n]).sum() for n in lr).double().abs()  # two-level need not be symmetric
+            # |Σ η² Δ·∇|: the two-level forms need not be symmetric
+            vg = sum(lr[n] ** 2 * (delta[n] * grads[n]).sum() for n in lr).double().abs()
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity = {}, {}
         for n in lr:
@@ -500,12 +529,13 @@ class _Transform:
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
         directions = [{**{n: -delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
         forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper)
-        gram = torch.stack([torch.stack([sum((a[n] * b[n]).sum() for n in names) for b in directions]) for a in directions])
+        dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
+        gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions])
         b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
         fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
         x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
-        update = {n: x[0].to(directions[0][n].dtype) * directions[0][n] + x[1].to(directions[1][n].dtype) * directions[1][n]
-                  for n in names}
+        step, prev = directions
+        update = {n: x[0].to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
         return update, dict(update), x[0], x[1], (forms, b, x)
 
     def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper) -> Tensor:
