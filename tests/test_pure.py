@@ -51,15 +51,17 @@ def flat(tree):
     return kf.tree.flatten(tree)[0]
 
 
-@pytest.mark.parametrize("fisher", ["exact", "mc"])
-def test_steps_equal_a_hand_written_reference(fisher):
-    """Four steps of K-FAC (eigen damping, decompositions every 2 steps, factors every step, EMA 0.8,
-    KL clip, momentum, weight decay) against the stages composed by hand, with the key split as
-    documented: ``key, sample = split(key)`` each step."""
+@pytest.mark.parametrize("fisher, mode, factor_period", [("exact", "eigen", 1), ("mc", "eigen", 1),
+                                                          ("mc", "factored", 2), ("exact", "factored", 1)])
+def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period):
+    """Five steps of K-FAC (decompositions every 2 steps — eigen, or π-damped Cholesky inverses —, factors
+    every ``factor_period`` steps, EMA 0.8 with bias correction, KL clip, momentum, weight decay) against
+    the stages composed by hand, with the key split as documented: ``key, sample = split(key)`` each step
+    (statistics or not)."""
     lr, mom, wd, lam, beta, kl, period = 0.3, 0.7, 1e-2, 0.05, 0.8, 1e-3, 2
     opt = kf.kfac(mlp, lr=lr, momentum=mom, weight_decay=wd, damping=lam, ema_decay=beta, kl_clip=kl,
-                  inverse_period=period, fisher=fisher, seed=7)
-    params, data = nested_params(), batches(4)
+                  inverse_period=period, fisher=fisher, seed=7, damping_mode=mode, factor_period=factor_period)
+    params, data = nested_params(), batches(5)
     got, state, infos = run(opt, params, data)
 
     p = flat(params)
@@ -70,17 +72,22 @@ def test_steps_equal_a_hand_written_reference(fisher):
     for t, (x, y) in enumerate(data):
         key, sample = random.split(key)
         tree = kf.tree.flatten(params)[1].unflatten(p)
-        cap = kf.capture(mlp, tree, x, y, "cross_entropy", fisher=fisher, key=sample)
-        batch = kf.kronecker_factors(cap, reduce=True)  # (N, C) output: reduce (= expand for S = 1)
-        if avg is None:
-            avg = {n: kf.KroneckerFactors(*(0 * f for f in batch[n])) for n in batch}
-        avg = {n: kf.KroneckerFactors(*(beta * m + (1 - beta) * f for m, f in zip(avg[n], batch[n]))) for n in batch}
-        weight = beta * weight + (1 - beta)
+        stats = t % factor_period == 0
+        cap = kf.capture(mlp, tree, x, y, "cross_entropy", fisher=fisher if stats else None, key=sample)
+        if stats:
+            batch = kf.kronecker_factors(cap, reduce=True)  # (N, C) output: reduce (= expand for S = 1)
+            if avg is None:
+                avg = {n: kf.KroneckerFactors(*(0 * f for f in batch[n])) for n in batch}
+            avg = {n: kf.KroneckerFactors(*(beta * m + (1 - beta) * f for m, f in zip(avg[n], batch[n])))
+                   for n in batch}
+            weight = beta * weight + (1 - beta)
         if t % period == 0:
-            eig = kf.eigendecompose({n: kf.KroneckerFactors(*(m / weight for m in avg[n])) for n in avg})
+            mean = {n: kf.KroneckerFactors(*(m / weight for m in avg[n])) for n in avg}
+            factors = kf.eigendecompose(mean) if mode == "eigen" else kf.inverse_factors(mean, lam)
         plan = kf.trace(mlp, tree, x)
         grads = flat(cap.grads)
-        delta = kf.precondition(p, grads, eig, layers=plan.layers, damping=lam)
+        delta = kf.precondition(p, grads, factors, layers=plan.layers, damping=lam if mode == "eigen" else None,
+                                mode=mode)
         vg = abs(sum(lr**2 * (delta[n] * grads[n]).sum() for n in p))
         nu = min(1.0, math.sqrt(kl / vg))
         for n in p:
@@ -89,7 +96,7 @@ def test_steps_equal_a_hand_written_reference(fisher):
         assert float(infos[t].alpha) == pytest.approx(lr * nu, rel=1e-12)
     for n, v in flat(got).items():
         torch.testing.assert_close(v, p[n], rtol=1e-11, atol=1e-13)
-    assert int(state.step) == 4 and torch.equal(state.key, key)
+    assert int(state.step) == 5 and torch.equal(state.key, key)
     assert optree.tree_structure(got) == optree.tree_structure(params)
 
 
