@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from .capture import Model, trace
 from .distributed import Communicator, DataParallel
-from .losses import Loss
-from .tree import Spec, flatten
 from .optimizer import Hyper, KFACState, StepInfo, kfac
+from .tree import Spec, flatten
 
 
 class Report(NamedTuple):
@@ -40,7 +39,9 @@ class Report(NamedTuple):
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC, E-KFAC or two-level K-FAC for an ``nn.Module`` or a function ``f(params, x)``.
+    """K-FAC, E-KFAC or two-level K-FAC for an ``nn.Module`` or a function ``f(params, x)``; ``options``
+    are those of :func:`kfac_func.kfac` (``lr``, ``momentum`` and ``weight_decay`` become the defaults of
+    the parameter groups).
 
     ``method``: ``"kfac"``, ``"ekfac"`` (scaling re-estimated every ``scale_period`` steps) or
     ``"two_level"`` (``coarse_space`` ``"nicolaides"``/``"spectral"`` with ``coarse_vectors`` per layer,
@@ -76,48 +77,18 @@ class KFAC(torch.optim.Optimizer):
         model: Model,
         params: Any = None,
         *,
-        loss: Loss | str = "cross_entropy",
-        lr: float = 1e-2,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        damping: float = 1e-3,
-        damping_mode: str = "eigen",
-        fisher: str = "mc",
-        mc_samples: int = 1,
-        factor_period: int = 1,
-        inverse_period: int = 10,
-        ema_decay: float = 0.95,
-        kl_clip: float | None = 1e-3,
-        reduce: bool | dict[str, bool] | str = "auto",
-        stats_fraction: float = 1.0,
-        decomposition_dtype: torch.dtype = torch.float64,
-        seed: int = 0,
-        method: str = "kfac",
-        scale_period: int = 1,
-        coarse_space: str = "nicolaides",
-        coarse_vectors: int = 1,
-        coarse_mode: str = "exact",
-        combination: str = "additive",
-        coarse_weights: tuple[float, float] = (1.0, 1.0),
-        adaptive: str | None = None,
-        quadratic_curvature: str = "ggn",
-        damping_adaptation: bool = False,
-        damping_interval: int = 5,
-        damping_decay: float = 0.95,
-        damping_bounds: tuple[float, float] = (1e-8, 1e8),
-        reject_steps: bool = False,
         data_parallel: bool = False,
         process_group: Any = None,
-        lazy_factors: bool = False,
         decomposition_fraction: float = 1.0,
         bucket_mb: float = 25.0,
+        **options: Any,
     ):
         if isinstance(model, nn.parallel.DistributedDataParallel):  # run the wrapped module functionally
             process_group = process_group if process_group is not None else model.process_group
             model, data_parallel = model.module, True
         checks = {
             "decomposition_fraction": 0 < decomposition_fraction <= 1
-            and (decomposition_fraction == 1 or method == "kfac"),
+            and (decomposition_fraction == 1 or options.get("method", "kfac") == "kfac"),
             "bucket_mb": bucket_mb > 0,
         }
         for name, ok in checks.items():
@@ -128,21 +99,12 @@ class KFAC(torch.optim.Optimizer):
         if data_parallel:
             comm = DataParallel(process_group, fraction=decomposition_fraction, bucket_mb=bucket_mb)
         self._comm: Communicator = comm or Communicator()
-        self._pure = kfac(
-            model, loss=loss, lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping,
-            damping_mode=damping_mode, fisher=fisher, mc_samples=mc_samples, factor_period=factor_period,
-            inverse_period=inverse_period, ema_decay=ema_decay, kl_clip=kl_clip, reduce=reduce,
-            stats_fraction=stats_fraction, decomposition_dtype=decomposition_dtype, seed=seed, method=method,
-            scale_period=scale_period, coarse_space=coarse_space, coarse_vectors=coarse_vectors,
-            coarse_mode=coarse_mode, combination=combination, coarse_weights=coarse_weights, adaptive=adaptive,
-            quadratic_curvature=quadratic_curvature, damping_adaptation=damping_adaptation,
-            damping_interval=damping_interval, damping_decay=damping_decay, damping_bounds=damping_bounds,
-            reject_steps=reject_steps, lazy_factors=lazy_factors, communicator=comm,
-        )
+        self._pure = kfac(model, communicator=comm, **options)
+        o = self._pure.options
         self.info: Report | None = None
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
         self._names, groups, self._spec = _named_groups(model, params)
-        super().__init__(groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        super().__init__(groups, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
         self._warned_untracked = False
 
     def _all_params(self) -> dict[str, Tensor]:
