@@ -13,6 +13,8 @@ import optree
 import torch
 from torch import Tensor
 
+from .subnormal import flush_tree
+
 
 class MovingAverage(NamedTuple):
     """``value``: the raw sums ``Σₖ (1−β) β^{t−k} Fₖ`` (any pytree of tensors); ``weight``: ``1 − βᵗ``;
@@ -55,7 +57,8 @@ def update_average(state: MovingAverage, batch: Any, decay: float, *, checked: b
         ok = all_finite(batch)
         value = optree.tree_map(lambda m, f: torch.where(ok, torch.lerp(m, f, 1 - decay), m), state.value, batch)
     weight = torch.where(ok, decay * state.weight + (1 - decay), state.weight)
-    return MovingAverage(value, weight, state.updates + ok.to(state.updates.dtype)), ok
+    # a decaying average reaches subnormal values after ~1 700 steps without signal (0.95ᵗ < 1e-38): flushed
+    return MovingAverage(flush_tree(value), weight, state.updates + ok.to(state.updates.dtype)), ok
 
 
 def averaged(state: MovingAverage) -> Any:

@@ -30,8 +30,8 @@ by the leaves' paths, a function model gets the caller's structure back and ``Ca
 
 from __future__ import annotations
 
-import weakref
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -57,6 +57,7 @@ from .layers import (
     parameter_grads,
 )
 from .losses import Loss, as_loss, cotangents
+from .subnormal import flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
 Model = nn.Module | Callable[[PyTree, Any], Tensor]
@@ -536,6 +537,8 @@ def capture(
         else:
             free_grads, probe_grads = vmap(vjp_fn)(cts)
             free_grads = optree.tree_map(lambda t: t[0], free_grads)
+    # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
+    free_grads, probe_grads = flush_tree((free_grads, probe_grads))
 
     grads = dict(free_grads)
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
@@ -557,6 +560,7 @@ def capture(
         gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
         a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
+    grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
     if fisher is None:
         return Capture(value, structure.unflatten(grads), {}, {}, buffers)
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731

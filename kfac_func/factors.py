@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .layers import LayerSpec
+from .subnormal import flush
 
 
 F = TypeVar("F", bound=Callable)
@@ -113,7 +114,7 @@ def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = to
 
     def eig(m: Tensor) -> tuple[Tensor, Tensor]:
         d, q = torch.linalg.eigh(m.to(dtype))
-        return q.to(m.dtype), d.clamp_min(0).to(m.dtype)
+        return flush(q.to(m.dtype)), flush(d.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
 
     out = {}
     for name, f in factors.items():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import random
+from .subnormal import flush
 
 FISHER_TYPES = ("mc", "exact", "empirical")
 _KINDS = ("cross_entropy", "mse", "bce_with_logits")
@@ -172,7 +173,7 @@ def cotangents(
         raise ValueError(f"mc_samples must be >= 1, got {samples}")
     value = loss.value(out, target)
     scale = loss.scale(out, target)
-    true_grad = scale * loss.grad(out, target)
+    true_grad = flush(scale * loss.grad(out, target))  # a loss near zero: no subnormals into the backward
     if fisher is None:
         return value, true_grad, None, scale
     if fisher == "empirical":
@@ -181,7 +182,7 @@ def cotangents(
         curv = scale**0.5 * loss.hessian_sqrt(out, target)
     else:
         curv = (scale / samples) ** 0.5 * loss.sampled_grads(out, target, samples, random.draw_key() if key is None else key)
-    return value, true_grad, curv, scale
+    return value, true_grad, flush(curv), scale
 
 
 def _finite_probs(p: Tensor) -> Tensor:

@@ -70,6 +70,7 @@ from .quadratic import (
     reduction_ratio,
     solve_quadratic_model,
 )
+from .subnormal import flush_tree
 from .tree import flatten
 from .two_level import (
     COARSE_MODES,
@@ -490,7 +491,8 @@ class _Transform:
             new = new._replace(damping=lam)
             if factored:  # the cached inverses include λ
                 new = new._replace(inverses=self._inverses(new))
-        new = new._replace(step=state.step + 1, velocity={**state.velocity, **velocity})
+        new = new._replace(step=state.step + 1, velocity={**state.velocity, **flush_tree(velocity)})
+        update = flush_tree(update)
         moved = {n: p + update[n] if n in update else p for n, p in flat.items()}
         new_state, moved = _select(ok, (new, moved), (state, flat))
         info = StepInfo(

@@ -1,0 +1,31 @@
+r"""Subnormal floats flushed to zero where the curvature step creates them.
+
+When a loss goes to zero its output gradients (``p − onehot`` with ``p`` within ``1e-39`` of a one-hot)
+become *subnormal* — smaller than the dtype's smallest normal number — and so do the gradients,
+Kronecker factors, moving averages and velocities built from them. CPUs run arithmetic on subnormals
+10–100× slower, which made a step on a memorised batch up to 20× slower. Flushing such values to zero at
+the places they enter (the loss's output-space vectors, the moving averages, the velocity) keeps the step
+at its normal speed without touching a global setting such as ``torch.set_flush_denormal``; a value below
+``finfo.tiny`` (1.2e-38 in float32, 2.2e-308 in float64) is negligible next to any normal one it is
+added to, so no result the oracles check changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+
+def flush(t: Tensor) -> Tensor:
+    """``t`` with every subnormal entry replaced by zero (integer tensors unchanged)."""
+    if not t.is_floating_point():
+        return t
+    return torch.where(t.abs() < torch.finfo(t.dtype).tiny, torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
+def flush_tree(tree: Any) -> Any:
+    """:func:`flush` on every tensor leaf of a pytree."""
+    return optree.tree_map(flush, tree)
