@@ -1,6 +1,6 @@
 """kfac_func: K-FAC, E-KFAC and two-level K-FAC as functional transforms on ``torch.func``."""
 
-from . import distributed, random, tree
+from . import checkpoint, distributed, random, tree
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
 from .describe import Registration, describe
@@ -52,6 +52,7 @@ __all__ = [
     "as_function",
     "averaged",
     "capture",
+    "checkpoint",
     "coarse_matrix",
     "curvature_product",
     "default_reduce",

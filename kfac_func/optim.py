@@ -6,7 +6,8 @@ r"""A thin ``torch.optim.Optimizer`` adapter over the pure optimizer of :mod:`kf
 writes the new parameters, gradients and BatchNorm running statistics back into the model. It holds no
 algorithm of its own: the mathematics and every decision of a step are in
 :func:`kfac_func.optimizer.kfac`. ``state_dict()`` carries the pure state (factors, decompositions,
-scalings, coarse matrices, step counter, sampling key), so a resumed run continues bit for bit.
+scalings, coarse matrices, step counter, sampling key) as plain data (:mod:`kfac_func.checkpoint`), so
+``torch.load(..., weights_only=True)`` reads it and a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .capture import Model, trace
 from .distributed import Communicator, DataParallel
 from .optimizer import Hyper, KFACState, StepInfo, kfac
@@ -103,6 +104,7 @@ class KFAC(torch.optim.Optimizer):
         o = self._pure.options
         self.info: Report | None = None
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
+        self._unchecked = False  # a loaded state whose layers are checked at the next step (none existed to compare)
         self._names, groups, self._spec = _named_groups(model, params)
         super().__init__(groups, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
         self._warned_untracked = False
@@ -130,9 +132,18 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=2,
             )
             self._warned_untracked = True
+        if self._unchecked:
+            self._check_loaded(params, inputs)
         state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
         new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
         return self._commit(new, new_state, info, state.step)
+
+    @torch.compiler.disable
+    def _check_loaded(self, params: Any, inputs: Any) -> None:
+        """The loaded state's layers, shapes and dtypes against a fresh state of this model and batch."""
+        assert self.kfac_state is not None
+        checkpoint.check_state(self.kfac_state, self._pure.init(params, inputs))
+        self._unchecked = False
 
     @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
     @torch.no_grad()
@@ -171,18 +182,27 @@ class KFAC(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def state_dict(self) -> dict[str, Any]:
+        """``torch.optim``'s groups and, under ``"kfac"``, the pure state as plain data (:func:`checkpoint.pack`)."""
         out = super().state_dict()
-        out["kfac"] = None if self.kfac_state is None else self.kfac_state._asdict()
+        out["kfac"] = checkpoint.pack(self.kfac_state, self._pure.options)
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` after checking, before anything changes: its format, the options the state
+        depends on, its parameters' names, shapes and dtypes against the model's and its layers and tensors
+        against this optimizer's state (without one yet: against a fresh state at the next step, before it
+        changes anything); then ``torch.optim``'s checks of the groups."""
         state_dict = dict(state_dict)
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by kfac_func.KFAC")
-        kfac_state = state_dict.pop("kfac")
+        state = checkpoint.unpack(state_dict.pop("kfac"), self._pure.options)
+        if state is not None:
+            checkpoint.check_params(state, flatten(self._all_params())[0])
+            if self.kfac_state is not None and not self._unchecked:
+                checkpoint.check_state(state, self.kfac_state)
         super().load_state_dict(state_dict)
-        clone = lambda t: t.clone() if isinstance(t, Tensor) else t  # noqa: E731
-        self.kfac_state = None if kfac_state is None else KFACState(**optree.tree_map(clone, kfac_state))
+        self._unchecked = state is not None and (self.kfac_state is None or self._unchecked)
+        self.kfac_state = state
 
 
 def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[dict[str, Any]], Spec | None]:

@@ -496,7 +496,7 @@ def test_state_dict_round_trip_with_adaptive_damping_resumes_bit_identically():
     for x, y in batches[5:7]:  # the original keeps going: the checkpoint must not alias its state
         opt.step(x, y)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf, weights_only=True)
     resumed = _mlp(7, torch.float32)
     resumed.load_state_dict(saved["model"])
     resumed_opt = kf.KFAC(resumed, damping=0.5, seed=99, **kwargs)
