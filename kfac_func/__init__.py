@@ -1,5 +1,7 @@
 """kfac_func: K-FAC, E-KFAC and two-level K-FAC as functional transforms on ``torch.func``."""
 
+__version__ = "0.1.0"  # the package's version: pyproject.toml reads it from here
+
 from . import checkpoint, distributed, random, tree
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace

@@ -1,0 +1,28 @@
+"""Packaging: one version number, and the dependencies ``import kfac_func`` needs to import quietly."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kfac_func as kf
+
+PYPROJECT = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+
+
+def test_version_has_one_source():
+    """pyproject.toml takes the version from ``kfac_func.__version__``; the installed metadata agrees."""
+    assert re.fullmatch(r"\d+\.\d+\.\d+(\.dev\d+|rc\d+)?", kf.__version__)
+    assert 'dynamic = ["version"]' in PYPROJECT and 'version = { attr = "kfac_func.__version__" }' in PYPROJECT
+    assert not re.search(r"^version\s*=", PYPROJECT.split("[tool.")[0], re.MULTILINE)
+    assert importlib.metadata.version("kfac_func") == kf.__version__
+
+
+def test_dependencies_cover_a_quiet_import():
+    """numpy is declared (torch warns at import without it) and the import itself warns about nothing."""
+    dependencies = re.search(r"^dependencies = \[(.*)\]$", PYPROJECT, re.MULTILINE).group(1)
+    assert {re.split(r"[<>=]", d.strip(' "'))[0] for d in dependencies.split(",")} == {"torch", "optree", "numpy"}
+    subprocess.run([sys.executable, "-W", "error", "-c", "import kfac_func"], check=True)
