@@ -11,17 +11,23 @@ candidate alike), it times
   decompositions every 10 steps (eigendecompositions, or Cholesky inverses with π-damping), timed over
   whole 10-step periods so the decomposition cost is amortised exactly;
 * the knobs that lower the floor: statistics from a quarter of the batch, factors every 5 steps;
+* ``hook baseline``: for the ``kfac[eigen]`` and ``kfac[factored]`` rows, the same steps (same config, same
+  10-step periods) of :class:`hook_kfac.HookKFAC`, the hook-based eager K-FAC a PyTorch user writes by hand;
 
 with ``--compile``, the pure step ``kf.kfac(model).step`` eager against ``torch.compile`` (inductor):
-milliseconds per step and the compile time (MLP at batch 256, the CNN); and **the floor** of each: eager PyTorch doing only the dense work — forward, the true backward and the
-output-gradient backward of the sampled targets, the covariance matmuls (with the conv patch unfold), the
-preconditioning matmuls (4 per layer in the eigenbasis, 2 with cached inverses), the decompositions
-divided by their period, the factors' moving average and the parameter update (momentum, axpy). Ratios are medians of the same run.
+milliseconds per step and the compile time (MLP at batch 256, the CNN); and **the floor** of each: eager
+PyTorch doing only the dense work — forward, the true backward and the output-gradient backward of the
+sampled targets, the covariance matmuls (with the conv patch unfold), the preconditioning matmuls (4 per
+layer in the eigenbasis, 2 with cached inverses), the decompositions divided by their period, the factors'
+moving average and the parameter update (momentum, axpy). For the
+``kfac[eigen]`` and ``kfac[factored]`` rows the floor reported is the faster of this dense floor and the hook
+baseline (``dense_floor_ms`` and ``hook_ms`` in the JSON). Ratios are medians of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -30,6 +36,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from hook_kfac import HookKFAC
 from torch import nn
 
 import kfac_func as kf
@@ -176,7 +183,8 @@ def interleaved(candidates: dict[str, Callable[[], None]], repeats: int, warmup:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> list[dict]:
+def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int,
+          warmup: int = 2) -> list[dict]:
     torch.manual_seed(0)
     model = make()
     floor = Floor(model, x, y)
@@ -203,6 +211,16 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
 
         return run
 
+    def hook_period(**kw):
+        opt = HookKFAC(copy.deepcopy(model), lr=0.0, inverse_period=PERIOD, kl_clip=None, **kw)  # hooks on a copy
+        opt.step(x, y)  # as above: the timed period starts at a decomposition step
+
+        def run():
+            for _ in range(PERIOD):
+                opt.step(x, y)
+
+        return run
+
     configs = {
         "kfac[eigen]": dict(damping_mode="eigen"),
         "kfac[factored]": dict(damping_mode="factored", damping=1e-2),
@@ -211,6 +229,9 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     }
     candidates: dict[str, Callable[[], None]] = {"grad": grad_step, "curvature": curvature}
     candidates.update({k: kfac_period(**v) for k, v in configs.items()})
+    hooked = {"kfac[eigen]": {"damping_mode": "eigen", "damping": 1e-3},  # kfac_func's default damping
+              "kfac[factored]": {"damping_mode": "factored", "damping": 1e-2}}
+    candidates.update({f"hook:{k}": hook_period(**v) for k, v in hooked.items()})
     candidates.update({
         "floor:grad": floor.grad_step,
         "floor:curvature": floor.curvature,
@@ -221,7 +242,7 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         "floor:cholesky": floor.cholesky,
         "floor:average+update": floor.moving_average_and_update,
     })
-    t = interleaved(candidates, repeats)
+    t = interleaved(candidates, repeats, warmup)
     per = {k: t[k] / PERIOD for k in configs}  # seconds per step, decomposition amortised
     step = t["floor:average+update"]
     inverse = t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD + step
@@ -233,12 +254,15 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + inverse,
         "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5 + inverse,
     }
+    hook = {k: t[f"hook:{k}"] / PERIOD for k in hooked}
     measured = {"grad": t["grad"], "curvature": t["curvature"], **per}
     rows = []
     for step, sec in measured.items():
+        floor = min(floors[step], hook.get(step, floors[step]))
         rows.append({
-            "model": name, "batch": int(x.shape[0]), "step": step, "ms": 1e3 * sec,
-            "x_grad": sec / t["grad"], "floor_ms": 1e3 * floors[step], "x_floor": sec / floors[step],
+            "model": name, "batch": int(x.shape[0]), "step": step, "ms": 1e3 * sec, "x_grad": sec / t["grad"],
+            "hook_ms": 1e3 * hook[step] if step in hook else None, "x_hook": sec / hook[step] if step in hook else None,
+            "dense_floor_ms": 1e3 * floors[step], "floor_ms": 1e3 * floor, "x_floor": sec / floor,
         })
     return rows
 
@@ -282,11 +306,14 @@ def compile_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | batch | step | median ms | × grad step | floor ms | × floor |", "|---|---|---|---|---|---|---|"]
+    header = ("| model | batch | step | median ms | × grad step | hook baseline ms | × hook baseline | "
+              "floor ms (min of dense, hook) | × floor |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['step']} | {r['ms']:.2f} | {r['x_grad']:.2f} | "
-            f"{r['floor_ms']:.2f} | {r['x_floor']:.2f} |"
+            f"| {r['model']} | {r['batch']} | {r['step']} | {r['ms']:.2f} | {r['x_grad']:.2f} | {fmt(r['hook_ms'])} | "
+            f"{fmt(r['x_hook'])} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -294,15 +321,15 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, 1 warmup (a smoke run)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--compile", action="store_true",
                         help="also time the pure step compiled with torch.compile (inductor) against eager")
     args = parser.parse_args(argv)
-    g = torch.Generator().manual_seed(0)
+    g, warmup = torch.Generator().manual_seed(0), 2
     if args.quick:
         cases = [("MLP 784-512-256-10", mlp, 32, (784,)), ("CNN 2 conv + linear", cnn, 8, (1, 28, 28))]
-        args.repeats = 2
+        args.repeats, warmup = 2, 1
     else:
         cases = [
             ("MLP 784-512-256-10", mlp, 256, (784,)),
@@ -313,7 +340,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, make, n, shape in cases:
         x, y = torch.randn((n,) + shape, generator=g), torch.randint(0, 10, (n,), generator=g)
-        rows += bench(name, make, x, y, args.repeats)
+        rows += bench(name, make, x, y, args.repeats, warmup)
     print(table(rows))
     compile_rows = []
     if args.compile:
