@@ -3,7 +3,8 @@ r"""Subnormal floats flushed to zero where the curvature step creates them.
 When a loss goes to zero its output gradients (``p − onehot`` with ``p`` within ``1e-39`` of a one-hot)
 become *subnormal* — smaller than the dtype's smallest normal number — and so do the gradients,
 Kronecker factors, moving averages and velocities built from them. CPUs run arithmetic on subnormals
-10–100× slower, which made a step on a memorised batch up to 25× slower. Flushing such values to zero
+10–100× slower (a report on this project's machines measured steps on a memorised batch 10–20× slower;
+``benchmarks/bench_small_loss.py`` did not reproduce it on an AMD EPYC). Flushing such values to zero
 where they arise (the loss's output-space vectors, the backward's outputs and the gradients, the moving
 averages, the eigendecompositions cast to float32, the velocity and the update) keeps the step at its
 normal speed without touching a global setting such as ``torch.set_flush_denormal``; a value below
