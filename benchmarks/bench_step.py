@@ -223,6 +223,7 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
 
     configs = {
         "kfac[eigen]": dict(damping_mode="eigen"),
+        "kfac[eigen, float32 decompositions]": dict(damping_mode="eigen", decomposition_dtype=torch.float32),
         "kfac[factored]": dict(damping_mode="factored", damping=1e-2),
         "kfac[factored, stats 1/4]": dict(damping_mode="factored", damping=1e-2, stats_fraction=0.25),
         "kfac[factored, factors every 5]": dict(damping_mode="factored", damping=1e-2, factor_period=5),
@@ -250,11 +251,14 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         "grad": t["floor:grad"],
         "curvature": t["floor:curvature"],
         "kfac[eigen]": t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD + step,
+        "kfac[eigen, float32 decompositions]": t["floor:curvature"] + t["floor:precond eigen"]
+        + t["floor:eigh"] / PERIOD + step,
         "kfac[factored]": t["floor:curvature"] + inverse,
         "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + inverse,
         "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5 + inverse,
     }
     hook = {k: t[f"hook:{k}"] / PERIOD for k in hooked}
+    hook["kfac[eigen, float32 decompositions]"] = hook["kfac[eigen]"]  # the baseline's eigh is float32 anyway
     measured = {"grad": t["grad"], "curvature": t["curvature"], **per}
     rows = []
     for step, sec in measured.items():
