@@ -12,6 +12,7 @@ scalings, coarse matrices, step counter, sampling key) as plain data (:mod:`kfac
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -106,6 +107,7 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
         self._unchecked = False  # a loaded state whose layers are checked at the next step (none existed to compare)
         self._names, groups, self._spec = _named_groups(model, params)
+        self._required = {p for p in self._names if p.requires_grad}
         super().__init__(groups, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
         self._warned_untracked = False
 
@@ -115,10 +117,23 @@ class KFAC(torch.optim.Optimizer):
             return {n: p.detach() for n, p in self.model.named_parameters()}
         return self._spec.unflatten({n: p.detach() for p, n in self._names.items()})
 
+    def _frozen(self, p: Tensor) -> bool:
+        """Whether ``p`` required grad when the optimizer was built and no longer does: held fixed, as
+        torch.optim skips it (a function model's plain tensors never required grad and always train)."""
+        return p in self._required and not p.requires_grad
+
     def _hyper(self) -> Hyper:
-        """The parameter groups' hyperparameters per parameter name, in group order."""
-        pairs = [(self._names[p], g) for g in self.param_groups for p in g["params"]]
-        return Hyper(*({n: g[k] for n, g in pairs} for k in ("lr", "momentum", "weight_decay")))
+        """The parameter groups' hyperparameters per parameter name, in group order, frozen parameters left
+        out (held fixed). A non-finite value (set by a scheduler or by hand) is an error before anything
+        changes."""
+        pairs = [(self._names[p], g) for g in self.param_groups for p in g["params"] if not self._frozen(p)]
+        keys = ("lr", "momentum", "weight_decay")
+        for name, group in pairs:
+            bad = [k for k in keys if not math.isfinite(group[k])]
+            if bad:
+                raise ValueError(f"parameter {name!r}: its group's {bad[0]} is {group[bad[0]]}, not a finite number; "
+                                 "no parameter or state was changed")
+        return Hyper(*({n: g[k] for n, g in pairs} for k in keys))
 
     @torch.no_grad()
     def step(self, inputs: Any, targets: Tensor) -> Tensor:  # type: ignore[override]
@@ -153,9 +168,10 @@ class KFAC(torch.optim.Optimizer):
         new, grads = flatten(new)[0], flatten(info.grads)[0]
         for group in self.param_groups:
             for p in group["params"]:
-                name = self._names[p]
-                p.grad = grads[name]
-                p.copy_(new[name])
+                if not self._frozen(p):
+                    name = self._names[p]
+                    p.grad = grads[name]
+                    p.copy_(new[name])
         if not bool(info.finite):
             nan = float("nan")
             self.info = Report(nan, nan, nan, float(info.damping), nan, True)

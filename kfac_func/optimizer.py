@@ -195,6 +195,7 @@ class Options:
             "ema_decay": 0 <= self.ema_decay < 1,
             "kl_clip": self.kl_clip is None or self.kl_clip > 0,
             "stats_fraction": 0 < self.stats_fraction <= 1,
+            "decomposition_dtype": self.decomposition_dtype in (torch.float32, torch.float64),
             "reduce": isinstance(self.reduce, (bool, dict)) or self.reduce == "auto",
             "method": self.method in METHODS,
             "scale_period": self.scale_period >= 1,
@@ -405,6 +406,8 @@ class _Transform:
                hyper: Hyper | None = None) -> tuple[Any, KFACState, StepInfo]:
         """One step with its :class:`Schedule` given (for ``torch.compile(..., fullgraph=True)``)."""
         o, comm = self.o, self.comm
+        if not isinstance(targets, Tensor):
+            raise TypeError(f"targets must be a tensor (class indices or loss values), got {type(targets).__name__}")
         flat, spec = flatten(params)
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)

@@ -180,3 +180,71 @@ def test_model_must_return_a_tensor():
         kf.trace(lambda p, x: (F.linear(x, p["w"]), x), {"w": torch.randn(2, 3)}, torch.randn(1, 3))
     with pytest.raises(TypeError, match=r"parameter '0\.1' .* must be a tensor, got int"):
         kf.trace(lambda p, x: x, [(torch.randn(2), 3)], torch.randn(1, 3))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input at step time: an error before anything changes, or torch.optim's own behaviour
+# ----------------------------------------------------------------------------------------------------
+
+
+def _small_opt(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model, kf.KFAC(model, **kwargs)
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.kfac_state)
+
+
+def _unchanged(model, opt, snap):
+    params, state = snap
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert (state is None) == (opt.kfac_state is None)
+    if state is not None:
+        assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(state), optree.tree_leaves(opt.kfac_state)))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("key", ["lr", "momentum", "weight_decay"])
+def test_non_finite_group_hyperparameter_is_an_error_before_anything_changes(key, value):
+    model, opt = _small_opt()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt.step(x, y)
+    snap = _snapshot(model, opt)
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"{key} is {value}"):
+        opt.step(x, y)
+    _unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan")])
+def test_non_finite_lr_at_construction(lr):
+    with pytest.raises(ValueError, match="invalid lr"):
+        _small_opt(lr=lr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64])
+def test_decomposition_dtype_must_be_float32_or_float64(dtype):
+    with pytest.raises(ValueError, match="invalid decomposition_dtype"):
+        _small_opt(decomposition_dtype=dtype)
+
+
+def test_targets_none_is_a_clear_error():
+    model, opt = _small_opt()
+    snap = _snapshot(model, opt)
+    with pytest.raises(TypeError, match="targets must be a tensor"):
+        opt.step(torch.randn(8, 4), None)
+    _unchanged(model, opt, snap)
+
+
+def test_a_parameter_that_stops_requiring_grad_is_held_fixed():
+    """As in torch.optim: a frozen parameter is neither updated nor given a gradient; the others train."""
+    model, opt = _small_opt()
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    other = model[2].weight.detach().clone()
+    opt.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    assert torch.equal(frozen, before) and frozen.grad is None
+    assert not torch.equal(model[2].weight.detach(), other)
