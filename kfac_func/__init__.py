@@ -21,6 +21,7 @@ from .losses import Loss
 from .optim import EKFAC, KFAC
 from .optimizer import Hyper, KFACState, Optimizer, Schedule, StepInfo, kfac
 from .precondition import precondition
+from .preconditioner import Preconditioner
 from .two_level import (
     CoarseCorrection,
     CoarseSpace,
@@ -47,6 +48,7 @@ __all__ = [
     "MovingAverage",
     "Optimizer",
     "Plan",
+    "Preconditioner",
     "Registration",
     "Schedule",
     "StepInfo",

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import optree
 import torch
@@ -476,6 +476,10 @@ class _CaptureMode(_LayerMode):
             )
         recorded, out = _evaluate(func, args, kwargs, bound, call)
         self.inputs.append(recorded)
+        return self.recorded(k, out)
+
+    def recorded(self, k: int, out: Tensor) -> Tensor:
+        """The output of tracked call ``k``, with its probe added (the vjp with respect to it is ``g``)."""
         return out + self.probes[k]
 
 
@@ -541,33 +545,38 @@ def capture(
     free_grads, probe_grads = flush_tree((free_grads, probe_grads))
 
     grads = dict(free_grads)
-    a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
-    g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     for call, x, pg in zip(plan.calls, inputs_seen, probe_grads):
         spec = plan.layers[call.layer]
-        has_bias = spec.bias is not None
-        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight], has_bias)):
+        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight],
+                                                                        spec.bias is not None)):
             if name is None:
                 continue
             if spec.rows is not None:  # a row slice: its rows of the whole parameter
                 grad = params[name].new_zeros(params[name].shape).slice_scatter(grad, 0, *spec.rows)
             grads[name] = grads[name] + grad if name in grads else grad
-        if fisher is None:
-            continue
-        n = x.shape[0]
-        m = n if stats_examples is None else min(stats_examples, n)
-        # rescale so that factors from m rows estimate the full-batch curvature
-        gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
-        a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
-        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
     if fisher is None:
         return Capture(value, structure.unflatten(grads), {}, {}, buffers)
+    # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)
+    curvature = [pg / scale**0.5 if fisher == "empirical" else pg[1:] for pg in probe_grads]
+    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples)
+    return Capture(value, structure.unflatten(grads), a, g, buffers)
+
+
+def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],
+                     examples: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per layer ``(a, g)`` of :class:`Capture` from each tracked call's recorded input and the output
+    gradients ``(V, N, *out)`` of the curvature vectors. ``examples``: keep the first rows only, with ``g``
+    rescaled by ``√(N/m)`` so that factors from ``m`` rows estimate the full-batch curvature."""
+    a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
+    g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
+    for call, x, gs in zip(plan.calls, inputs, grads):
+        spec = plan.layers[call.layer]
+        has_bias = spec.bias is not None
+        n = x.shape[0]
+        m = n if examples is None else min(examples, n)
+        gs = gs[:, :m]
+        a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
+        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
-    return Capture(
-        value,
-        structure.unflatten(grads),
-        {name: cat(parts, 2) for name, parts in a.items()},
-        {name: cat(parts, 3) for name, parts in g.items()},
-        buffers,
-    )
+    return {name: cat(parts, 2) for name, parts in a.items()}, {name: cat(parts, 3) for name, parts in g.items()}

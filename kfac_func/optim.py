@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
-from .capture import Model, trace
+from . import checkpoint, random
+from .capture import Model, Plan, trace
 from .distributed import Communicator, DataParallel
 from .optimizer import Hyper, KFACState, StepInfo, kfac
+from .record import Recorder
 from .tree import Spec, flatten
 
 
@@ -83,9 +84,11 @@ class KFAC(torch.optim.Optimizer):
         process_group: Any = None,
         decomposition_fraction: float = 1.0,
         bucket_mb: float = 25.0,
+        grad_scaler: torch.amp.GradScaler | None = None,
         **options: Any,
     ):
-        if isinstance(model, nn.parallel.DistributedDataParallel):  # run the wrapped module functionally
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if self._ddp:  # run the wrapped module functionally; its backward averages p.grad over ranks
             process_group = process_group if process_group is not None else model.process_group
             model, data_parallel = model.module, True
         checks = {
@@ -110,6 +113,10 @@ class KFAC(torch.optim.Optimizer):
         self._required = {p for p in self._names if p.requires_grad}
         super().__init__(groups, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
         self._warned_untracked = False
+        self._grad_scaler = grad_scaler
+        self._recorder = None
+        if isinstance(model, nn.Module):
+            self._recorder = Recorder(model, o.loss, o.fisher, o.mc_samples, self._sample_key)
 
     def _all_params(self) -> dict[str, Tensor]:
         """Every parameter the model takes (optimised or fixed), detached."""
@@ -136,22 +143,122 @@ class KFAC(torch.optim.Optimizer):
         return Hyper(*({n: g[k] for n, g in pairs} for k in keys))
 
     @torch.no_grad()
-    def step(self, inputs: Any, targets: Tensor) -> Tensor:  # type: ignore[override]
-        """One K-FAC step on a batch; returns the loss before the update."""
+    def step(self, inputs: Any = None, targets: Tensor | None = None, *,  # type: ignore[override]
+             closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One K-FAC step, in one of three ways:
+
+        * ``step(inputs, targets)``: the optimizer runs the forward and the backwards itself (functionally,
+          the model untouched until the commit); returns the loss before the update;
+        * ``step()`` after ``loss.backward()``: the gradient is each ``p.grad`` as it is now (clipped,
+          accumulated, unscaled: any change the user made counts), the statistics those of the forwards
+          recorded since the last step (:mod:`kfac_func.record`; ``fisher="mc"``/``"exact"`` need
+          :meth:`curvature_backward` before ``loss.backward()``); returns ``None``;
+        * ``step(closure)`` (also ``step(closure=...)``): ``closure`` clears the gradients, runs the forward
+          and ``loss.backward()`` and returns the loss; it runs with the recording on (and the Fisher's
+          backward done for it), then as ``step()``; returns the closure's loss.
+        """
+        if callable(inputs) and targets is None and closure is None:
+            inputs, closure = None, inputs
+        if inputs is None:
+            return self._recorded_step(closure)
         params = self._all_params()
         plan = trace(self.model, params, inputs)
+        self._warn_untracked(plan)
+        if self._unchecked:
+            self._check_loaded(params, inputs)
+        state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
+        if self._recorder is not None:  # the functional forward is not the user's: not recorded
+            self._recorder.active = False
+        try:
+            new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
+        finally:
+            if self._recorder is not None:
+                self._recorder.active = True
+        loss = self._commit(new, new_state, info, state.step)
+        self._write(new, info.grads)
+        return loss
+
+    def curvature_backward(self, output: Tensor) -> None:
+        """For ``loss.backward(); opt.step()`` with ``fisher="mc"`` or ``"exact"``: the Fisher's backward
+        passes from the model ``output`` (of the forward just run) to the tracked layers' outputs, whose
+        gradients are the statistics of the next :meth:`step`. Call it after the forward, before
+        ``loss.backward()`` (which frees the graph); it computes no parameter gradient, leaves ``p.grad``
+        alone and does nothing on steps that read no statistics (``factor_period``)."""
+        self._require_recorder("curvature_backward").curvature_backward(output)
+
+    def _require_recorder(self, what: str) -> Recorder:
+        if self._recorder is None:
+            raise TypeError(f"{what} records the forward of an nn.Module; a function model takes step(inputs, targets)")
+        return self._recorder
+
+    def _warn_untracked(self, plan: Plan) -> None:
         if plan.untracked and not self._warned_untracked:
             warnings.warn(
                 f"kfac_func: parameters {list(plan.untracked)} belong to no supported layer; they get identity "
                 "preconditioning (a plain gradient step)",
-                stacklevel=2,
+                stacklevel=3,
             )
             self._warned_untracked = True
-        if self._unchecked:
-            self._check_loaded(params, inputs)
-        state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
-        new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
-        return self._commit(new, new_state, info, state.step)
+
+    def _sample_key(self, inputs: Any, k: int) -> Tensor:
+        """The MC key of the ``k``-th recorded forward before the next step: the key the functional step
+        would use, split ``k`` more times for further micro-batches. The state is made by the first."""
+        if self.kfac_state is None:
+            self.kfac_state = self._pure.init(self._all_params(), inputs)
+        key = random.split(self.kfac_state.key)[1]
+        for _ in range(k):
+            key = random.split(key)[1]
+        return key
+
+    def _recorded_step(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
+        """:meth:`step` from ``p.grad`` and the recorded forwards (see there)."""
+        loss, new, info = self._recorded(closure)
+        if bool(info.finite):
+            self._write(new, None)
+        return loss
+
+    def _recorded(self, closure: Callable[[], Tensor] | None) -> tuple[Tensor | None, Any, StepInfo]:
+        """The pure step on ``p.grad`` and the recorded forwards, committed to the state (not the model):
+        ``(closure's loss, new parameters, info)``."""
+        recorder = self._require_recorder("step() without a batch")
+        loss = None
+        if closure is not None:
+            recorder.auto = True
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                recorder.auto = False
+        params = self._all_params()
+        recorder.require_forward()
+        if self.kfac_state is None:
+            self.kfac_state = self._pure.init(params, recorder.inputs)
+        elif self._unchecked:
+            self._check_loaded(params, recorder.inputs)
+        state = self.kfac_state
+        self._warn_untracked(recorder.plan)
+        schedule = self._pure.schedule(state)
+        share = 1.0
+        if self._comm.world > 1:  # this rank's share of the examples
+            counts = self._comm.sum(torch.tensor([float(recorder.examples)], dtype=torch.float64))
+            share = recorder.examples / float(counts[0])
+        live = {n: p for p, n in self._names.items()}
+        grads = {}
+        for name, p in flatten(params)[0].items():
+            g = live[name].grad if name in live else None
+            g = torch.zeros_like(p) if g is None else g.detach()
+            grads[name] = g if self._ddp else g * share  # DDP's backward already averaged the ranks' gradients
+        value = torch.zeros(()) if loss is None else loss.detach()
+        scale = 1.0 if self._grad_scaler is None else float(self._grad_scaler.get_scale())
+        cap, plan = recorder.capture(grads, value, statistics=schedule.statistics,
+                                     stats_fraction=self._pure.options.stats_fraction, grad_scale=scale, share=share)
+        new, new_state, info = self._pure.apply(params, state, cap, plan, schedule, self._hyper(), share=share,
+                                                reduced=self._ddp)
+        self._commit(new, new_state, info, state.step)
+        recorder.wanted = self._pure.schedule(self.kfac_state).statistics
+        if loss is None and self.info is not None:
+            self.info = self.info._replace(loss=float("nan"))
+        return loss, new, info
 
     @torch.compiler.disable
     def _check_loaded(self, params: Any, inputs: Any) -> None:
@@ -162,16 +269,24 @@ class KFAC(torch.optim.Optimizer):
 
     @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
     @torch.no_grad()
-    def _commit(self, new: dict[str, Tensor], state: KFACState, info: StepInfo, step: Tensor) -> Tensor:
-        """Write the pure step's result into the model and the optimizer; warn about a skipped step."""
-        self.kfac_state = state
-        new, grads = flatten(new)[0], flatten(info.grads)[0]
+    def _write(self, new: Any, grads: Any) -> None:
+        """The new parameters into the model (and ``grads``, if given, into ``p.grad``)."""
+        new = flatten(new)[0]
+        grads = flatten(grads)[0] if grads is not None else None
         for group in self.param_groups:
             for p in group["params"]:
                 if not self._frozen(p):
                     name = self._names[p]
-                    p.grad = grads[name]
+                    if grads is not None:
+                        p.grad = grads[name]
                     p.copy_(new[name])
+
+    @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
+    @torch.no_grad()
+    def _commit(self, new: dict[str, Tensor], state: KFACState, info: StepInfo, step: Tensor) -> Tensor:
+        """Keep the pure step's state and report; a skipped step warns (the parameters are written by
+        :meth:`_write`, which a skipped step leaves equal to the old ones)."""
+        self.kfac_state = state
         if not bool(info.finite):
             nan = float("nan")
             self.info = Report(nan, nan, nan, float(info.damping), nan, True)
@@ -181,7 +296,8 @@ class KFAC(torch.optim.Optimizer):
                 stacklevel=3,
             )
             return info.loss.detach()
-        if isinstance(self.model, nn.Module):  # BatchNorm running statistics move once per step, with it
+        if isinstance(self.model, nn.Module) and info.buffers:  # BatchNorm running statistics move with the step
+            # (a recorded step has none: the user's own forward moved them)
             for name, b in self.model.named_buffers():
                 b.copy_(info.buffers[name])
             self._comm.broadcast_buffers(self.model)

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
-from .capture import Model, as_function, capture, trace
+from .capture import Capture, Model, Plan, as_function, capture, trace
 from .distributed import Communicator, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import (
@@ -109,13 +109,15 @@ class KFACState(NamedTuple):
 
 
 class Schedule(NamedTuple):
-    """The periodic work of one step (host booleans, from the step counter)."""
+    """The periodic work of one step (host booleans, from the step counter); ``statistics``: whether it
+    reads the Fisher statistics ``(a, g)`` of its batch."""
 
     refresh: bool
     factors: bool
     scale: bool
     coarse: bool
     adapt: bool
+    statistics: bool
 
 
 class StepInfo(NamedTuple):
@@ -123,7 +125,10 @@ class StepInfo(NamedTuple):
     ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the reduction ratio ``ρ``
     (NaN when not computed), whether the step was rejected, and whether every batch quantity was finite
     (if not, nothing changed). ``grads``: the loss's gradient, shaped like the parameters; ``buffers``:
-    a module's buffers after the forward (BatchNorm running statistics), for the caller to keep."""
+    a module's buffers after the forward (BatchNorm running statistics), for the caller to keep;
+    ``direction``: per optimised parameter path (a flat dict) the preconditioned gradient ``Δ`` (times the KL clip's ``ν``
+    with a fixed learning rate) that the update steps against — :class:`kfac_func.Preconditioner` hands it
+    to another optimizer."""
 
     loss: Tensor
     alpha: Tensor
@@ -134,6 +139,7 @@ class StepInfo(NamedTuple):
     finite: Tensor
     grads: Any
     buffers: dict
+    direction: Any
 
 
 class Hyper(NamedTuple):
@@ -234,6 +240,7 @@ class Optimizer(NamedTuple):
     init: Callable[..., KFACState]
     step: Callable[..., tuple[Any, KFACState, StepInfo]]
     update: Callable[..., tuple[Any, KFACState, StepInfo]]
+    apply: Callable[..., tuple[Any, KFACState, StepInfo]]
     schedule: Callable[[KFACState], Schedule]
     options: Options
 
@@ -346,7 +353,7 @@ class _Transform:
         self.model, self.o, self.comm = model, options, comm
 
     def functions(self) -> Optimizer:
-        return Optimizer(self.init, self.step, self.update, self.schedule, self.o)
+        return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.o)
 
     # ----------------------------------------------------------------------------------------- state
     def init(self, params: Any, inputs: Any, key: Tensor | None = None) -> KFACState:
@@ -395,7 +402,8 @@ class _Transform:
         scale = o.method == "ekfac" and (refresh or t % o.scale_period == 0)
         coarse = o.method == "two_level" and (factor_step or refresh or o.combination != "additive")
         adapt = o.damping_adaptation and t % o.damping_interval == 0
-        return Schedule(refresh, factor_step, scale, coarse, adapt)
+        fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or adapt or o.reject_steps)
+        return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or scale or coarse or fisher_forms)
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
@@ -411,16 +419,45 @@ class _Transform:
         flat, spec = flatten(params)
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)
-        fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or schedule.adapt or o.reject_steps)
-        stats = schedule.factors or schedule.scale or schedule.coarse or fisher_forms
         n = targets.shape[0]
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
         loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
         key, sample_key = random.split(state.key)
         with torch.enable_grad():
-            cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if stats else None,
+            cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
                           mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan)
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
+        return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets)
+
+    def apply(self, params: Any, state: KFACState, cap: Capture, plan: Plan, schedule: Schedule,
+              hyper: Hyper | None = None, *, share: float = 1.0, reduced: bool = False
+              ) -> tuple[Any, KFACState, StepInfo]:
+        """One step from a :class:`~kfac_func.capture.Capture` taken elsewhere — the loss, gradients and,
+        when ``schedule`` needs them, the statistics of ``fisher`` for the model's :func:`trace` ``plan``
+        (how the ``torch.optim`` flows use the user's own forward and backward). The sampling key advances
+        as in :meth:`update` (a capture drawing MC samples takes ``random.split(state.key)[1]``).
+        ``share``: this rank's share of the global batch (its factors are weighted by it before the sum);
+        ``reduced``: the gradients are already the global batch's (``DistributedDataParallel``). Options
+        that evaluate the model again (``adaptive`` with ``quadratic_curvature="ggn"``,
+        ``damping_adaptation``, ``reject_steps``) need :meth:`update`."""
+        o = self.o
+        needs_batch = {"adaptive with quadratic_curvature='ggn'": o.adaptive and o.quadratic_curvature == "ggn",
+                       "damping_adaptation": o.damping_adaptation, "reject_steps": o.reject_steps}
+        for what, needed in needs_batch.items():
+            if needed:
+                raise ValueError(f"{what} evaluates the model on the batch again: it needs step(inputs, targets)")
+        flat, spec = flatten(params)
+        hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
+        key = random.split(state.key)[0]
+        cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
+        return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, o.loss, None, None,
+                           reduced=reduced)
+
+    def _apply(self, flat: Flat, spec: Any, state: KFACState, key: Tensor, cap: Capture, plan: Plan,
+               schedule: Schedule, hyper: Hyper, share: float, loss: Loss, inputs: Any, targets: Tensor | None,
+               reduced: bool = False) -> tuple[Any, KFACState, StepInfo]:
+        """The step after the capture: averages, decompositions, preconditioning, the update, the guard."""
+        o, comm = self.o, self.comm
         reduce = default_reduce(plan) if o.reduce == "auto" else o.reduce
         batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if schedule.factors else None
         if batch is not None:
@@ -428,12 +465,14 @@ class _Transform:
         # one bucketed all-reduce; lazy factors stay local (a NaN flag keeps the skip decision global)
         lazy = o.lazy_factors and batch is not None
         flag = torch.where(all_finite(batch), 0.0, float("nan")) if lazy else None
-        total_loss, grads, reduced = comm.sum((cap.loss.detach(), cap.grads, flag if lazy else batch))
+        # gradients already reduced (by DistributedDataParallel) are not summed again
+        total_loss, grads, summed = comm.sum((cap.loss.detach(), {} if reduced else cap.grads, flag if lazy else batch))
+        grads = cap.grads if reduced else grads
         if not lazy:
-            batch = reduced
+            batch = summed
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
-        ok = all_finite((total_loss, grads, reduced if batch is not None else (cap.a, cap.g)))
+        ok = all_finite((total_loss, grads, summed if batch is not None else (cap.a, cap.g)))
         grads, a, g = _zero_unless(ok, (grads, cap.a, cap.g))
         cap = cap._replace(loss=total_loss, a=a, g=g)
         new = state._replace(key=key)
@@ -475,8 +514,10 @@ class _Transform:
         if o.adaptive:
             update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
                                                                 cap, plan, damping, loss, hyper)
+            direction = delta
         else:
-            update, velocity, alpha, mu, forms = self._fixed(delta, grads, flat, state, hyper)
+            update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
+            forms = None
         nan = torch.full((), float("nan"), dtype=torch.float64)
         rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
         if schedule.adapt or o.reject_steps:
@@ -501,22 +542,23 @@ class _Transform:
         info = StepInfo(
             loss=total_loss, alpha=torch.where(ok, alpha, nan), mu=torch.where(ok, mu, nan), damping=new_state.damping,
             rho=torch.where(ok, rho, nan), rejected=rejected | ~ok, finite=ok,
-            grads=spec.unflatten(cap.grads), buffers=cap.buffers,
+            grads=spec.unflatten(cap.grads), buffers=cap.buffers, direction=direction,
         )
         return spec.unflatten(moved), new_state, info
 
     # ---------------------------------------------------------------------------------- components
     def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
-        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning."""
+        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning.
+        Returns the update, velocity, ``α``, ``μ`` and the clipped direction ``νΔ``."""
         o, lr = self.o, hyper.lr
         scale = torch.ones((), dtype=torch.float64)
         if o.kl_clip is not None:
             # |Σ η² Δ·∇|: the two-level forms need not be symmetric
             vg = sum(lr[n] ** 2 * (delta[n] * grads[n]).sum() for n in lr).double().abs()
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
-        update, velocity = {}, {}
+        update, velocity, clipped = {}, {}, {}
         for n in lr:
-            d = delta[n] * scale.to(delta[n].dtype)
+            d = clipped[n] = delta[n] * scale.to(delta[n].dtype)
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
@@ -525,7 +567,7 @@ class _Transform:
         first = next(iter(lr), None)
         alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
         mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
-        return update, velocity, alpha, mu, None
+        return update, velocity, alpha, mu, clipped
 
     def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first

@@ -4,7 +4,8 @@ and factored damping, the adaptive quadratic-model step with damping adaptation 
 factor averaging, KAISA's split with half of the ranks holding each decomposition: one holder per layer
 on 2 ranks, two holders serving blocks of two on 4), E-KFAC and two-level K-FAC (exact and Kronecker
 coarse matrices), through a ``DistributedDataParallel``-wrapped module, a function model with explicit
-params, and the pure functions.
+params, the pure functions, and :class:`kfac_func.Preconditioner` feeding SGD in an ordinary
+``loss.backward()`` loop on a ``DistributedDataParallel`` module.
 
 The targets include ignored classes spread unevenly over the ranks, so the global ``R`` differs from
 each rank's own.
@@ -88,6 +89,24 @@ def _functional_step(x, y, comm) -> dict[str, torch.Tensor]:
     return kf.precondition(params, comm.sum(cap.grads), factors, layers=plan.layers, damping=0.1)
 
 
+def _preconditioned_sgd(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
+    """``kf.Preconditioner`` feeding SGD in the ordinary loop (``curvature_backward``, ``loss.backward()``).
+    With ``DistributedDataParallel`` each rank's loss is the mean over its shard and DDP averages ``p.grad``:
+    the global mean only when no target is ignored, so this run has none."""
+    y = torch.where(y < 0, 0, y)
+    precond = kf.Preconditioner(model, fisher="exact", damping=0.1, inverse_period=2, kl_clip=1e-2, lr=0.1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(STEPS):
+        sgd.zero_grad()
+        out = model(x)
+        precond.curvature_backward(out)
+        nn.functional.cross_entropy(out, y).backward()
+        precond.step()
+        sgd.step()
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {n: p.detach().clone() for n, p in inner.named_parameters()}
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on the host name resolving
@@ -97,6 +116,8 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     shard = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
     results = {name: _train(_model(), cfg, x[shard], y[shard], data_parallel=True) for name, cfg in CONFIGS.items()}
     results["ddp"] = _train(nn.parallel.DistributedDataParallel(_model()), {}, x[shard], y[shard])
+    results["ddp preconditioner"] = _preconditioned_sgd(nn.parallel.DistributedDataParallel(_model()), x[shard],
+                                                        y[shard])
     results["functional"] = _functional_step(x[shard], y[shard], DataParallel())
     results["function model"] = _function_model(x[shard], y[shard], data_parallel=True)
     torch.save(results, f"{out}.{rank}")
@@ -111,6 +132,7 @@ def test_processes_equal_one_process_on_the_global_batch(world):
     x, y = _data()
     expected = {name: _train(_model(), cfg, x, y) for name, cfg in CONFIGS.items()}
     expected["ddp"] = expected["kfac-eigen"]
+    expected["ddp preconditioner"] = _preconditioned_sgd(_model(), x, y)
     expected["functional"] = _functional_step(x, y, Communicator())
     expected["function model"] = _function_model(x, y)
     with tempfile.TemporaryDirectory() as tmp:

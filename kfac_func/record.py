@@ -1,0 +1,202 @@
+r"""Curvature statistics from the user's own forward and backward — the ``torch.optim`` flows
+(``loss.backward(); opt.step()``, ``opt.step(closure)``) and :class:`kfac_func.Preconditioner`.
+
+While a module with a :class:`Recorder` runs forward with gradients enabled, the capture's layer mode
+(:mod:`kfac_func.capture`, without probes) sees every tracked layer call and records its input and
+output; nothing in the forward changes. The output gradients of the curvature vectors come from
+
+* ``fisher="empirical"``: the user's own ``backward`` (a hook on each recorded output): the gradient of
+  the loss ``L = R Σₙ ℓₙ`` as it was backpropagated, rescaled to ``√R ∇ℓₙ`` (``R`` of the loss option over
+  every example recorded since the last step, all counted: class-index targets are not seen, so
+  ``ignore_index`` cannot be honoured; and divided by the ``GradScaler`` scale when one is given);
+* ``"mc"`` / ``"exact"``: :meth:`Recorder.curvature_backward` on the model output, after the forward and
+  before ``loss.backward()`` frees the graph: one ``autograd.grad`` per curvature vector of
+  :func:`kfac_func.losses.cotangents` (MC targets drawn with the optimizer's key) from the output to the
+  recorded layer outputs only — the input-gradient half of a backward, as the hook-based K-FAC libraries
+  do it. In ``step(closure)`` it runs by itself when the forward ends.
+
+Several forwards before one step (gradient accumulation over micro-batches) are one batch: their rows are
+concatenated, each forward's curvature weighted by its share of the examples (``R_total / R_k``), which is
+exact when the micro-batch losses are scaled to a mean over all of them — the usual ``loss / k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .capture import Capture, Plan, _CaptureMode, layer_statistics, trace
+from .losses import Loss, cotangents
+
+
+class _RecordMode(_CaptureMode):
+    """The capture's layer mode on the live parameters: records each tracked call's output (no probe) and
+    hooks its gradient in the user's backward."""
+
+    def __init__(self, plan: Plan, params: dict[str, Tensor], hook: bool):
+        super().__init__(plan, params, ())
+        self.outputs: list[Tensor] = []
+        self.grads: dict[int, Tensor] = {}
+        self.hook, self.listening = hook, True
+
+    def recorded(self, k: int, out: Tensor) -> Tensor:
+        self.outputs.append(out)
+        if self.hook and out.requires_grad:
+            out.register_hook(lambda g, k=k: self._store(k, g))
+        return out
+
+    def _store(self, k: int, g: Tensor) -> None:
+        if self.listening:  # not during the curvature backward
+            self.grads[k] = g.detach() + self.grads[k] if k in self.grads else g.detach()
+
+
+@dataclass
+class _Forward:
+    """One recorded forward: its plan, layer mode (inputs, outputs, hooked gradients), output and the
+    curvature vectors' output gradients with their reduction scale (``mc``/``exact``)."""
+
+    plan: Plan
+    mode: _RecordMode
+    output: Tensor
+    curvature: list[Tensor] | None = None
+    scale: float = 1.0
+    examples: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.examples = self.output.shape[0]
+
+
+class Recorder:
+    """Records the statistics of a module's forwards (see the module docstring). ``key(inputs, k)`` gives the
+    MC key of the ``k``-th forward since the last step; ``wanted`` says whether the next step reads
+    statistics (when it does not, forwards are not recorded and the curvature backward is skipped)."""
+
+    def __init__(self, model: nn.Module, loss: Loss, fisher: str, mc_samples: int,
+                 key: Callable[[Any, int], Tensor]):
+        self.model, self.loss, self.fisher, self.mc_samples, self.key = model, loss, fisher, mc_samples, key
+        self.records: list[_Forward] = []
+        self.active = True  # off while the optimizer runs the model functionally itself
+        self.wanted = True
+        self.auto = False  # step(closure): the curvature backward runs when the forward ends
+        self.inputs: Any = None  # the last forward's input and plan
+        self.plan: Plan | None = None
+        self._open: tuple[_RecordMode, Plan] | None = None
+        model.register_forward_pre_hook(self._enter, with_kwargs=True)
+        model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (self.active and torch.is_grad_enabled()) or self._open is not None:
+            return
+        if kwargs or len(args) != 1:
+            raise TypeError(
+                f"kfac_func: the model must be called with one input (a tensor or any pytree), got {len(args)} "
+                f"positional and keyword arguments {sorted(kwargs)}"
+            )
+        params = dict(module.named_parameters())
+        plan = trace(module, {n: p.detach() for n, p in params.items()}, args[0])
+        self.plan, self.inputs = plan, args[0]
+        if not self.wanted:
+            return
+        mode = _RecordMode(plan, {n: params[n] for n in plan.tracked}, hook=self.fisher == "empirical")
+        mode.__enter__()
+        self._open = (mode, plan)
+
+    def _exit(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._open is None:
+            return
+        mode, plan = self._open
+        mode.__exit__(None, None, None)
+        self._open = None
+        if not isinstance(output, Tensor) or len(mode.inputs) != len(plan.calls):
+            return  # the forward failed (its error is the user's), or returned no tensor: nothing to record
+        self.records.append(_Forward(plan, mode, output))
+        if self.auto and self.fisher != "empirical":
+            self.curvature_backward(output)
+
+    def curvature_backward(self, output: Tensor) -> None:
+        """The Fisher's backward passes from the model ``output`` of the last forward to its layer outputs."""
+        if not self.records or self.records[-1].output is not output:
+            if not self.wanted:
+                return  # this step reads no statistics: nothing was recorded, nothing to do
+            raise ValueError("curvature_backward needs the output of the model's last forward (with gradients on)")
+        rec = self.records[-1]
+        if self.fisher == "empirical" or rec.curvature is not None:
+            return
+        out = output.detach()
+        # the targets only set the scale R (all counted) and the class weights (none ignored): stand-ins
+        classes = self.loss.kind == "cross_entropy"
+        dummy = out.new_zeros((out.shape[0],) + tuple(out.shape[2:]), dtype=torch.int64) if classes else out
+        _, _, vectors, scale = cotangents(self.loss, out, dummy, self.fisher, self.mc_samples,
+                                          self.key(self.inputs, len(self.records) - 1))
+        outs = [o for o in rec.mode.outputs if o.requires_grad]
+        rec.mode.listening = False
+        try:
+            grads = [torch.autograd.grad(output, outs, v, retain_graph=True) for v in vectors]
+        finally:
+            rec.mode.listening = True
+        stacked = iter(torch.stack(gs).detach() for gs in zip(*grads)) if grads else iter(())
+        rec.curvature = [next(stacked) if o.requires_grad else torch.zeros((len(vectors),) + o.shape, dtype=o.dtype)
+                         for o in rec.mode.outputs]
+        rec.scale = float(scale)
+
+    def capture(self, grads: dict[str, Tensor], loss: Tensor, *, statistics: bool, stats_fraction: float = 1.0,
+                grad_scale: float = 1.0, share: float = 1.0) -> tuple[Capture, Plan]:
+        """The :class:`Capture` of the forwards since the last step (then forgotten), with ``grads`` and
+        ``loss`` as given; ``g`` carries ``√share`` (this rank's weight in a data-parallel sum)."""
+        records, self.records = self.records, []
+        if self._open is not None:
+            raise RuntimeError("kfac_func: step() was called inside the model's forward")
+        plan = self.require_forward(statistics and not records)
+        if not statistics:
+            return Capture(loss, grads, {}, {}), plan
+        total = sum(_terms(self.loss, r.output) for r in records)
+        total_scale = 1.0 if self.loss.reduction == "sum" else 1.0 / total
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        parts = []
+        for r in records:
+            if self.fisher == "empirical":
+                missing = [c.layer for k, c in enumerate(r.plan.calls) if k not in r.mode.grads]
+                if missing and len(missing) == len(r.plan.calls):
+                    raise ValueError("kfac_func: a recorded forward had no backward before step(); the empirical "
+                                     "Fisher reads the output gradients of the user's loss.backward()")
+                factor = 1.0 / (grad_scale * total_scale**0.5)
+                vectors = [(r.mode.grads[k] if k in r.mode.grads else torch.zeros_like(o)).unsqueeze(0) * factor
+                           for k, o in enumerate(r.mode.outputs)]
+            else:
+                if r.curvature is None:
+                    raise ValueError(
+                        f"kfac_func: fisher={self.fisher!r} needs its backward from the model output: call "
+                        "opt.curvature_backward(output) after the forward and before loss.backward() (or use "
+                        "step(closure), step(inputs, targets), or fisher='empirical')"
+                    )
+                weight = (total_scale / r.scale) ** 0.5  # this forward's share of the whole batch's R
+                vectors = [v * weight for v in r.curvature]
+            examples = math.ceil(stats_fraction * r.examples) if stats_fraction < 1 else None
+            parts.append(layer_statistics(r.plan, params, r.mode.inputs, vectors, examples))
+        a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
+        g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
+        return Capture(loss, grads, a, g), plan
+
+    def require_forward(self, missing: bool = False) -> Plan:
+        """The last forward's plan; an error when there was none (or ``missing``: none since the last step)."""
+        if self.plan is None or missing:
+            raise ValueError(
+                "kfac_func: no forward of the model was recorded since the last step: run the forward and "
+                "backward with gradients enabled before step() (or pass step(inputs, targets))"
+            )
+        return self.plan
+
+    @property
+    def examples(self) -> int:
+        """Examples recorded since the last step."""
+        return sum(r.examples for r in self.records)
+
+
+def _terms(loss: Loss, output: Tensor) -> int:
+    """How many terms a mean of ``loss`` runs over on ``output``, every target counted."""
+    per_term = output.shape[1] if loss.kind == "cross_entropy" and output.dim() > 1 else 1
+    return output.numel() // per_term

@@ -1,0 +1,217 @@
+r"""The ``torch.optim`` flows — ``loss.backward(); opt.step()`` and ``opt.step(closure)`` — and
+:class:`kfac_func.Preconditioner` feeding SGD and AdamW.
+
+The reference is the functional step ``opt.step(inputs, targets)``, itself checked against hand-written
+references and dense oracles (``test_pure.py``, ``test_exact_blocks.py``): where the mathematics is the same
+(same batch, same gradient, same statistics, same MC key) the parameters must agree to rounding after several
+steps with refreshes, weight decay, momentum and the KL clip. The preconditioner's first output is checked
+against an oracle built directly from :func:`kfac_func.capture`, :func:`kfac_func.kronecker_factors`,
+:func:`kfac_func.eigendecompose` and :func:`kfac_func.precondition`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac_func as kf
+
+DT = torch.float64
+STEPS = 4
+COMMON = dict(lr=0.1, weight_decay=1e-3, inverse_period=2, kl_clip=1e-2)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+
+
+def _cnn() -> nn.Module:  # conv, BatchNorm (buffers move in the user's forward), linear
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(48, 3)).to(DT)
+
+
+def _data(model: nn.Module, n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (6,) if isinstance(model[0], nn.Linear) else (2, 4, 4)
+    return torch.randn((n,) + shape, generator=gen, dtype=DT), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _close(a: nn.Module, b: nn.Module, start: nn.Module) -> None:
+    for (name, p), q, p0 in zip(a.state_dict().items(), b.state_dict().values(), start.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+    assert any(not torch.equal(p, p0) for p, p0 in zip(a.parameters(), start.parameters()))  # it moved
+
+
+def _backward_step(opt: kf.KFAC, model: nn.Module, x, y, fisher: str) -> None:
+    opt.zero_grad()
+    out = model(x)
+    if fisher != "empirical":
+        opt.curvature_backward(out)
+    F.cross_entropy(out, y).backward()
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn-batchnorm"])
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "two_level", "factored"])
+def test_backward_and_closure_flows_equal_the_functional_step(make, fisher, method):
+    model = make()
+    x, y = _data(model)
+    options = dict(COMMON, fisher=fisher, **({"damping_mode": "factored", "damping": 1e-2} if method == "factored"
+                                             else {"method": method}))
+    runs = {kind: copy.deepcopy(model) for kind in ("functional", "backward", "closure")}
+    opts = {kind: kf.KFAC(m, **options) for kind, m in runs.items()}
+    for _ in range(STEPS):
+        loss = opts["functional"].step(x, y)
+        _backward_step(opts["backward"], runs["backward"], x, y, fisher)
+
+        def closure(m=runs["closure"], o=opts["closure"]):
+            o.zero_grad()
+            value = F.cross_entropy(m(x), y)
+            value.backward()
+            return value
+
+        torch.testing.assert_close(opts["closure"].step(closure), loss)
+    _close(runs["backward"], runs["functional"], model)
+    _close(runs["closure"], runs["functional"], model)
+    for kind in ("backward", "closure"):
+        torch.testing.assert_close(opts[kind].kfac_state.key, opts["functional"].kfac_state.key, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_gradient_accumulation_over_micro_batches_is_one_batch(fisher):
+    """Two micro-batches with ``loss / 2`` each, then ``step()``: the functional step on the whole batch
+    (exact and empirical Fisher draw no samples, so the statistics are the same rows)."""
+    model = _mlp()
+    x, y = _data(model)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ref, opt = kf.KFAC(a, fisher=fisher, **COMMON), kf.KFAC(b, fisher=fisher, **COMMON)
+    for _ in range(STEPS):
+        ref.step(x, y)
+        opt.zero_grad()
+        for part in (slice(0, 8), slice(8, 16)):
+            out = b(x[part])
+            if fisher != "empirical":
+                opt.curvature_backward(out)
+            (F.cross_entropy(out, y[part]) / 2).backward()
+        opt.step()
+    _close(b, a, model)
+
+
+def test_the_gradient_is_p_grad_as_the_user_left_it():
+    """Halving every ``p.grad`` before ``step()`` (as a clip would) halves the update exactly: lr fixed, no
+    momentum, no KL clip, and the statistics (recorded in the forward and backward) are unchanged."""
+    model = _mlp()
+    x, y = _data(model)
+    runs = [copy.deepcopy(model) for _ in range(2)]
+    for m, factor in zip(runs, (1.0, 0.5)):
+        opt = kf.KFAC(m, fisher="empirical", lr=0.1, momentum=0.0, kl_clip=None)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        for p in m.parameters():
+            p.grad.mul_(factor)
+        opt.step()
+    for p0, full, half in zip(model.parameters(), *(m.parameters() for m in runs)):
+        torch.testing.assert_close(half - p0, 0.5 * (full - p0), rtol=1e-10, atol=1e-14)
+        assert (full - p0).abs().max() > 0
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_grad_scaler_flow_equals_the_unscaled_one(fisher):
+    """``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`` (CPU GradScaler, scale 2¹⁰):
+    ``p.grad`` is unscaled by the scaler, the empirical Fisher's output gradients by ``grad_scaler=``."""
+    model = _mlp()
+    x, y = _data(model)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ref = kf.KFAC(a, fisher=fisher, **COMMON)
+    opt = kf.KFAC(b, fisher=fisher, grad_scaler=scaler, **COMMON)
+    for _ in range(STEPS):
+        _backward_step(ref, a, x, y, fisher)
+        opt.zero_grad()
+        out = b(x)
+        if fisher != "empirical":
+            opt.curvature_backward(out)
+        scaler.scale(F.cross_entropy(out, y)).backward()
+        scaler.step(opt)
+        scaler.update()
+    _close(b, a, model)
+
+
+def _preconditioned_oracle(model: nn.Module, x, y, damping: float) -> dict[str, torch.Tensor]:
+    """``(G ⊗ A + λI)⁻¹ ∇`` per layer with the batch's own empirical-Fisher factors (the first step's
+    bias-corrected average is the batch's factors)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="empirical")
+    factors = kf.eigendecompose(kf.kronecker_factors(cap, reduce=kf.default_reduce(kf.trace(model, params, x))))
+    return kf.precondition(params, cap.grads, factors, layers=kf.trace(model, params, x).layers, damping=damping)
+
+
+def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw():
+    model = _mlp()
+    x, y = _data(model)
+    want = _preconditioned_oracle(model, x, y, damping=1e-3)
+    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    losses = []
+    for step in range(30):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        precond.step()
+        if step == 0:
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, want[n], rtol=1e-9, atol=1e-12, msg=n)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_preconditioner_with_sgd_is_kfac():
+    """Preconditioner (KL clip at SGD's lr) + SGD with momentum takes exactly KFAC's steps."""
+    model = _mlp()
+    x, y = _data(model)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ref = kf.KFAC(a, lr=0.1, momentum=0.9, kl_clip=1e-2, inverse_period=2)
+    precond = kf.Preconditioner(b, kl_clip=1e-2, lr=lambda: sgd.param_groups[0]["lr"], inverse_period=2)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(STEPS):
+        ref.step(x, y)
+        sgd.zero_grad()
+        out = b(x)
+        precond.curvature_backward(out)
+        F.cross_entropy(out, y).backward()
+        precond.step()
+        sgd.step()
+    _close(b, a, model)
+
+
+def test_flow_errors_are_clear_and_change_nothing():
+    model = _mlp()
+    x, y = _data(model)
+    opt = kf.KFAC(model)
+    with pytest.raises(ValueError, match="no forward of the model was recorded"):
+        opt.step()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"curvature_backward\(output\)"):
+        opt.step()  # fisher="mc" without its backward
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert int(opt.kfac_state.step) == 0
+    with pytest.raises(ValueError, match="needs step\\(inputs, targets\\)"):
+        adaptive = kf.KFAC(model, fisher="empirical", adaptive="lr")
+        F.cross_entropy(model(x), y).backward()
+        adaptive.step()
+    with pytest.raises(TypeError, match="function model"):
+        kf.KFAC(lambda p, v: v @ p["w"], {"w": torch.zeros(6, 3, requires_grad=True)}).step()
+    with pytest.raises(TypeError, match="owns the step"):
+        kf.Preconditioner(model, momentum=0.9)
+    with pytest.raises(ValueError, match="output of the model's last forward"):
+        opt.curvature_backward(torch.zeros(16, 3, requires_grad=True))
