@@ -23,7 +23,8 @@ uses ``lr`` (a number, or a function returning the downstream optimizer's curren
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -23,8 +23,9 @@ exact when the micro-batch losses are scaled to a mean over all of them — the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
