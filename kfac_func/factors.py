@@ -152,12 +152,13 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
     """Factored Tikhonov damping ``λ_A = π√λ``, ``λ_G = √λ/π`` with
     ``π² = (tr A / dim A) / (tr G / dim G)`` per block (``π = 1`` when a trace vanishes).
 
-    ``dA``, ``dG``: eigenvalues or diagonals ``(B, d)`` (only their sums matter); returns ``(B, 1)``."""
-    mean_a = dA.sum(-1, keepdim=True) / dA.shape[-1]
-    mean_g = dG.sum(-1, keepdim=True) / dG.shape[-1]
+    ``dA``, ``dG``: eigenvalues or diagonals ``(B, d)`` (only their sums matter); returns ``(B, 1)`` in float64."""
+    # in float64: a float32 ratio of a large A and a vanishing G overflows to an infinite π
+    mean_a = dA.double().sum(-1, keepdim=True) / dA.shape[-1]
+    mean_g = dG.double().sum(-1, keepdim=True) / dG.shape[-1]
     valid = (mean_a > 0) & (mean_g > 0)
     pi = torch.where(valid, (mean_a / torch.where(valid, mean_g, 1.0)).sqrt(), 1.0)
-    root = torch.as_tensor(damping, dtype=dA.dtype, device=dA.device).sqrt()
+    root = torch.as_tensor(damping, dtype=torch.float64, device=dA.device).sqrt()
     return pi * root, root / pi
 
 
@@ -166,13 +167,20 @@ def inverse_factors(
     factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype = torch.float64
 ) -> dict[str, InverseFactors]:
     """π-damped inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` from Cholesky factors (computed in ``dtype``),
-    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite)."""
+    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite).
+
+    A factor is positive semi-definite only up to the rounding of its own dtype (a float32 ``A`` of inputs of
+    scale 10⁴ can have eigenvalues of −10): the shift is at least ``d·ε·max diag`` (``ε`` of the factor's dtype,
+    at most ``ε‖M‖``-relative), so that the Cholesky factorisation exists for any damping, however small."""
 
     def chol_inv(m: Tensor, lam: Tensor) -> Tensor:
         if m.dim() == 2:  # a diagonal factor: its inverse is a vector
             return (1 / (m.to(dtype) + lam.to(dtype))).to(m.dtype)
-        eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
-        return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + lam.to(dtype).unsqueeze(-1) * eye)).to(m.dtype)
+        d = m.shape[-1]
+        floor = d * torch.finfo(m.dtype).eps * m.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
+        eye = torch.eye(d, dtype=dtype, device=m.device)
+        shift = torch.maximum(lam, floor).to(dtype).unsqueeze(-1)
+        return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + shift * eye)).to(m.dtype)
 
     out = {}
     for name, f in factors.items():

@@ -68,6 +68,7 @@ from .quadratic import (
     ggn_quadratic_forms,
     levenberg_marquardt,
     reduction_ratio,
+    safe_coefficients,
     solve_quadratic_model,
 )
 from .subnormal import flush_tree
@@ -581,6 +582,9 @@ class _Transform:
         b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
         fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
         x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
+        l2 = hyper.weight_decay
+        objective = cap.loss.double() + sum(0.5 * l2.get(n, 0.0) * params[n].double().square().sum() for n in params)
+        x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
         step, prev = directions
         update = {n: x[0].to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
         return update, dict(update), x[0], x[1], (forms, b, x)

@@ -143,7 +143,7 @@ def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: s
     if mode == "eigen":
         denom = e.dG.unsqueeze(-1) * e.dA.unsqueeze(-2) + damping
     else:
-        lam_a, lam_g = pi_damping(e.dA, e.dG, damping)
+        lam_a, lam_g = (lam.to(e.dA.dtype) for lam in pi_damping(e.dA, e.dG, damping))
         denom = (e.dG + lam_g).unsqueeze(-1) * (e.dA + lam_a).unsqueeze(-2)
     return right_multiply(e.QG @ ((e.QG.mT @ right_multiply(grad, e.QA)) / denom), transposed(e.QA))
 

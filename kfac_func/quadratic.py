@@ -9,6 +9,8 @@ and ``η`` the L2 coefficient. All pure functions:
 * :func:`fisher_quadratic_forms` — the same for the captured MC/empirical Fisher, ``Σₙ,ᵥ (∇ℓ·δᵢ)(∇ℓ·δⱼ)``;
 * :func:`solve_quadratic_model` — the coefficients ``x`` of ``δ = Σ xᵢ dᵢ`` minimising ``M`` (for K-FAC
   ``d = (Δ, δ_prev)``, the learning rate ``α`` and momentum ``μ``), some coefficients optionally fixed;
+* :func:`safe_coefficients` — ``(α, μ)`` kept in ``α ≥ 0``, ``|μ| ≤ 1`` and scaled so that the model
+  never promises a decrease larger than the objective itself;
 * :func:`reduction_ratio` and :func:`levenberg_marquardt` — ``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))`` and
   the damping rule: ``ρ < ¼`` (or NaN) → ``λ ← λ/ω``, ``ρ > ¾`` → ``λ ← ωλ``, clipped to ``[min, max]``.
 """
@@ -110,6 +112,45 @@ def solve_quadratic_model(
     # a pseudo-inverse: parallel directions (e.g. Δ ∥ δ_prev) leave the minimiser non-unique, not absent
     x = x + torch.where(free, torch.linalg.pinv(torch.where(mask, m, 0.0), hermitian=True) @ rhs, 0.0)
     return x, 0.5 * x @ m @ x + grad_dots @ x
+
+
+@full_precision
+def safe_coefficients(curvature: Tensor, gram: Tensor, grad_dots: Tensor, damping: float | Tensor, x: Tensor,
+                      objective: Tensor, momentum_free: bool) -> Tensor:
+    """The K-FAC step's ``(α, μ)`` (``d = (−Δ, δ_prev)``) made safe, as tensor operations:
+
+    1. ``|μ| ≤ 1`` when it is free: outside, the better (lower model value) of the model's minimisers on
+       the edges ``μ = ±1``, ``α`` re-solved on each — a momentum beyond ±1 amplifies the previous update
+       from step to step without bound (a moderately negative one, a partial undo, is a common minimiser). When ``μ`` is held (``adaptive="lr"``) and the model
+       predicts that the step raises the objective, the momentum term is dropped (``μ = 0``, ``α`` re-solved);
+    2. ``α ≥ 0``: ``−Δ`` is a descent direction of the damped model, a negative ``α`` only comes from a
+       model that contradicts it;
+    3. the model's predicted decrease is at most the objective itself (every supported loss and the L2 term
+       are ≥ 0, so no step can lower it by more): a model promising more has curvature too small along
+       the step by at least that factor, and ``(α, μ)`` are scaled down by it. This is what keeps a model
+       built from a few noisy rows (``quadratic_curvature="fisher"`` with a small ``stats_fraction``) from
+       taking a step that makes the loss explode.
+    """
+    m = curvature + damping * gram
+    model = lambda v: 0.5 * v @ m @ v + grad_dots @ v  # noqa: E731
+    def edge(mu: float) -> Tensor:  # the model's minimiser in α with μ held
+        alpha = torch.where(m[0, 0] > 0, -(grad_dots[0] + m[0, 1] * mu) / torch.where(m[0, 0] > 0, m[0, 0], 1.0), 0.0)
+        return torch.stack([alpha.clamp_min(0.0), torch.full_like(alpha, mu)])
+
+    if momentum_free:
+        low, high = edge(-1.0), edge(1.0)
+        best_edge = torch.where(model(high) < model(low), high, low)
+        x = torch.where(x[1].abs() <= 1, x, best_edge)
+    else:  # μ held: when the model predicts that the step with it raises the objective, momentum is dropped
+        x = torch.where(model(x) > 0, edge(0.0), x)
+    x = torch.stack([x[0].clamp_min(0.0), x[1]])
+    # the largest s ≤ 1 with −M(s·x) = −(s²q + s·l) ≤ L: the smaller root of q s² + l s + L = 0, written
+    # 2L / (−l + √(l² − 4qL)) so that q = 0 needs no case (the root exists: max_s −M(s·x) ≥ −M(x) > L)
+    q, lin = 0.5 * x @ m @ x, grad_dots @ x
+    over = -(q + lin) > objective
+    root = (lin.square() - 4 * q * objective).clamp_min(0.0).sqrt()
+    scale = torch.where(over, 2 * objective / torch.where(over, root - lin, 1.0), 1.0)
+    return x * scale
 
 
 def reduction_ratio(loss_before: Tensor | float, loss_after: Tensor | float, model_change: Tensor | float) -> Tensor:
