@@ -148,6 +148,11 @@ def factor_dims(f: NamedTuple) -> tuple[int, int, int]:
     return tuple(f.scale.shape)
 
 
+def factor_dtype(f: NamedTuple) -> torch.dtype:
+    """The dtype a layer's factors (of any factor type) are held and applied in."""
+    return next(t for t in f if isinstance(t, Tensor)).dtype
+
+
 def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor, Tensor]:
     """Factored Tikhonov damping ``λ_A = π√λ``, ``λ_G = √λ/π`` with
     ``π² = (tr A / dim A) / (tr G / dim G)`` per block (``π = 1`` when a trace vanishes).

@@ -94,7 +94,7 @@ class KFACState(NamedTuple):
     embedding's identity ``Q_A`` is stored as an empty tensor), the π-damped inverse factors
     (``"factored"``), E-KFAC's moving average of the scaling, the two-level coarse space and the moving
     average of its coarse matrix, and per parameter path the velocity (the momentum buffer, or the
-    previous update of the adaptive step)."""
+    previous update of the adaptive step; at least float32, like the statistics)."""
 
     step: Tensor
     key: Tensor
@@ -385,7 +385,7 @@ class _Transform:
             key=random.key(o.seed + self.comm.rank) if key is None else key,
             damping=torch.tensor(float(o.damping), dtype=torch.float64),
             factors=factors, eigen=eigen, inverses=inverses, scale=scale, space=space, coarse=coarse,
-            velocity={n: torch.zeros_like(p) for n, p in flat.items()},
+            velocity={n: torch.zeros_like(p, dtype=stat_dtype(p.dtype)) for n, p in flat.items()},
         )
 
     def schedule(self, state: KFACState) -> Schedule:
@@ -496,7 +496,7 @@ class _Transform:
                 new = new._replace(inverses=self._inverses(new))
         new = new._replace(step=state.step + 1, velocity={**state.velocity, **flush_tree(velocity)})
         update = flush_tree(update)
-        moved = {n: p + update[n] if n in update else p for n, p in flat.items()}
+        moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         new_state, moved = _select(ok, (new, moved), (state, flat))
         info = StepInfo(
             loss=total_loss, alpha=torch.where(ok, alpha, nan), mu=torch.where(ok, mu, nan), damping=new_state.damping,
@@ -516,7 +516,7 @@ class _Transform:
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity = {}, {}
         for n in lr:
-            d = delta[n] * scale.to(delta[n].dtype)
+            d = delta[n].to(state.velocity[n].dtype) * scale.to(state.velocity[n].dtype)  # at least float32
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
@@ -566,7 +566,7 @@ class _Transform:
         else:
             k, b, x = forms
             change = 0.5 * x @ k @ x + b @ x
-        moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
+        moved = {n: (params[n] + update[n]).to(params[n].dtype) if n in update else params[n] for n in params}
         l2 = hyper.weight_decay
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
         out = as_function(self.model)(spec.unflatten(moved), inputs)

@@ -36,6 +36,7 @@ from .factors import (
     KroneckerFactors,
     eigendecompose,
     factor_dims,
+    factor_dtype,
     full_precision,
     pi_damping,
     right_multiply,
@@ -80,8 +81,12 @@ def precondition(
     missing = sorted(set(layers) - set(factors))
     if missing:
         raise ValueError(f"no factors for layers {missing}; have {sorted(factors)}")
+    # solved in the factors' dtype (at least float32; a float16/bfloat16 model's gradient is upcast) and
+    # returned in the gradient's
     grad = {
-        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None)
+        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None).to(
+            factor_dtype(factors[name])
+        )
         for name, spec in layers.items()
     }
     for name, g in grad.items():
@@ -101,7 +106,7 @@ def precondition(
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
     for name, layer in layers.items():
-        out.update(split_weight_matrix(layer, delta[name], out))
+        out.update(split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out))
     return spec.unflatten(out)
 
 
