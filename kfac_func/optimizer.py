@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
-from .capture import Model, as_function, capture, trace
+from .capture import Model, as_function, capture, require_layers, trace
 from .distributed import Communicator, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import (
@@ -59,6 +59,7 @@ from .factors import (
     eigendecompose,
     inverse_factors,
     kronecker_factors,
+    traced,
 )
 from .layers import stat_dtype, weight_matrix
 from .losses import FISHER_TYPES, Loss, as_loss
@@ -310,22 +311,17 @@ def _load(tree: Any) -> Any:
     return optree.tree_map(lambda t: None if t.dim() == 1 and t.numel() == 0 else t, tree)
 
 
-def _traced(t: Tensor) -> bool:
-    """Whether ``t``'s value cannot be read on the host: under ``torch.compile`` or ``vmap``."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
-
-
 def _select(ok: Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``ok``, else ``old`` (same structure): a ``torch.where`` per leaf that differs when
     traced, one host read of ``ok`` in eager mode (no copies)."""
-    if not _traced(ok):
+    if not traced(ok):
         return new if bool(ok) else old
     return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old)
 
 
 def _zero_unless(ok: Tensor, tree: Any) -> Any:
     """``tree``, or zeros in its place when not ``ok``."""
-    return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if _traced(ok) or not bool(ok) else tree
+    return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if traced(ok) or not bool(ok) else tree
 
 
 @torch.compiler.disable  # the step's one graph break under torch.compile, without a warning about .item()
@@ -355,6 +351,7 @@ class _Transform:
         o = self.o
         flat, _ = flatten(params)
         plan = trace(self.model, params, inputs)
+        require_layers(plan)
         first = next(iter(flat.values()))
         zeros: dict[str, KroneckerFactors] = {}
         for name, spec in plan.layers.items():
@@ -411,6 +408,7 @@ class _Transform:
         flat, spec = flatten(params)
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)
+        require_layers(plan)
         fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or schedule.adapt or o.reject_steps)
         stats = schedule.factors or schedule.scale or schedule.coarse or fisher_forms
         n = targets.shape[0]
@@ -457,7 +455,8 @@ class _Transform:
         damping = state.damping
         held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
         factored = o.damping_mode == "factored"
-        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode)
+        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode,
+                                      checked=True)  # λ: validated by Options, kept within damping_bounds
         factors = new.inverses if factored else _load(new.eigen)
         if o.method == "ekfac":
             factors = ekfac_factors(_load(new.eigen), averaged(new.scale))
@@ -581,7 +580,7 @@ class _Transform:
 
     def _inverses(self, state: KFACState, factors: dict | None = None) -> dict:
         """π-damped inverse factors at the state's damping, each layer computed by its owner rank."""
-        compute = lambda f: inverse_factors(f, state.damping, self.o.decomposition_dtype)  # noqa: E731
+        compute = lambda f: inverse_factors(f, state.damping, self.o.decomposition_dtype, checked=True)  # noqa: E731
         return self.comm.decompose(self._factors(state) if factors is None else factors, compute, InverseFactors)
 
     def _coarse_matrix(self, cap, space, share: float) -> Tensor:
