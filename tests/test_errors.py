@@ -401,3 +401,33 @@ def test_damping_checks_add_no_host_read_to_the_pure_step():
     for i, d in enumerate(lam):
         torch.testing.assert_close(batched[i], kf.precondition(params, grads, eigen, layers=layers, damping=d)["0.weight"])
 
+
+def test_deepcopy_of_the_pair_continues_exactly_and_leaves_the_original_alone():
+    """deepcopy((model, opt)) is the way to copy a training run: the copy trains its own model, the original
+    model and optimizer do not move, and the copy continues exactly as the original does on the same batches.
+    deepcopy(opt) alone is a self-contained copy that trains its own hidden copy of the model (opt.model);
+    deepcopy(model) alone is a model the original optimizer does not train."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    model, opt = _small_opt(lr=0.1, damping_mode="factored", inverse_period=2)
+    opt.step(*batches[0])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.model is model2
+    snap = _snapshot(model, opt)
+    for x, y in batches[1:]:
+        opt2.step(x, y)
+    _unchanged(model, opt, snap)
+    for x, y in batches[1:]:
+        opt.step(x, y)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(optree.tree_leaves(opt.kfac_state), optree.tree_leaves(opt2.kfac_state)):
+        assert torch.equal(a, b)
+    alone = copy.deepcopy(opt)
+    snap = _snapshot(model, opt)
+    alone.step(*batches[0])
+    _unchanged(model, opt, snap)
+    assert alone.model is not model and not torch.equal(alone.model[0].weight, model[0].weight)
+    twin = copy.deepcopy(model)
+    opt.step(*batches[0])
+    assert torch.equal(twin[0].weight, snap[0][0]) and not torch.equal(model[0].weight, snap[0][0])
