@@ -34,7 +34,7 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("options", [dict(method="kfac"), dict(method="ekfac"), dict(damping_mode="factored")],
+@pytest.mark.parametrize("options", [{"method": "kfac"}, {"method": "ekfac"}, {"damping_mode": "factored"}],
                          ids=["kfac", "ekfac", "factored"])
 def test_low_precision_model_trains_with_float32_state(dtype, options):
     model = _mlp(dtype)
