@@ -131,7 +131,23 @@ class Capture(NamedTuple):
 def require_curvature(cap: Capture) -> None:
     """Raise a clear error when a capture was taken with ``fisher=None`` (no ``a``, ``g``)."""
     if not cap.g:
-        raise ValueError("the capture has no curvature vectors: call capture(..., fisher='mc'|'exact'|'empirical')")
+        raise ValueError(
+            "the capture has no curvature vectors: it was taken with fisher=None (call capture(..., "
+            "fisher='mc'|'exact'|'empirical')) or the model has no supported layer (kfac_func.describe lists them)"
+        )
+
+
+def require_layers(plan: Plan) -> None:
+    """Raise when ``plan`` has no tracked layer: K-FAC would have no curvature at all (plain gradient descent)."""
+    if plan.layers:
+        return
+    supported = ", ".join(f.__name__ for f in (*_SIGNATURES, F.multi_head_attention_forward))
+    params = "; ".join(f"{n!r}: {r}" for n, r in plan.reasons.items())
+    raise ValueError(
+        f"no supported layer found in the model, so K-FAC has no curvature to precondition with (its parameters: "
+        f"{params}). Supported layers are the calls {supported} (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, the "
+        "norm layers, nn.MultiheadAttention) whose weight is a parameter; optimise such a model with torch.optim.SGD"
+    )
 
 
 def as_function(model: Model) -> Callable[[PyTree, Any], Tensor]:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .averaging import MovingAverage
 from .factors import EigenFactors, InverseFactors, KroneckerFactors
+from .layers import stat_dtype
 from .optimizer import KFACState, Options
 from .two_level import CoarseSpace
 
@@ -114,10 +115,10 @@ def _compare(saved: Mapping[str, Any], expected: Mapping[str, Tensor], what: str
 
 
 def check_params(state: KFACState, params: Mapping[str, Tensor]) -> None:
-    """The state's velocity has one tensor per parameter of ``params`` (flat ``name → tensor``) of its shape
-    and dtype."""
-    _compare({repr(n): v for n, v in state.velocity.items()}, {repr(n): p for n, p in params.items()},
-             "parameter", "the model")
+    """The state's velocity has one tensor per parameter of ``params`` (flat ``name → tensor``) of its shape,
+    in the parameter's statistics dtype (at least float32)."""
+    expected = {repr(n): p.new_empty(p.shape, dtype=stat_dtype(p.dtype)) for n, p in params.items()}
+    _compare({repr(n): v for n, v in state.velocity.items()}, expected, "parameter", "the model")
 
 
 def check_state(state: KFACState, reference: KFACState) -> None:

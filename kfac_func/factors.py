@@ -19,7 +19,7 @@ vocabulary × vocabulary matrix. Decompositions clamp eigenvalues at 0 and never
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, NamedTuple, TypeVar
+from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -148,6 +148,28 @@ def factor_dims(f: NamedTuple) -> tuple[int, int, int]:
     return tuple(f.scale.shape)
 
 
+def factor_dtype(f: NamedTuple) -> torch.dtype:
+    """The dtype a layer's factors (of any factor type) are held and applied in."""
+    return next(t for t in f if isinstance(t, Tensor)).dtype
+
+
+def traced(t: Any) -> bool:
+    """Whether ``t``'s value cannot be read on the host: under ``torch.compile``, or a tensor batched by ``vmap``."""
+    return torch.compiler.is_compiling() or (isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t))
+
+
+def check_damping(damping: float | Tensor, *, positive: bool) -> None:
+    """A ``ValueError`` naming ``damping`` unless it is finite and ``> 0`` (``positive``) or ``>= 0``. A number is
+    always checked; a tensor in eager mode (one host read), not under ``torch.compile`` or ``vmap``, where its
+    value cannot be read."""
+    if isinstance(damping, Tensor) and traced(damping):
+        return
+    d = torch.as_tensor(damping, dtype=torch.float64)
+    if not bool((torch.isfinite(d) & ((d > 0) if positive else (d >= 0))).all()):
+        value = d.item() if d.numel() == 1 else d.tolist()
+        raise ValueError(f"damping must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+
+
 def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor, Tensor]:
     """Factored Tikhonov damping ``λ_A = π√λ``, ``λ_G = √λ/π`` with
     ``π² = (tr A / dim A) / (tr G / dim G)`` per block (``π = 1`` when a trace vanishes).
@@ -164,14 +186,21 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
 
 @full_precision
 def inverse_factors(
-    factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype = torch.float64
+    factors: dict[str, KroneckerFactors],
+    damping: float | Tensor,
+    dtype: torch.dtype = torch.float64,
+    *,
+    checked: bool = False,
 ) -> dict[str, InverseFactors]:
     """π-damped inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` from Cholesky factors (computed in ``dtype``),
-    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite).
+    so that preconditioning costs two matmuls per layer. Needs a finite ``damping > 0`` (positive definite),
+    checked by :func:`check_damping` unless ``checked`` (the caller validated it: no host read).
 
     A factor is positive semi-definite only up to the rounding of its own dtype (a float32 ``A`` of inputs of
     scale 10⁴ can have eigenvalues of −10): the shift is at least ``d·ε·max diag`` (``ε`` of the factor's dtype,
     at most ``ε‖M‖``-relative), so that the Cholesky factorisation exists for any damping, however small."""
+    if not checked:
+        check_damping(damping, positive=True)
 
     def chol_inv(m: Tensor, lam: Tensor) -> Tensor:
         if m.dim() == 2:  # a diagonal factor: its inverse is a vector

@@ -56,6 +56,7 @@ class Loss:
     def value(self, out: Tensor, target: Tensor) -> Tensor:
         """The loss exactly as torch computes it (``R · Σ ℓ`` with a fixed ``reduction_scale``)."""
         self._check(out, target)
+        target = self.class_indices(target)
         reduction = "sum" if self.reduction_scale is not None else self.reduction
         if self.kind == "cross_entropy":
             value = F.cross_entropy(out, target, reduction=reduction, ignore_index=self.ignore_index)
@@ -69,7 +70,7 @@ class Loss:
         """How many terms a mean runs over: targets ``≠ ignore_index`` for class indices (a tensor),
         positions for class probabilities, elements for MSE and BCE (ints: known from the shape)."""
         if self.kind == "cross_entropy" and not target.is_floating_point():
-            return (target != self.ignore_index).sum()
+            return self.kept(target).sum()
         per_term = target.shape[1] if self.kind == "cross_entropy" else 1
         return target.numel() // per_term
 
@@ -92,8 +93,8 @@ class Loss:
         if target.is_floating_point():
             t = _class_last(target)
             return _class_second(t.sum(-1, keepdim=True) * p - t)
-        mask = target != self.ignore_index
-        onehot = F.one_hot(torch.where(mask, target, 0), p.shape[-1]).to(p.dtype)
+        mask = self.kept(target)
+        onehot = F.one_hot(torch.where(mask, self.class_indices(target), 0), p.shape[-1]).to(p.dtype)
         return _class_second((p - onehot) * mask.unsqueeze(-1))
 
     def sampled_grads(self, out: Tensor, target: Tensor, samples: int, key: Tensor) -> Tensor:
@@ -131,16 +132,32 @@ class Loss:
             cols = (cols.unsqueeze(1) * onehot_pos).reshape((classes * positions, n) + tuple(pos) + (classes,))
         return _class_second(cols, batch_dims=2)
 
+    def class_indices(self, target: Tensor) -> Tensor:
+        """Cross-entropy class indices of any integer dtype as ``int64`` (what torch's ``cross_entropy`` and
+        ``one_hot`` take); any other target as it is."""
+        integer = self.kind == "cross_entropy" and not target.is_floating_point() and target.dtype != torch.int64
+        return target.long() if integer else target
+
+    def kept(self, target: Tensor) -> Tensor:
+        """Where class-index targets count (``≠ ignore_index``), compared as ``int64``: in ``uint8`` the default
+        ``-100`` would wrap round to class 156."""
+        return self.class_indices(target) != self.ignore_index
+
     def class_weight(self, target: Tensor, dtype: torch.dtype) -> Tensor:
         """Per-position multiplier of the softmax Hessian: the target mass, or the ignore mask."""
         if target.is_floating_point():
             return _class_last(target).sum(-1)
-        return (target != self.ignore_index).to(dtype)
+        return self.kept(target).to(dtype)
 
     def _check(self, out: Tensor, target: Tensor) -> None:
         if out.dim() < 1 or out.shape[0] == 0:
             raise ValueError(f"{self.kind}: model output must have a non-empty batch dimension, got {tuple(out.shape)}")
         if self.kind == "cross_entropy" and not target.is_floating_point():
+            if target.dtype == torch.bool or target.is_complex():
+                raise ValueError(
+                    f"cross_entropy: targets must be class indices (an integer tensor) or class probabilities (a "
+                    f"floating tensor of the output's shape and dtype), got {target.dtype}"
+                )
             expected = (out.shape[0],) + tuple(out.shape[2:])
             if tuple(target.shape) != expected:
                 raise ValueError(f"cross_entropy: class-index targets must have shape {expected}, got {tuple(target.shape)}")

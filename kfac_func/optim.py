@@ -73,7 +73,17 @@ class KFAC(torch.optim.Optimizer):
     of parameter-group dicts; for a function, any pytree of leaf tensors (passed to the function in that
     structure; parameters are named by path) or a list of group dicts whose ``"params"`` are dicts
     ``name → leaf tensor`` (together the function's flat dict). Parameters outside every group are held
-    fixed.
+    fixed; :meth:`add_param_group` adds a group of a module's parameters later.
+
+    A float16/bfloat16 model (not autocast) trains in its own dtype: statistics, decompositions, the
+    velocity and the update are float32, each parameter is written back in its dtype.
+
+    Copies: ``copy.deepcopy((model, opt))`` copies a training run — the copied optimizer trains the copied
+    model (``opt_copy.model``) and continues exactly as the original would. ``copy.deepcopy(opt)`` alone is a
+    self-contained optimizer with its own hidden copy of the model (``opt_copy.model``, not ``model``), as a
+    ``torch.optim`` optimizer copied alone updates copies of its parameters; ``copy.deepcopy(model)`` alone
+    is not trained by ``opt``. To optimise another model with this optimizer's state, build
+    ``KFAC(other, ...)`` and ``load_state_dict(opt.state_dict())``.
     """
 
     def __init__(
@@ -111,6 +121,7 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
         self._unchecked = False  # a loaded state whose layers are checked at the next step (none existed to compare)
         self._names, groups, self._spec = _named_groups(model, params)
+        _require_data(model, self._names)
         self._required = {p for p in self._names if p.requires_grad}
         super().__init__(groups, dict(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay))
         self._warned_untracked = False
@@ -118,6 +129,23 @@ class KFAC(torch.optim.Optimizer):
         self._recorder = None
         if isinstance(model, nn.Module):
             self._recorder = Recorder(model, o.loss, o.fisher, o.mc_samples, self._sample_key)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim``'s: a group of the module's parameters not yet in any group, named from the model and
+        optimised from the next step (the K-FAC state already holds every parameter of the module: its layers'
+        statistics and a zero velocity). A function model's parameters are fixed at construction."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        new = [p for p in params if p not in self._names]  # torch.optim.Optimizer.__init__ adds the known groups
+        if new and not isinstance(self.model, nn.Module):
+            raise TypeError(
+                "add_param_group: a function model's parameters are fixed when KFAC is built (they are the "
+                "function's argument); pass every group to KFAC(model, [group, ...]) instead"
+            )
+        names = _module_names(self.model, new) if new else {}
+        super().add_param_group({**param_group, "params": params})
+        self._names.update(names)
+        self._required.update(names)  # trains while it requires grad, as in torch.optim
 
     def _all_params(self) -> dict[str, Tensor]:
         """Every parameter the model takes (optimised or fixed), detached."""
@@ -193,7 +221,7 @@ class KFAC(torch.optim.Optimizer):
         return self._recorder
 
     def _warn_untracked(self, plan: Plan) -> None:
-        if plan.untracked and not self._warned_untracked:
+        if plan.untracked and plan.layers and not self._warned_untracked:  # no layer at all: the step's error
             warnings.warn(
                 f"kfac_func: parameters {list(plan.untracked)} belong to no supported layer; they get identity "
                 "preconditioning (a plain gradient step)",
@@ -342,7 +370,6 @@ def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[di
     """Resolve parameter names (by identity), torch-style parameter groups and, for a function model, the
     structure its parameters are passed in."""
     if isinstance(model, nn.Module):
-        by_id = {id(p): n for n, p in model.named_parameters()}
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         groups = list(params)
@@ -351,12 +378,7 @@ def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[di
         names: dict[Tensor, str] = {}
         for g in groups:
             g["params"] = list(g["params"])
-            for p in g["params"]:
-                if id(p) not in by_id:
-                    raise ValueError(
-                        f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model"
-                    )
-                names[p] = by_id[id(p)]
+            names.update(_module_names(model, g["params"]))
         return names, groups, None
     if isinstance(params, (list, tuple)) and params and isinstance(params[0], dict) and "params" in params[0]:
         groups = params  # torch-style groups: each 'params' a dict name → tensor, together the model's
@@ -370,6 +392,27 @@ def _named_groups(model: Model, params: Any) -> tuple[dict[Tensor, str], list[di
         names.update({p: n for n, p in flat.items()})
         out.append({**g, "params": list(flat.values())})
     return names, out, spec if len(groups) == 1 else Spec(tuple(names.values()))
+
+
+def _module_names(model: nn.Module, params: list[Tensor]) -> dict[Tensor, str]:
+    """Each of ``params`` → its name in ``model`` (matched by identity)."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        if id(p) not in by_id:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} in the optimizer is not a parameter of the model")
+    return {p: by_id[id(p)] for p in params}
+
+
+def _require_data(model: Model, names: dict[Tensor, str]) -> None:
+    """Refuse parameters or buffers on the ``meta`` device (shapes without data): nothing could be computed."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers()) if isinstance(model, nn.Module) else [
+        (n, p) for p, n in names.items()]
+    meta = [n for n, t in tensors if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"the model's {', '.join(map(repr, meta))} are on the meta device (shapes without data): materialise the "
+            "model first, e.g. model.to_empty(device='cpu') and initialise it, or load_state_dict(..., assign=True)"
+        )
 
 
 class EKFAC(KFAC):

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
-from .capture import Capture, Model, Plan, as_function, capture, trace
+from .capture import Capture, Model, Plan, as_function, capture, require_layers, trace
 from .distributed import Communicator, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
 from .factors import (
@@ -59,6 +59,7 @@ from .factors import (
     eigendecompose,
     inverse_factors,
     kronecker_factors,
+    traced,
 )
 from .layers import stat_dtype, weight_matrix
 from .losses import FISHER_TYPES, Loss, as_loss
@@ -95,7 +96,7 @@ class KFACState(NamedTuple):
     embedding's identity ``Q_A`` is stored as an empty tensor), the π-damped inverse factors
     (``"factored"``), E-KFAC's moving average of the scaling, the two-level coarse space and the moving
     average of its coarse matrix, and per parameter path the velocity (the momentum buffer, or the
-    previous update of the adaptive step)."""
+    previous update of the adaptive step; at least float32, like the statistics)."""
 
     step: Tensor
     key: Tensor
@@ -318,22 +319,17 @@ def _load(tree: Any) -> Any:
     return optree.tree_map(lambda t: None if t.dim() == 1 and t.numel() == 0 else t, tree)
 
 
-def _traced(t: Tensor) -> bool:
-    """Whether ``t``'s value cannot be read on the host: under ``torch.compile`` or ``vmap``."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
-
-
 def _select(ok: Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``ok``, else ``old`` (same structure): a ``torch.where`` per leaf that differs when
     traced, one host read of ``ok`` in eager mode (no copies)."""
-    if not _traced(ok):
+    if not traced(ok):
         return new if bool(ok) else old
     return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old)
 
 
 def _zero_unless(ok: Tensor, tree: Any) -> Any:
     """``tree``, or zeros in its place when not ``ok``."""
-    return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if _traced(ok) or not bool(ok) else tree
+    return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if traced(ok) or not bool(ok) else tree
 
 
 @torch.compiler.disable  # the step's one graph break under torch.compile, without a warning about .item()
@@ -363,6 +359,7 @@ class _Transform:
         o = self.o
         flat, _ = flatten(params)
         plan = trace(self.model, params, inputs)
+        require_layers(plan)
         first = next(iter(flat.values()))
         zeros: dict[str, KroneckerFactors] = {}
         for name, spec in plan.layers.items():
@@ -393,7 +390,7 @@ class _Transform:
             key=random.key(o.seed + self.comm.rank) if key is None else key,
             damping=torch.tensor(float(o.damping), dtype=torch.float64),
             factors=factors, eigen=eigen, inverses=inverses, scale=scale, space=space, coarse=coarse,
-            velocity={n: torch.zeros_like(p) for n, p in flat.items()},
+            velocity={n: torch.zeros_like(p, dtype=stat_dtype(p.dtype)) for n, p in flat.items()},
         )
 
     def schedule(self, state: KFACState) -> Schedule:
@@ -420,6 +417,7 @@ class _Transform:
         flat, spec = flatten(params)
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)
+        require_layers(plan)
         n = targets.shape[0]
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
         loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
@@ -447,6 +445,7 @@ class _Transform:
         for what, needed in needs_batch.items():
             if needed:
                 raise ValueError(f"{what} evaluates the model on the batch again: it needs step(inputs, targets)")
+        require_layers(plan)
         flat, spec = flatten(params)
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         key = random.split(state.key)[0]
@@ -497,7 +496,8 @@ class _Transform:
         damping = state.damping
         held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
         factored = o.damping_mode == "factored"
-        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode)
+        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode,
+                                      checked=True)  # λ: validated by Options, kept within damping_bounds
         factors = new.inverses if factored else _load(new.eigen)
         if o.method == "ekfac":
             factors = ekfac_factors(_load(new.eigen), averaged(new.scale))
@@ -538,7 +538,7 @@ class _Transform:
                 new = new._replace(inverses=self._inverses(new))
         new = new._replace(step=state.step + 1, velocity={**state.velocity, **flush_tree(velocity)})
         update = flush_tree(update)
-        moved = {n: p + update[n] if n in update else p for n, p in flat.items()}
+        moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         new_state, moved = _select(ok, (new, moved), (state, flat))
         info = StepInfo(
             loss=total_loss, alpha=torch.where(ok, alpha, nan), mu=torch.where(ok, mu, nan), damping=new_state.damping,
@@ -559,7 +559,7 @@ class _Transform:
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity, clipped = {}, {}, {}
         for n in lr:
-            d = clipped[n] = delta[n] * scale.to(delta[n].dtype)
+            d = clipped[n] = delta[n].to(state.velocity[n].dtype) * scale.to(state.velocity[n].dtype)  # >= float32
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
@@ -612,7 +612,7 @@ class _Transform:
         else:
             k, b, x = forms
             change = 0.5 * x @ k @ x + b @ x
-        moved = {n: params[n] + update[n] if n in update else params[n] for n in params}
+        moved = {n: (params[n] + update[n]).to(params[n].dtype) if n in update else params[n] for n in params}
         l2 = hyper.weight_decay
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
         out = as_function(self.model)(spec.unflatten(moved), inputs)
@@ -627,7 +627,7 @@ class _Transform:
 
     def _inverses(self, state: KFACState, factors: dict | None = None) -> dict:
         """π-damped inverse factors at the state's damping, each layer computed by its owner rank."""
-        compute = lambda f: inverse_factors(f, state.damping, self.o.decomposition_dtype)  # noqa: E731
+        compute = lambda f: inverse_factors(f, state.damping, self.o.decomposition_dtype, checked=True)  # noqa: E731
         return self.comm.decompose(self._factors(state) if factors is None else factors, compute, InverseFactors)
 
     def _coarse_matrix(self, cap, space, share: float) -> Tensor:

@@ -34,8 +34,10 @@ from .factors import (
     EigenFactors,
     InverseFactors,
     KroneckerFactors,
+    check_damping,
     eigendecompose,
     factor_dims,
+    factor_dtype,
     full_precision,
     pi_damping,
     right_multiply,
@@ -66,22 +68,29 @@ def precondition(
     capture: Capture | None = None,
     weights: tuple[float, float] = (1.0, 1.0),
     all_reduce: Callable[[Any], Any] | None = None,
+    checked: bool = False,
 ) -> PyTree:
     """The preconditioned gradient, a pytree shaped like ``grads``. ``all_reduce`` sums a pytree over
     data-parallel ranks (:meth:`kfac_func.distributed.Communicator.sum`): the curvature products of
-    ``adef2``/``bnn`` then cover the global batch."""
+    ``adef2``/``bnn`` then cover the global batch. ``damping`` must be finite and ``>= 0``
+    (:func:`~kfac_func.factors.check_damping`; a tensor is read on the host in eager mode, not under
+    ``torch.compile`` or ``vmap``) unless ``checked`` (the caller validated it: the pure optimizer)."""
     if mode not in MODES:
         raise ValueError(f"unknown damping mode {mode!r}; expected one of {MODES}")
-    if isinstance(damping, (int, float)) and damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    if damping is not None and not checked:
+        check_damping(damping, positive=False)
     _check_method(method, factors, coarse)
     grads, spec = flatten(grads)
     _check_grads(flatten(params)[0], grads)
     missing = sorted(set(layers) - set(factors))
     if missing:
         raise ValueError(f"no factors for layers {missing}; have {sorted(factors)}")
+    # solved in the factors' dtype (at least float32; a float16/bfloat16 model's gradient is upcast) and
+    # returned in the gradient's
     grad = {
-        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None)
+        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None).to(
+            factor_dtype(factors[name])
+        )
         for name, spec in layers.items()
     }
     for name, g in grad.items():
@@ -101,7 +110,7 @@ def precondition(
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out = dict(grads)
     for name, layer in layers.items():
-        out.update(split_weight_matrix(layer, delta[name], out))
+        out.update(split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out))
     return spec.unflatten(out)
 
 

@@ -25,7 +25,7 @@ from torch.func import jvp, vjp
 
 from .capture import Capture, Model, flat_call
 from .factors import full_precision
-from .layers import LayerSpec, weight_matrix
+from .layers import LayerSpec, stat_dtype, weight_matrix
 from .losses import Loss, as_loss
 from .tree import PyTree, flatten
 
@@ -63,9 +63,12 @@ def ggn_quadratic_forms(
     loss = as_loss(loss)
     flat, spec = flatten(params)
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
-    outs = [jvp(f, (flat,), (spec.like(d, "each direction"),)) for d in directions]
-    out = outs[0][0].detach()
-    jds = [jd for _, jd in outs]
+    # tangents in the parameters' dtype (jvp requires it), the forms in at least float32
+    tangents = [{n: t.to(flat[n].dtype) for n, t in spec.like(d, "each direction").items()} for d in directions]
+    outs = [jvp(f, (flat,), (t,)) for t in tangents]
+    dtype = stat_dtype(outs[0][0].dtype)
+    out = outs[0][0].detach().to(dtype)
+    jds = [jd.to(dtype) for _, jd in outs]
     return torch.stack([
         torch.stack([(ji * output_hessian_product(loss, out, targets, jj)).sum() for jj in jds]) for ji in jds
     ])
@@ -79,7 +82,7 @@ def fisher_quadratic_forms(cap: Capture, directions: list[PyTree], layers: dict[
     for d in map(lambda tree: flatten(tree)[0], directions):
         per = 0
         for name, spec in layers.items():
-            w = weight_matrix(spec, d[spec.weight], d[spec.bias] if spec.bias else None)
+            w = weight_matrix(spec, d[spec.weight], d[spec.bias] if spec.bias else None).to(cap.g[name].dtype)
             per = per + ((cap.g[name] @ w) * cap.a[name].unsqueeze(0)).sum((2, 3, 4))
         dots.append(per.reshape(-1))  # (V·N,): ∇ℓₙ,ᵥ · d
     z = torch.stack(dots)

@@ -153,7 +153,7 @@ def test_precondition_checks_gradients_and_factors():
         kf.precondition(params, cap.grads, swapped, layers=layers, damping=1e-2)
     with pytest.raises(ValueError, match=r"no factors for layers \['2'\]"):
         kf.precondition(params, cap.grads, {"0": factors["0"]}, layers=layers, damping=1e-2)
-    with pytest.raises(ValueError, match="damping must be >= 0"):
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         kf.precondition(params, cap.grads, factors, layers=layers, damping=-1.0)
     inv = kf.inverse_factors(factors, 1e-2)
     with pytest.raises(ValueError, match="include their damping"):
@@ -248,3 +248,186 @@ def test_a_parameter_that_stops_requiring_grad_is_held_fixed():
     opt.step(torch.randn(8, 4), torch.randint(0, 3, (8,)))
     assert torch.equal(frozen, before) and frozen.grad is None
     assert not torch.equal(model[2].weight.detach(), other)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the probe table of issue 14: models without layers, added groups, meta tensors, integer targets, damping
+# ----------------------------------------------------------------------------------------------------
+
+
+class FreeParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize("make", [FreeParameters, lambda: nn.PReLU(3)], ids=["free", "prelu"])
+@pytest.mark.parametrize("cls", [kf.KFAC, kf.EKFAC])
+def test_model_without_a_supported_layer_is_refused_by_name(make, cls):
+    """No tracked layer: K-FAC would be plain SGD. The first step refuses it, naming each parameter with its
+    reason and the supported layers, and changes nothing; so does the pure optimizer's init."""
+    torch.manual_seed(0)
+    model = make()
+    x, y = torch.randn(8, 4 if isinstance(model, FreeParameters) else 3), torch.randint(0, 3, (8,))
+    name = next(iter(dict(model.named_parameters())))
+    opt = cls(model, lr=0.1)
+    snap = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=rf"no supported layer.*'{name}': used .*linear, conv1d"):
+        opt.step(x, y)
+    _unchanged(model, opt, snap)
+    with pytest.raises(ValueError, match="no supported layer"):
+        kf.kfac(model).init(_params(model), x)
+
+
+def test_add_param_group_trains_the_new_parameters_from_then_on():
+    """A group added later is named from the model and optimised from the next step, with its own lr, exactly
+    as if it had been in the optimizer, frozen, until then (the K-FAC state already covers it)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(5)]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    twin = copy.deepcopy(model)
+    opt = kf.KFAC(model, list(model[2].parameters()), lr=0.1)
+    ref = kf.KFAC(twin, [{"params": list(twin[2].parameters())}, {"params": list(twin[0].parameters()), "lr": 0.05}],
+                  lr=0.1)
+    for p in twin[0].parameters():
+        p.requires_grad_(False)
+    first = model[0].weight.detach().clone()
+    for x, y in batches[:2]:
+        opt.step(x, y)
+        ref.step(x, y)
+    assert torch.equal(model[0].weight, first)
+    opt.add_param_group({"params": model[0].parameters(), "lr": 0.05})
+    for p in twin[0].parameters():
+        p.requires_grad_(True)
+    for x, y in batches[2:]:
+        opt.step(x, y)
+        ref.step(x, y)
+    assert not torch.equal(model[0].weight, first) and model[0].weight.grad is not None
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [model[0].weight]})
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    assert len(opt.param_groups) == 2
+
+
+def test_add_param_group_of_a_function_model_is_a_clear_error():
+    w = {"w": torch.randn(3, 4)}
+    opt = kf.KFAC(lambda p, x: F.linear(x, p["w"]), w)
+    with pytest.raises(TypeError, match="function model's parameters are fixed"):
+        opt.add_param_group({"params": [torch.zeros(3)]})
+    assert len(opt.param_groups) == 1
+
+
+def test_meta_device_model_is_refused_at_construction():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"'0\.weight'.*'1\.running_mean'.*meta device.*to_empty"):
+        kf.KFAC(model)
+    with pytest.raises(ValueError, match=r"'w'.*meta device"):
+        kf.KFAC(lambda p, x: F.linear(x, p["w"]), {"w": torch.empty(3, 4, device="meta")})
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_integer_class_targets_of_any_dtype(dtype):
+    """Class indices in any integer dtype give exactly the int64 results (uint8 156 is not ignore_index -100)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 200)
+    params, x = _params(model), torch.randn(6, 4)
+    top = torch.iinfo(dtype).max if dtype != torch.int32 else 199  # uint8: 255 and 156 ≡ -100 (mod 256)
+    y = torch.tensor([min(156, top), 3, 0, min(199, top), 7, 1])
+    for fisher in ("exact", "empirical", "mc"):
+        got = kf.capture(model, params, x, y.to(dtype), "cross_entropy", fisher=fisher, key=kf.random.key(0))
+        want = kf.capture(model, params, x, y, "cross_entropy", fisher=fisher, key=kf.random.key(0))
+        for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
+            assert torch.equal(a, b)
+    model, opt = _small_opt()
+    model2, opt2 = _small_opt()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    assert torch.equal(opt.step(x, y.to(dtype)), opt2.step(x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
+@pytest.mark.parametrize("target", [torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.complex64)])
+def test_bool_or_complex_class_targets_name_the_dtype(target):
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=f"class indices.*got {target.dtype}"):
+        kf.capture(model, _params(model), torch.randn(2, 4), target, "cross_entropy")
+
+
+def _factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    params, x = _params(model), torch.randn(6, 4)
+    cap = kf.capture(model, params, x, torch.randint(0, 3, (6,)), "cross_entropy", fisher="exact")
+    return params, cap.grads, kf.kronecker_factors(cap), kf.trace(model, params, x).layers
+
+
+BAD = [0.0, -1.0, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("damping", BAD + [torch.tensor(-1.0), torch.tensor(float("nan")), torch.tensor(0.0)])
+def test_inverse_factors_needs_finite_positive_damping(damping):
+    _, _, factors, _ = _factors()
+    with pytest.raises(ValueError, match=r"damping must be a finite number > 0, got (0\.0|-1\.0|nan|inf)"):
+        kf.inverse_factors(factors, damping)
+
+
+@pytest.mark.parametrize("damping", BAD[1:] + [torch.tensor(-1.0), torch.tensor(float("inf")), torch.tensor([0.1, -1])])
+@pytest.mark.parametrize("kind", ["kronecker", "eigen", "ekfac"])
+def test_precondition_needs_finite_non_negative_damping(damping, kind):
+    params, grads, factors, layers = _factors()
+    if kind != "kronecker":
+        factors = kf.eigendecompose(factors)
+    if kind == "ekfac":
+        factors = kf.ekfac_factors(factors, {n: torch.ones(kf.factors.factor_dims(f)) for n, f in factors.items()})
+    with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got"):
+        kf.precondition(params, grads, factors, layers=layers, damping=damping)
+    kf.precondition(params, grads, factors, layers=layers, damping=torch.tensor(0.1))  # a good tensor passes
+
+
+def test_damping_checks_add_no_host_read_to_the_pure_step():
+    """The pure optimizer's damping is validated by its options and bounds: its calls skip the tensor check,
+    and under vmap (where a tensor cannot be read) a public call with a batched damping still works."""
+    params, grads, factors, layers = _factors()
+    eigen = kf.eigendecompose(factors)
+    lam = torch.tensor([0.1, 0.2])
+    batched = torch.func.vmap(lambda d: kf.precondition(params, grads, eigen, layers=layers, damping=d)["0.weight"])(lam)
+    for i, d in enumerate(lam):
+        torch.testing.assert_close(batched[i], kf.precondition(params, grads, eigen, layers=layers, damping=d)["0.weight"])
+
+
+def test_deepcopy_of_the_pair_continues_exactly_and_leaves_the_original_alone():
+    """deepcopy((model, opt)) is the way to copy a training run: the copy trains its own model, the original
+    model and optimizer do not move, and the copy continues exactly as the original does on the same batches.
+    deepcopy(opt) alone is a self-contained copy that trains its own hidden copy of the model (opt.model);
+    deepcopy(model) alone is a model the original optimizer does not train."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    model, opt = _small_opt(lr=0.1, damping_mode="factored", inverse_period=2)
+    opt.step(*batches[0])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.model is model2
+    snap = _snapshot(model, opt)
+    for x, y in batches[1:]:
+        opt2.step(x, y)
+    _unchanged(model, opt, snap)
+    for x, y in batches[1:]:
+        opt.step(x, y)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(optree.tree_leaves(opt.kfac_state), optree.tree_leaves(opt2.kfac_state)):
+        assert torch.equal(a, b)
+    alone = copy.deepcopy(opt)
+    snap = _snapshot(model, opt)
+    alone.step(*batches[0])
+    _unchanged(model, opt, snap)
+    assert alone.model is not model and not torch.equal(alone.model[0].weight, model[0].weight)
+    twin = copy.deepcopy(model)
+    opt.step(*batches[0])
+    assert torch.equal(twin[0].weight, snap[0][0]) and not torch.equal(model[0].weight, snap[0][0])

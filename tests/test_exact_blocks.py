@@ -573,6 +573,10 @@ def test_precondition_random_spd_factors(seed, groups, d_a, d_g, damping, mode, 
     lam = torch.tensor(damping, dtype=DT) if as_tensor else damping
     if form == "eigen":
         factors = kf.eigendecompose(factors)
+    if form == "inverse" and damping == 0.0:  # Cholesky inverses need damping > 0: refused by name
+        with pytest.raises(ValueError, match="damping must be a finite number > 0, got 0.0"):
+            kf.inverse_factors(factors, lam)
+        return
     if form == "inverse":  # damping lives in the inverses; factored mode only
         mode = "factored"
         factors, lam = kf.inverse_factors(factors, lam), None
