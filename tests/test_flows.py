@@ -59,12 +59,15 @@ def _backward_step(opt: kf.KFAC, model: nn.Module, x, y, fisher: str) -> None:
 
 @pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn-batchnorm"])
 @pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
-@pytest.mark.parametrize("method", ["kfac", "ekfac", "two_level", "factored"])
+@pytest.mark.parametrize("method", ["kfac", "ekfac", "two_level", "factored", "sparse-statistics"])
 def test_backward_and_closure_flows_equal_the_functional_step(make, fisher, method):
+    """``sparse-statistics``: factors every 2nd step (no recording, no curvature backward on the others)
+    from half of the rows."""
     model = make()
     x, y = _data(model)
-    options = dict(COMMON, fisher=fisher, **({"damping_mode": "factored", "damping": 1e-2} if method == "factored"
-                                             else {"method": method}))
+    extra = {"factored": {"damping_mode": "factored", "damping": 1e-2},
+             "sparse-statistics": {"factor_period": 2, "stats_fraction": 0.5}}.get(method, {"method": method})
+    options = dict(COMMON, fisher=fisher, **extra)
     runs = {kind: copy.deepcopy(model) for kind in ("functional", "backward", "closure")}
     opts = {kind: kf.KFAC(m, **options) for kind, m in runs.items()}
     for _ in range(STEPS):
