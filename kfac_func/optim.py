@@ -230,7 +230,7 @@ class KFAC(torch.optim.Optimizer):
             self._warned_untracked = True
 
     def _sample_key(self, inputs: Any, k: int) -> Tensor:
-        """The MC key of the ``k``-th recorded forward before the next step: the key the functional step
+        """The MC key of the ``k``-th curvature backward before the next step: the key the functional step
         would use, split ``k`` more times for further micro-batches. The state is made by the first."""
         if self.kfac_state is None:
             self.kfac_state = self._pure.init(self._all_params(), inputs)

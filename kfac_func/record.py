@@ -73,7 +73,7 @@ class _Forward:
 
 class Recorder:
     """Records the statistics of a module's forwards (see the module docstring). ``key(inputs, k)`` gives the
-    MC key of the ``k``-th forward since the last step; ``wanted`` says whether the next step reads
+    MC key of the ``k``-th curvature backward since the last step; ``wanted`` says whether the next step reads
     statistics (when it does not, forwards are not recorded and the curvature backward is skipped)."""
 
     def __init__(self, model: nn.Module, loss: Loss, fisher: str, mc_samples: int,
@@ -132,7 +132,7 @@ class Recorder:
         classes = self.loss.kind == "cross_entropy"
         dummy = out.new_zeros((out.shape[0],) + tuple(out.shape[2:]), dtype=torch.int64) if classes else out
         _, _, vectors, scale = cotangents(self.loss, out, dummy, self.fisher, self.mc_samples,
-                                          self.key(self.inputs, len(self.records) - 1))
+                                          self.key(self.inputs, len(self._used(self.records))))
         outs = [o for o in rec.mode.outputs if o.requires_grad]
         rec.mode.listening = False
         try:
@@ -154,26 +154,26 @@ class Recorder:
         plan = self.require_forward(statistics and not records)
         if not statistics:
             return Capture(loss, grads, {}, {}), plan
+        records = self._used(records)
+        if not records:
+            if self.fisher == "empirical":
+                raise ValueError("kfac_func: no recorded forward had a backward before step(); the empirical "
+                                 "Fisher reads the output gradients of the user's loss.backward()")
+            raise ValueError(
+                f"kfac_func: fisher={self.fisher!r} needs its backward from the model output: call "
+                "opt.curvature_backward(output) after the forward and before loss.backward() (or use "
+                "step(closure), step(inputs, targets), or fisher='empirical')"
+            )
         total = sum(_terms(self.loss, r.output) for r in records)
         total_scale = 1.0 if self.loss.reduction == "sum" else 1.0 / total
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         parts = []
         for r in records:
             if self.fisher == "empirical":
-                missing = [c.layer for k, c in enumerate(r.plan.calls) if k not in r.mode.grads]
-                if missing and len(missing) == len(r.plan.calls):
-                    raise ValueError("kfac_func: a recorded forward had no backward before step(); the empirical "
-                                     "Fisher reads the output gradients of the user's loss.backward()")
                 factor = 1.0 / (grad_scale * total_scale**0.5)
                 vectors = [(r.mode.grads[k] if k in r.mode.grads else torch.zeros_like(o)).unsqueeze(0) * factor
                            for k, o in enumerate(r.mode.outputs)]
             else:
-                if r.curvature is None:
-                    raise ValueError(
-                        f"kfac_func: fisher={self.fisher!r} needs its backward from the model output: call "
-                        "opt.curvature_backward(output) after the forward and before loss.backward() (or use "
-                        "step(closure), step(inputs, targets), or fisher='empirical')"
-                    )
                 weight = (total_scale / r.scale) ** 0.5  # this forward's share of the whole batch's R
                 vectors = [v * weight for v in r.curvature]
             examples = math.ceil(stats_fraction * r.examples) if stats_fraction < 1 else None
@@ -191,10 +191,17 @@ class Recorder:
             )
         return self.plan
 
+    def _used(self, records: list[_Forward]) -> list[_Forward]:
+        """The forwards whose statistics exist: with a backward through them (empirical) or a curvature backward
+        (MC, exact). Others — an evaluation forward with gradients on, say — contributed to no gradient."""
+        if self.fisher == "empirical":
+            return [r for r in records if r.mode.grads]
+        return [r for r in records if r.curvature is not None]
+
     @property
     def examples(self) -> int:
-        """Examples recorded since the last step."""
-        return sum(r.examples for r in self.records)
+        """Examples of the forwards with statistics since the last step."""
+        return sum(r.examples for r in self._used(self.records))
 
 
 def _terms(loss: Loss, output: Tensor) -> int:

@@ -218,3 +218,19 @@ def test_flow_errors_are_clear_and_change_nothing():
         kf.Preconditioner(model, momentum=0.9)
     with pytest.raises(ValueError, match="output of the model's last forward"):
         opt.curvature_backward(torch.zeros(16, 3, requires_grad=True))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_forward_without_backward_is_not_statistics(fisher):
+    """An evaluation forward with gradients on (no backward, no curvature backward) before the training forward
+    contributes nothing: the step equals the one without it."""
+    model = _mlp()
+    x, y = _data(model)
+    held_out = _data(model, seed=5)[0]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ref, opt = kf.KFAC(a, fisher=fisher, **COMMON), kf.KFAC(b, fisher=fisher, **COMMON)
+    for _ in range(3):
+        _backward_step(ref, a, x, y, fisher)
+        b(held_out).sum()  # evaluated with gradients on, never backpropagated
+        _backward_step(opt, b, x, y, fisher)
+    _close(b, a, model)
