@@ -1,7 +1,7 @@
 """Real-data convergence: the MNIST deep autoencoder and CNN classifiers on Fashion-MNIST / MNIST.
 
-    python benchmarks/convergence.py autoencoder [--out benchmarks/results/autoencoder] [--quick] [--full]
-    python benchmarks/convergence.py classifier --dataset fashion-mnist [--out ...] [--quick] [--full]
+    python benchmarks/convergence.py autoencoder [--out benchmarks/results/autoencoder] [--quick] [--full] [--seeds 3]
+    python benchmarks/convergence.py classifier --dataset fashion-mnist [--out ...] [--quick] [--full] [--seeds 3]
 
 * ``autoencoder``: Martens & Grosse's 784-1000-500-250-30 encoder, mirrored, tanh hidden units, a linear
   code layer and a sigmoid output with Bernoulli cross-entropy (reported per image, i.e. summed over
@@ -13,13 +13,19 @@
 * ``classifier``: a two-conv CNN; test accuracy against wall time for the same methods.
 
 The default sizes fit 2 CPU cores (minutes per run); ``--full`` runs the paper-size budgets on a GPU if
-one is present. Results go to ``--out`` as ``results.json`` plus PNG plots; progress bars show each run.
+one is present. ``--seeds K`` repeats every run with K seeds (initialisation and batch order): the target is
+the best first-order configuration's median final value, and each configuration reports the median over
+seeds of its final value and of its steps and seconds to the target, with the range over seeds (a seed that
+never reaches the target counts as not reaching it; the median is over the seeds that do, and says how
+many). Results go to ``--out`` as ``results.json`` plus PNG plots (every seed drawn); progress bars show
+each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -98,7 +104,7 @@ def run(name: str, make_model, make_opt, is_kfac: bool, data, loss_name: str, st
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-    return {"method": name, "curve": curve}
+    return {"method": name, "seed": seed, "curve": curve}
 
 
 def experiment(kind: str, args) -> dict:
@@ -135,31 +141,49 @@ def experiment(kind: str, args) -> dict:
         for lr in lrs[: 1 if args.quick else None]:
             factory = (lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)) if opt_name == "SGD-momentum" \
                 else (lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr))
-            runs.append(run(f"{opt_name} lr={lr:g}", make_model, factory, False, data, loss, steps1, batch, eval_every1,
-                            evaluate, device))
+            runs += [run(f"{opt_name} lr={lr:g}", make_model, factory, False, data, loss, steps1, batch, eval_every1,
+                         evaluate, device, seed) for seed in range(args.seeds)]
     for method in ("K-FAC", "E-KFAC", "two-level K-FAC"):
-        runs.append(run(method, make_model, second_order(method, loss, damping), True, data, loss, steps2, batch,
-                        eval_every2, evaluate, device))
-    first = [r for r in runs if r["method"].startswith(("SGD", "Adam"))]
-    target = better(r["curve"][-1]["value"] for r in first)
-    summary = []
+        runs += [run(method, make_model, second_order(method, loss, damping), True, data, loss, steps2, batch,
+                     eval_every2, evaluate, device, seed) for seed in range(args.seeds)]
+    by_method: dict[str, list[dict]] = {}
     for r in runs:
-        hit = next((c for c in r["curve"] if (c["value"] <= target if better is min else c["value"] >= target)), None)
-        summary.append({"method": r["method"], "final": r["curve"][-1]["value"], "steps_to_target": hit and hit["step"],
-                        "seconds_to_target": hit and hit["seconds"], "seconds_total": r["curve"][-1]["seconds"]})
+        by_method.setdefault(r["method"], []).append(r)
+    final = {m: statistics.median(r["curve"][-1]["value"] for r in rs) for m, rs in by_method.items()}
+    target = better(v for m, v in final.items() if m.startswith(("SGD", "Adam")))
+    summary = []
+    for method, rs in by_method.items():
+        hits = [next((c for c in r["curve"] if (c["value"] <= target if better is min else c["value"] >= target)),
+                     None) for r in rs]
+        reached = [h for h in hits if h is not None]
+        spread = lambda key: [min(h[key] for h in reached), max(h[key] for h in reached)] if reached else None  # noqa: E731
+        summary.append({
+            "method": method, "final": final[method], "seeds": len(rs), "reached": len(reached),
+            "steps_to_target": statistics.median(h["step"] for h in reached) if reached else None,
+            "seconds_to_target": statistics.median(h["seconds"] for h in reached) if reached else None,
+            "steps_range": spread("step"), "seconds_range": spread("seconds"),
+            "seconds_total": statistics.median(r["curve"][-1]["seconds"] for r in rs),
+        })
     return {"kind": kind, "dataset": "mnist" if kind == "autoencoder" else args.dataset, "device": str(device),
-            "batch": batch, "target": target, "runs": runs, "summary": summary}
+            "batch": batch, "seeds": args.seeds, "target": target, "runs": runs, "summary": summary}
 
 
 def table(result: dict) -> str:
     what = "training loss (per image)" if result["kind"] == "autoencoder" else "test accuracy"
-    lines = [f"{result['kind']} on {result['dataset']}, batch {result['batch']}: target = best first-order final "
-             f"{what} = {result['target']:.4g}", "",
-             f"| method | final {what} | steps to target | seconds to target | total seconds |", "|---|---|---|---|---|"]
+    seeds = result.get("seeds", 1)
+    lines = [f"{result['kind']} on {result['dataset']}, batch {result['batch']}, {seeds} seed(s), medians (range): "
+             f"target = best first-order median final {what} = {result['target']:.4g}", "",
+             f"| method | final {what} | seeds reaching the target | steps to target | seconds to target | "
+             "total seconds |", "|---|---|---|---|---|---|"]
     for s in result["summary"]:
-        steps = "—" if s["steps_to_target"] is None else s["steps_to_target"]
-        secs = "—" if s["seconds_to_target"] is None else f"{s['seconds_to_target']:.1f}"
-        lines.append(f"| {s['method']} | {s['final']:.4g} | {steps} | {secs} | {s['seconds_total']:.1f} |")
+        reached = f"{s.get('reached', int(s['steps_to_target'] is not None))}/{s.get('seeds', 1)}"
+        steps, secs = "—", "—"
+        if s["steps_to_target"] is not None:
+            steps, secs = f"{s['steps_to_target']:g}", f"{s['seconds_to_target']:.1f}"
+            if s.get("steps_range") and seeds > 1:
+                steps += " ({:g}–{:g})".format(*s["steps_range"])
+                secs += " ({:.1f}–{:.1f})".format(*s["seconds_range"])
+        lines.append(f"| {s['method']} | {s['final']:.4g} | {reached} | {steps} | {secs} | {s['seconds_total']:.1f} |")
     return "\n".join(lines)
 
 
@@ -170,13 +194,17 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors: dict[str, str] = {}
     for r in result["runs"]:
         style = "-" if r["method"] in ("K-FAC", "E-KFAC", "two-level K-FAC") else ":"
+        first = r["method"] not in colors
+        colors.setdefault(r["method"], f"C{len(colors) % 10}")
         steps = [c["step"] for c in r["curve"]]
         secs = [c["seconds"] for c in r["curve"]]
         vals = [c["value"] for c in r["curve"]]
-        axes[0].plot(steps, vals, style, label=r["method"])
-        axes[1].plot(secs, vals, style, label=r["method"])
+        kw = dict(color=colors[r["method"]], label=r["method"] if first else None, alpha=1.0 if first else 0.45)
+        axes[0].plot(steps, vals, style, **kw)
+        axes[1].plot(secs, vals, style, **kw)
     ylabel = "training loss per image" if result["kind"] == "autoencoder" else "test accuracy"
     for ax, xlabel in zip(axes, ("steps", "wall time (s, evaluation excluded)")):
         ax.set_xlabel(xlabel)
@@ -197,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and the PNG plots")
     parser.add_argument("--quick", action="store_true", help="a few steps of each run (a smoke test)")
     parser.add_argument("--full", action="store_true", help="paper-size budgets, on a GPU if present")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per configuration (medians and ranges)")
     args = parser.parse_args(argv)
     result = experiment(args.kind, args)
     print(table(result))
