@@ -156,16 +156,20 @@ def experiment(kind: str, args) -> dict:
         hits = [next((c for c in r["curve"] if (c["value"] <= target if better is min else c["value"] >= target)),
                      None) for r in rs]
         reached = [h for h in hits if h is not None]
-        spread = lambda key: [min(h[key] for h in reached), max(h[key] for h in reached)] if reached else None  # noqa: E731
         summary.append({
             "method": method, "final": final[method], "seeds": len(rs), "reached": len(reached),
             "steps_to_target": statistics.median(h["step"] for h in reached) if reached else None,
             "seconds_to_target": statistics.median(h["seconds"] for h in reached) if reached else None,
-            "steps_range": spread("step"), "seconds_range": spread("seconds"),
+            "steps_range": _range(reached, "step"), "seconds_range": _range(reached, "seconds"),
             "seconds_total": statistics.median(r["curve"][-1]["seconds"] for r in rs),
         })
     return {"kind": kind, "dataset": "mnist" if kind == "autoencoder" else args.dataset, "device": str(device),
             "batch": batch, "seeds": args.seeds, "target": target, "runs": runs, "summary": summary}
+
+
+def _range(hits: list[dict], key: str) -> list[float] | None:
+    """``[min, max]`` of ``key`` over the seeds' hits (``None`` when no seed reached the target)."""
+    return [min(h[key] for h in hits), max(h[key] for h in hits)] if hits else None
 
 
 def table(result: dict) -> str:
