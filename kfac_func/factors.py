@@ -108,19 +108,57 @@ def _gram(x: Tensor, block_dim: int, diagonal: bool = False) -> Tensor:
     return rows.square().sum(1) if diagonal else rows.mT @ rows
 
 
+# ``decomposition_dtype=None`` ("auto"): decompose float32 factors in float32 where that is as good as float64
+# for the damped solve (float64 factors stay in float64). A float32 eigh / Cholesky is backward stable — exact for ``M + E`` with ``‖E‖ ≈ ε₃₂‖M‖`` — so it
+# perturbs ``(G ⊗ A + λ)⁻¹`` by about ``ε₃₂‖A‖‖G‖/λ`` relative, and a π-damped ``(M + λ_M I)⁻¹`` by
+# ``ε₃₂‖M‖/λ_M``. Where that bound exceeds FLOAT32_TOLERANCE the factor is decomposed in float64.
+FLOAT32_TOLERANCE = 1e-4
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether ``t``'s value cannot be read on the host (under ``torch.compile`` or ``vmap``)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
+
+
+def _single_readable(factors: dict[str, KroneckerFactors]) -> bool:
+    """Whether the factors are float32 (or narrower) and readable on the host: where "auto" may pick float32."""
+    first = next(iter(factors.values()), None)
+    return first is not None and first.G.dtype != torch.float64 and not _traced(first.G)
+
+
+def _host_flags(bounds: list[Tensor]) -> list[bool]:
+    """``bound > FLOAT32_TOLERANCE`` for each 0-dim bound, in one host read."""
+    return (torch.stack(bounds) > FLOAT32_TOLERANCE).tolist() if bounds else []
+
+
+def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(Q, d)`` of a symmetric ``m`` computed in ``dtype``, returned in ``m``'s dtype, eigenvalues clamped at 0."""
+    d, q = torch.linalg.eigh(m.to(dtype))
+    return flush(q.to(m.dtype)), flush(d.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
+
+
 @full_precision
-def eigendecompose(factors: dict[str, KroneckerFactors], dtype: torch.dtype = torch.float64) -> dict[str, EigenFactors]:
-    """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype."""
+def eigendecompose(
+    factors: dict[str, KroneckerFactors], dtype: torch.dtype | None = torch.float64, damping: float | Tensor | None = None
+) -> dict[str, EigenFactors]:
+    """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype. ``dtype=None``: float32
+    factors in float32, redone in float64 for each layer whose bound ``ε₃₂ max d_A max d_G / damping`` exceeds
+    :data:`FLOAT32_TOLERANCE` (float64 throughout without a ``damping``, or where values cannot be read on the
+    host: under ``torch.compile`` or ``vmap``)."""
+    auto = dtype is None and damping is not None and _single_readable(factors)
 
-    def eig(m: Tensor) -> tuple[Tensor, Tensor]:
-        d, q = torch.linalg.eigh(m.to(dtype))
-        return flush(q.to(m.dtype)), flush(d.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
+    def decompose(f: KroneckerFactors, dtype: torch.dtype) -> EigenFactors:
+        qa, da = _eigh(f.A, dtype) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
+        return EigenFactors(qa, da, *_eigh(f.G, dtype))
 
-    out = {}
-    for name, f in factors.items():
-        qa, da = eig(f.A) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
-        qg, dg = eig(f.G)
-        out[name] = EigenFactors(qa, da, qg, dg)
+    if not auto:
+        return {name: decompose(f, dtype or torch.float64) for name, f in factors.items()}
+    out = {name: decompose(f, torch.float32) for name, f in factors.items()}
+    bounds = [_EPS32 * e.dA.amax().double() * e.dG.amax().double() / damping for e in out.values()]
+    for name, redo in zip(list(out), _host_flags(bounds)):
+        if redo:
+            out[name] = decompose(factors[name], torch.float64)
     return out
 
 
@@ -163,22 +201,30 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
 
 @full_precision
 def inverse_factors(
-    factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype = torch.float64
+    factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype | None = torch.float64
 ) -> dict[str, InverseFactors]:
     """π-damped inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` from Cholesky factors (computed in ``dtype``),
-    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite)."""
+    so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite).
+    ``dtype=None``: each float32 factor in float32 where ``ε₃₂ tr M / λ_M`` (``tr M ≥ ‖M‖``) is within
+    :data:`FLOAT32_TOLERANCE`, else in float64 (float64 throughout under ``torch.compile`` or ``vmap``)."""
 
-    def chol_inv(m: Tensor, lam: Tensor) -> Tensor:
+    def chol_inv(m: Tensor, lam: Tensor, dtype: torch.dtype) -> Tensor:
         if m.dim() == 2:  # a diagonal factor: its inverse is a vector
             return (1 / (m.to(dtype) + lam.to(dtype))).to(m.dtype)
         eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
         return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + lam.to(dtype).unsqueeze(-1) * eye)).to(m.dtype)
 
-    out = {}
+    parts = {}  # name → ((A, λ_A, tr A), (G, λ_G, tr G))
     for name, f in factors.items():
-        diag_a = f.A if f.A.dim() == 2 else f.A.diagonal(dim1=-2, dim2=-1)
-        lam_a, lam_g = pi_damping(diag_a, f.G.diagonal(dim1=-2, dim2=-1), damping)
-        out[name] = InverseFactors(
-            chol_inv(f.A, lam_a), chol_inv(f.G, lam_g), torch.as_tensor(damping, dtype=f.A.dtype, device=f.A.device)
-        )
+        diag_a, diag_g = (f.A if f.A.dim() == 2 else f.A.diagonal(dim1=-2, dim2=-1)), f.G.diagonal(dim1=-2, dim2=-1)
+        lam_a, lam_g = pi_damping(diag_a, diag_g, damping)
+        parts[name] = ((f.A, lam_a, diag_a.sum(-1, keepdim=True)), (f.G, lam_g, diag_g.sum(-1, keepdim=True)))
+    dtypes = [dtype or torch.float64] * (2 * len(parts))
+    if dtype is None and _single_readable(factors):
+        bounds = [(_EPS32 * trace / lam).amax().double() for pair in parts.values() for _, lam, trace in pair]
+        dtypes = [torch.float64 if redo else torch.float32 for redo in _host_flags(bounds)]
+    out, kinds = {}, iter(dtypes)
+    for name, ((A, lam_a, _), (G, lam_g, _)) in parts.items():
+        damping_t = torch.as_tensor(damping, dtype=A.dtype, device=A.device)
+        out[name] = InverseFactors(chol_inv(A, lam_a, next(kinds)), chol_inv(G, lam_g, next(kinds)), damping_t)
     return out

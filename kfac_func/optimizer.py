@@ -163,7 +163,7 @@ class Options:
     kl_clip: float | None
     reduce: Any
     stats_fraction: float
-    decomposition_dtype: torch.dtype
+    decomposition_dtype: torch.dtype | None
     seed: int
     method: str
     scale_period: int
@@ -195,7 +195,7 @@ class Options:
             "ema_decay": 0 <= self.ema_decay < 1,
             "kl_clip": self.kl_clip is None or self.kl_clip > 0,
             "stats_fraction": 0 < self.stats_fraction <= 1,
-            "decomposition_dtype": self.decomposition_dtype in (torch.float32, torch.float64),
+            "decomposition_dtype": self.decomposition_dtype in (None, torch.float32, torch.float64),
             "reduce": isinstance(self.reduce, (bool, dict)) or self.reduce == "auto",
             "method": self.method in METHODS,
             "scale_period": self.scale_period >= 1,
@@ -255,7 +255,7 @@ def kfac(
     kl_clip: float | None = 1e-3,
     reduce: bool | dict[str, bool] | str = "auto",
     stats_fraction: float = 1.0,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
     seed: int = 0,
     method: str = "kfac",
     scale_period: int = 1,
@@ -283,7 +283,8 @@ def kfac(
     damping of ``G ⊗ A``) or ``"factored"`` (π-damped inverses, two matmuls per layer); ``fisher``
     ``"mc"`` (``mc_samples``) / ``"exact"`` / ``"empirical"``; ``factor_period``, ``inverse_period``,
     ``scale_period``, ``ema_decay``; ``stats_fraction`` (statistics from the first rows of the batch);
-    ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype``; ``lr``,
+    ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype`` (``None``: float32 where
+    it is as accurate as float64 for the damped solve, see :data:`kfac_func.factors.FLOAT32_TOLERANCE`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
@@ -598,7 +599,7 @@ class _Transform:
         o = self.o
         factors = self._factors(state)
         if o.needs_eigen:
-            compute = lambda f: eigendecompose(f, o.decomposition_dtype)  # noqa: E731
+            compute = lambda f: eigendecompose(f, o.decomposition_dtype, state.damping)  # noqa: E731
             state = state._replace(eigen=_store(self.comm.decompose(factors, compute, EigenFactors)))
         if o.damping_mode == "factored":
             state = state._replace(inverses=self._inverses(state, factors))
