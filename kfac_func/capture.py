@@ -57,6 +57,7 @@ from .layers import (
     parameter_grads,
 )
 from .losses import Loss, as_loss, cotangents
+from .phases import phase
 from .subnormal import flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
@@ -479,6 +480,7 @@ class _CaptureMode(_LayerMode):
         return out + self.probes[k]
 
 
+@phase("forward/backward")
 def capture(
     model: Model,
     params: PyTree,

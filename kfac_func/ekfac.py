@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .factors import EigenFactors, full_precision, right_multiply
+from .phases import phase
 
 
 class EKFACFactors(NamedTuple):
@@ -32,6 +33,7 @@ class EKFACFactors(NamedTuple):
     scale: Tensor
 
 
+@phase("statistics")
 @full_precision
 def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Tensor]:
     """The batch's scaling ``S`` per layer, in the eigenbases of ``eigen`` (``g`` already carries ``R``)."""

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .layers import LayerSpec
+from .phases import phase
 from .subnormal import flush
 
 
@@ -70,6 +71,7 @@ class InverseFactors(NamedTuple):
     damping: Tensor
 
 
+@phase("statistics")
 @full_precision
 def kronecker_factors(
     cap: Capture, *, reduce: bool | Mapping[str, bool] = False, layers: Mapping[str, LayerSpec] | None = None
@@ -138,6 +140,7 @@ def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return flush(q.to(m.dtype)), flush(d.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
 
 
+@phase("decompositions")
 @full_precision
 def eigendecompose(
     factors: dict[str, KroneckerFactors], dtype: torch.dtype | None = torch.float64, damping: float | Tensor | None = None
@@ -199,6 +202,7 @@ def pi_damping(dA: Tensor, dG: Tensor, damping: float | Tensor) -> tuple[Tensor,
     return pi * root, root / pi
 
 
+@phase("decompositions")
 @full_precision
 def inverse_factors(
     factors: dict[str, KroneckerFactors], damping: float | Tensor, dtype: torch.dtype | None = torch.float64

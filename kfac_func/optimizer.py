@@ -62,6 +62,7 @@ from .factors import (
 )
 from .layers import stat_dtype, weight_matrix
 from .losses import FISHER_TYPES, Loss, as_loss
+from .phases import phase
 from .precondition import METHODS, MODES, precondition
 from .quadratic import (
     fisher_quadratic_forms,
@@ -507,6 +508,7 @@ class _Transform:
         return spec.unflatten(moved), new_state, info
 
     # ---------------------------------------------------------------------------------- components
+    @phase("update")
     def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
         """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning."""
         o, lr = self.o, hyper.lr
@@ -528,6 +530,7 @@ class _Transform:
         mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
         return update, velocity, alpha, mu, None
 
+    @phase("update")
     def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
         parameter's momentum when ``adaptive="lr"``)."""

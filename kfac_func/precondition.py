@@ -42,6 +42,7 @@ from .factors import (
     transposed,
 )
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
+from .phases import phase
 from .tree import PyTree, flatten, require_names
 from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
@@ -50,6 +51,7 @@ METHODS = ("kfac", "ekfac", "two_level")
 Factors = KroneckerFactors | EigenFactors | InverseFactors | EKFACFactors
 
 
+@phase("preconditioning")
 @full_precision
 def precondition(
     params: PyTree,
