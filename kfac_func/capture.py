@@ -30,6 +30,7 @@ by the leaves' paths, a function model gets the caller's structure back and ``Ca
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
@@ -115,7 +116,11 @@ class Capture(NamedTuple):
     * ``grads``: ``∂loss/∂params`` for every parameter, a pytree shaped like ``params``;
     * ``a``: per layer, homogeneous inputs ``(N, B, S, d_a)``;
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
-      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``.
+      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``;
+    * ``low_rank`` (with ``capture(..., low_rank=True)``): for each dense layer called once on ``(N, d)``
+      inputs, ``(g, ā)`` ``(N, d_g)``, ``(N, d_a)`` — the true output gradients and homogeneous inputs of
+      the whole batch — whose product ``gᵀā`` is that layer's gradient matrix ``[∇W, ∇b]`` (for
+      :func:`kfac_func.precondition`, which then preconditions it in ``O(N)`` matmuls when ``N`` is small).
 
     ``a`` and ``g`` are empty when ``fisher=None``. ``buffers``: a module's buffers after this forward
     (BatchNorm running statistics); the module itself is not changed, :class:`~kfac_func.KFAC` commits
@@ -127,6 +132,7 @@ class Capture(NamedTuple):
     a: dict[str, Tensor]
     g: dict[str, Tensor]
     buffers: dict[str, Tensor] = {}
+    low_rank: dict[str, tuple[Tensor, Tensor]] = {}
 
 
 def require_curvature(cap: Capture) -> None:
@@ -493,6 +499,7 @@ def capture(
     key: Tensor | None = None,
     stats_examples: int | None = None,
     plan: Plan | None = None,
+    low_rank: bool = False,
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and the backwards of its cotangents.
 
@@ -501,7 +508,8 @@ def capture(
     tensor), ``"exact"``, ``"empirical"`` or ``None`` (gradients only). ``stats_examples``: keep
     ``(a, g)`` of the first rows only, a cheaper estimate of the same curvature (``g`` is rescaled by
     ``√(N/m)``); gradients always use the whole batch. ``plan``: the model's :func:`trace` on these
-    parameters, when already at hand. Pure: no input is modified.
+    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. Pure: no input
+    is modified.
     """
     loss = as_loss(loss)
     params, structure = flatten(params)
@@ -545,9 +553,16 @@ def capture(
     grads = dict(free_grads)
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
+    calls = collections.Counter(call.layer for call in plan.calls)
+    factored: dict[str, tuple[Tensor, Tensor]] = {}
     for call, x, pg in zip(plan.calls, inputs_seen, probe_grads):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
+        whole = None  # (N, 1, 1, d_a): the homogeneous inputs of the whole batch
+        if low_rank and call.kind == LINEAR and spec.rows is None and calls[call.layer] == 1 and x.dim() == 2:
+            whole = input_patches(call, x, has_bias, params[spec.weight].dtype)
+            factored[call.layer] = (output_grads(call, pg[:1], x, has_bias).reshape(x.shape[0], -1),
+                                    whole.reshape(x.shape[0], -1))
         for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight], has_bias)):
             if name is None:
                 continue
@@ -560,11 +575,12 @@ def capture(
         m = n if stats_examples is None else min(stats_examples, n)
         # rescale so that factors from m rows estimate the full-batch curvature
         gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
-        a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
+        a[call.layer].append(whole if whole is not None and m == n else
+                             input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
     if fisher is None:
-        return Capture(value, structure.unflatten(grads), {}, {}, buffers)
+        return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored)
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
     return Capture(
         value,
@@ -572,4 +588,5 @@ def capture(
         {name: cat(parts, 2) for name, parts in a.items()},
         {name: cat(parts, 3) for name, parts in g.items()},
         buffers,
+        factored,
     )

@@ -419,9 +419,12 @@ class _Transform:
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
         loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
         key, sample_key = random.split(state.key)
+        # Γ = gᵀā for the preconditioner when the gradient it preconditions is the local batch's own
+        low_rank = comm.world == 1 and not (o.adaptive and any(hyper.weight_decay.values()))
         with torch.enable_grad():
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if stats else None,
-                          mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan)
+                          mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
+                          low_rank=low_rank)
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
         reduce = default_reduce(plan) if o.reduce == "auto" else o.reduce
         batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if schedule.factors else None
@@ -436,8 +439,8 @@ class _Transform:
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
         ok = all_finite((total_loss, grads, reduced if batch is not None else (cap.a, cap.g)))
-        grads, a, g = _zero_unless(ok, (grads, cap.a, cap.g))
-        cap = cap._replace(loss=total_loss, a=a, g=g)
+        grads, a, g, parts = _zero_unless(ok, (grads, cap.a, cap.g, cap.low_rank))
+        cap = cap._replace(loss=total_loss, a=a, g=g, low_rank=parts)
         new = state._replace(key=key)
         if batch is not None:
             batch = _zero_unless(ok, batch)
@@ -459,7 +462,8 @@ class _Transform:
         damping = state.damping
         held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
         factored = o.damping_mode == "factored"
-        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode)
+        kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode,
+                                      low_rank=cap.low_rank)
         factors = new.inverses if factored else _load(new.eigen)
         if o.method == "ekfac":
             factors = ekfac_factors(_load(new.eigen), averaged(new.scale))
