@@ -2,8 +2,9 @@
 
     python benchmarks/bench_split.py [--quick] [--out benchmarks/results/step_split]
 
-Each configuration (model, batch, method) runs one warm-up period, then one period of ``PERIOD`` steps (one
-decomposition, so its cost is amortised exactly) under ``torch.profiler``. The step's phases are the
+Each configuration (model, batch, method) runs one warm-up period, then ``--repeats`` periods of ``PERIOD``
+steps (one decomposition each, so its cost is amortised exactly) under ``torch.profiler``; each phase is
+the median over those periods. The step's phases are the
 ``kfac::<phase>`` ranges that ``kfac_func.phases`` opens around the stage functions (and ``hook_kfac.py``
 around the same stages of the hook baseline): forward/backward (loss, gradients and the curvature
 backward), statistics (Kronecker factors, E-KFAC scalings, coarse matrices and their moving averages),
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -37,8 +39,9 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def split(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, name: str) -> dict[str, float]:
-    """Milliseconds per step of each phase (and ``other``, ``total``) over one profiled period."""
+def split(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, name: str, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per step of each phase (and ``other``, ``total``): the median over ``repeats`` profiled
+    periods (a busy machine stalls some periods)."""
     torch.manual_seed(0)
     model = make()
     kw = dict(lr=0.0, inverse_period=PERIOD, kl_clip=None, **CONFIGS[name])
@@ -48,16 +51,17 @@ def split(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, name:
         opt = kf.KFAC(model, reduce=False, **kw)
     for _ in range(PERIOD):  # warm-up; the profiled period starts at a decomposition step
         opt.step(x, y)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(PERIOD):
-            with torch.profiler.record_function(PREFIX + "step"):
-                opt.step(x, y)
-    totals = {e.key[len(PREFIX):]: e.cpu_time_total / 1e3 / PERIOD for e in prof.key_averages()
-              if e.key.startswith(PREFIX)}
-    out = {p: totals.get(p, 0.0) for p in PHASES}
-    out["other"] = totals["step"] - sum(out.values())
-    out["total"] = totals["step"]
-    return out
+    periods = []
+    for _ in range(repeats):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(PERIOD):
+                with torch.profiler.record_function(PREFIX + "step"):
+                    opt.step(x, y)
+        totals = {e.key[len(PREFIX):]: e.cpu_time_total / 1e3 / PERIOD for e in prof.key_averages()
+                  if e.key.startswith(PREFIX)}
+        ms = {p: totals.get(p, 0.0) for p in PHASES}
+        periods.append({**ms, "other": totals["step"] - sum(ms.values()), "total": totals["step"]})
+    return {k: statistics.median(p[k] for p in periods) for k in periods[0]}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -86,7 +90,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny batches (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny batches, one period (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=3, help="profiled periods per configuration (median)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_split"))
     args = parser.parse_args(argv)
     g = torch.Generator().manual_seed(0)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for case, make, n, shape in cases:
         x, y = torch.randn((n,) + shape, generator=g), torch.randint(0, 10, (n,), generator=g)
         for name in CONFIGS:
-            ms = split(make, x, y, name)
+            ms = split(make, x, y, name, 1 if args.quick else args.repeats)
             rows.append({"case": case, "config": name, "ms": ms})
             print(f"{case:32s} {name:14s} " + " ".join(f"{k} {v:6.2f}" for k, v in ms.items()), flush=True)
     out = Path(args.out)

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .layers import LayerSpec
+from . import precision
 from .phases import phase
 from .subnormal import flush
 
@@ -124,30 +125,6 @@ def _gram(x: Tensor, block_dim: int, diagonal: bool = False) -> Tensor:
     return torch.cat([top, torch.cat([top[..., h:].mT, right.mT @ right], -1)], -2)
 
 
-# ``decomposition_dtype=None`` ("auto"): decompose float32 factors in float32 where that is as good as float64
-# for the damped solve (float64 factors stay in float64). A float32 eigh / Cholesky is backward stable — exact for ``M + E`` with ``‖E‖ ≈ ε₃₂‖M‖`` — so it
-# perturbs ``(G ⊗ A + λ)⁻¹`` by about ``ε₃₂‖A‖‖G‖/λ`` relative, and a π-damped ``(M + λ_M I)⁻¹`` by
-# ``ε₃₂‖M‖/λ_M``. Where that bound exceeds FLOAT32_TOLERANCE the factor is decomposed in float64.
-FLOAT32_TOLERANCE = 1e-4
-_EPS32 = torch.finfo(torch.float32).eps
-
-
-def _traced(t: Tensor) -> bool:
-    """Whether ``t``'s value cannot be read on the host (under ``torch.compile`` or ``vmap``)."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(t)
-
-
-def _single_readable(factors: dict[str, KroneckerFactors]) -> bool:
-    """Whether the factors are float32 (or narrower) and readable on the host: where "auto" may pick float32."""
-    first = next(iter(factors.values()), None)
-    return first is not None and first.G.dtype != torch.float64 and not _traced(first.G)
-
-
-def _host_flags(bounds: list[Tensor]) -> list[bool]:
-    """``bound > FLOAT32_TOLERANCE`` for each 0-dim bound, in one host read."""
-    return (torch.stack(bounds) > FLOAT32_TOLERANCE).tolist() if bounds else []
-
-
 def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(Q, d)`` of a symmetric ``m`` computed in ``dtype``, returned in ``m``'s dtype, eigenvalues clamped at 0."""
     d, q = torch.linalg.eigh(m.to(dtype))
@@ -159,23 +136,23 @@ def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def eigendecompose(
     factors: dict[str, KroneckerFactors], dtype: torch.dtype | None = torch.float64, damping: float | Tensor | None = None
 ) -> dict[str, EigenFactors]:
-    """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype. ``dtype=None``: float32
-    factors in float32, redone in float64 for each layer whose bound ``ε₃₂ max d_A max d_G / damping`` exceeds
-    :data:`FLOAT32_TOLERANCE` (float64 throughout without a ``damping``, or where values cannot be read on the
-    host: under ``torch.compile`` or ``vmap``)."""
-    auto = dtype is None and damping is not None and _single_readable(factors)
+    """Eigendecompositions computed in ``dtype`` and returned in each factor's dtype. ``dtype=None``
+    (:mod:`kfac_func.precision`): float32 for the wide factors of a layer whose bound
+    ``ε₃₂ max d_A max d_G / damping`` is within :data:`~kfac_func.precision.FLOAT32_TOLERANCE` (decomposed in
+    float32 first, redone in float64 if not), float64 elsewhere."""
+    auto = dtype is None and damping is not None and precision.auto_applies(factors)
 
-    def decompose(f: KroneckerFactors, dtype: torch.dtype) -> EigenFactors:
-        qa, da = _eigh(f.A, dtype) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
-        return EigenFactors(qa, da, *_eigh(f.G, dtype))
+    def decompose(f: KroneckerFactors, wide: torch.dtype) -> EigenFactors:
+        pick = lambda m: precision.working_dtype(m, wide) if auto else (dtype or torch.float64)  # noqa: E731
+        qa, da = _eigh(f.A, pick(f.A)) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
+        return EigenFactors(qa, da, *_eigh(f.G, pick(f.G)))
 
-    if not auto:
-        return {name: decompose(f, dtype or torch.float64) for name, f in factors.items()}
     out = {name: decompose(f, torch.float32) for name, f in factors.items()}
-    bounds = [_EPS32 * e.dA.amax().double() * e.dG.amax().double() / damping for e in out.values()]
-    for name, redo in zip(list(out), _host_flags(bounds)):
-        if redo:
-            out[name] = decompose(factors[name], torch.float64)
+    if auto:
+        bounds = [e.dA.amax().double() * e.dG.amax().double() / damping for e in out.values()]
+        for name, redo in zip(list(out), precision.exceeds(bounds)):
+            if redo:
+                out[name] = decompose(factors[name], torch.float64)
     return out
 
 
@@ -223,8 +200,8 @@ def inverse_factors(
 ) -> dict[str, InverseFactors]:
     """π-damped inverses ``(A + λ_A I)⁻¹``, ``(G + λ_G I)⁻¹`` from Cholesky factors (computed in ``dtype``),
     so that preconditioning costs two matmuls per layer. Needs ``damping > 0`` (positive definite).
-    ``dtype=None``: each float32 factor in float32 where ``ε₃₂ tr M / λ_M`` (``tr M ≥ ‖M‖``) is within
-    :data:`FLOAT32_TOLERANCE`, else in float64 (float64 throughout under ``torch.compile`` or ``vmap``)."""
+    ``dtype=None`` (:mod:`kfac_func.precision`): a wide float32 factor in float32 where ``ε₃₂ tr M / λ_M``
+    (``tr M ≥ ‖M‖``) is within :data:`~kfac_func.precision.FLOAT32_TOLERANCE`, float64 elsewhere."""
 
     def chol_inv(m: Tensor, lam: Tensor, dtype: torch.dtype) -> Tensor:
         if m.dim() == 2:  # a diagonal factor: its inverse is a vector
@@ -238,9 +215,10 @@ def inverse_factors(
         lam_a, lam_g = pi_damping(diag_a, diag_g, damping)
         parts[name] = ((f.A, lam_a, diag_a.sum(-1, keepdim=True)), (f.G, lam_g, diag_g.sum(-1, keepdim=True)))
     dtypes = [dtype or torch.float64] * (2 * len(parts))
-    if dtype is None and _single_readable(factors):
-        bounds = [(_EPS32 * trace / lam).amax().double() for pair in parts.values() for _, lam, trace in pair]
-        dtypes = [torch.float64 if redo else torch.float32 for redo in _host_flags(bounds)]
+    if dtype is None and precision.auto_applies(factors):
+        bounds = [(trace / lam).amax().double() for pair in parts.values() for _, lam, trace in pair]
+        dtypes = [precision.working_dtype(m, torch.float64 if redo else torch.float32)
+                  for (m, _, _), redo in zip((p for pair in parts.values() for p in pair), precision.exceeds(bounds))]
     out, kinds = {}, iter(dtypes)
     for name, ((A, lam_a, _), (G, lam_g, _)) in parts.items():
         damping_t = torch.as_tensor(damping, dtype=A.dtype, device=A.device)

@@ -285,7 +285,7 @@ def kfac(
     ``"mc"`` (``mc_samples``) / ``"exact"`` / ``"empirical"``; ``factor_period``, ``inverse_period``,
     ``scale_period``, ``ema_decay``; ``stats_fraction`` (statistics from the first rows of the batch);
     ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype`` (``None``: float32 where
-    it is as accurate as float64 for the damped solve, see :data:`kfac_func.factors.FLOAT32_TOLERANCE`); ``lr``,
+    it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
