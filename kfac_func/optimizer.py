@@ -523,11 +523,11 @@ class _Transform:
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity = {}, {}
         for n in lr:
-            d = delta[n] * scale.to(delta[n].dtype)
+            d = delta[n] * scale.to(delta[n].dtype) if o.kl_clip is not None else delta[n]
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
-                d = velocity[n] = state.velocity[n] * hyper.momentum[n] + d
+                d = velocity[n] = d.add(state.velocity[n], alpha=hyper.momentum[n])  # μv + d, one pass
             update[n] = -lr[n] * d
         first = next(iter(lr), None)
         alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
