@@ -537,16 +537,19 @@ def capture(
     value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, key)
     if curv_ct is None or fisher == "empirical":
         free_grads, probe_grads = vjp_fn(true_ct)
-        probe_grads = tuple(p.unsqueeze(0) for p in probe_grads)
+        probe_grads = tuple((p, None) for p in probe_grads)  # per call: (true, curvature vectors)
     else:
         cts = torch.cat([true_ct.unsqueeze(0), curv_ct])
         if len(cts) <= LOOP_COTANGENTS:  # a loop of backwards: no batching-rule copies (conv, pooling)
             outs = [vjp_fn(c) for c in cts]
             free_grads = outs[0][0]
-            probe_grads = tuple(torch.stack(ps) for ps in zip(*(o[1] for o in outs)))
+            # per call (true, curvature (V, ...)): one vector is a view, several are stacked
+            stack = lambda ps: ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # noqa: E731
+            probe_grads = tuple((ps[0], stack(ps[1:])) for ps in zip(*(o[1] for o in outs)))
         else:
             free_grads, probe_grads = vmap(vjp_fn)(cts)
             free_grads = optree.tree_map(lambda t: t[0], free_grads)
+            probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
     # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
     free_grads, probe_grads = flush_tree((free_grads, probe_grads))
 
@@ -555,15 +558,15 @@ def capture(
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     calls = collections.Counter(call.layer for call in plan.calls)
     factored: dict[str, tuple[Tensor, Tensor]] = {}
-    for call, x, pg in zip(plan.calls, inputs_seen, probe_grads):
+    for call, x, (true_g, curv_g) in zip(plan.calls, inputs_seen, probe_grads):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
         whole = None  # (N, 1, 1, d_a): the homogeneous inputs of the whole batch
         if low_rank and call.kind == LINEAR and spec.rows is None and calls[call.layer] == 1 and x.dim() == 2:
             whole = input_patches(call, x, has_bias, params[spec.weight].dtype)
-            factored[call.layer] = (output_grads(call, pg[:1], x, has_bias).reshape(x.shape[0], -1),
+            factored[call.layer] = (output_grads(call, true_g.unsqueeze(0), x, has_bias).reshape(x.shape[0], -1),
                                     whole.reshape(x.shape[0], -1))
-        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight], has_bias)):
+        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, true_g, params[spec.weight], has_bias)):
             if name is None:
                 continue
             if spec.rows is not None:  # a row slice: its rows of the whole parameter
@@ -574,7 +577,7 @@ def capture(
         n = x.shape[0]
         m = n if stats_examples is None else min(stats_examples, n)
         # rescale so that factors from m rows estimate the full-batch curvature
-        gs = pg[:, :m] / scale**0.5 if fisher == "empirical" else pg[1:, :m]
+        gs = true_g.unsqueeze(0)[:, :m] / scale**0.5 if fisher == "empirical" else curv_g[:, :m]
         a[call.layer].append(whole if whole is not None and m == n else
                              input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
