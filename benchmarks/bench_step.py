@@ -9,7 +9,14 @@ candidate alike), it times
 * ``curvature``: ``kfac_func.capture`` (MC Fisher) + ``kronecker_factors``: loss, gradients, new factors;
 * ``kfac[eigen]`` / ``kfac[factored]``: full ``kfac_func.KFAC`` steps with factors every step and
   decompositions every 10 steps (eigendecompositions, or Cholesky inverses with π-damping), timed over
-  whole 10-step periods so the decomposition cost is amortised exactly;
+  whole 10-step periods so the decomposition cost is amortised exactly; ``kfac[eigen, float64
+  decompositions]``: the same with ``decomposition_dtype=torch.float64`` forced (the default chooses
+  float32 where it is as accurate, :mod:`kfac_func.precision`);
+* ``ekfac`` (scalings every step) and ``two_level`` (additive, Nicolaides coarse space, exact coarse
+  matrix): the same periods; the hook baseline has no such method, so their ``× hook`` column compares
+  them with the hook-based K-FAC *eigen* step they extend (not equal work: E-KFAC adds the scaling
+  matmuls, two-level the coarse correction), and their floor is the eigen floor plus, for E-KFAC, the
+  scaling matmuls;
 * the knobs that lower the floor: statistics from a quarter of the batch, factors every 5 steps;
 * ``hook baseline``: for the ``kfac[eigen]`` and ``kfac[factored]`` rows, the same steps (same config, same
   10-step periods) of :class:`hook_kfac.HookKFAC`, the hook-based eager K-FAC a PyTorch user writes by hand;
@@ -79,6 +86,7 @@ class Floor:
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.gen = torch.Generator().manual_seed(0)
         _, inputs, gs = self.forward_backward(sampled=True)
+        self.captured = (inputs, [g.detach() for g in gs])
         with torch.no_grad():
             self.factors = self.covariances(inputs, gs, fraction=1.0)
         self.eig = [(torch.linalg.eigh(A.double()), torch.linalg.eigh(G.double())) for A, G in self.factors]
@@ -108,17 +116,21 @@ class Floor:
         ct = (p - F.one_hot(torch.multinomial(p, 1, generator=self.gen)[:, 0], p.shape[1])) / len(p) ** 0.5
         return grads, inputs, torch.autograd.grad(h, outputs, grad_outputs=ct)
 
+    @staticmethod
+    def rows(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's homogeneous inputs and output gradients as rows (one per example and position)."""
+        if isinstance(m, nn.Conv2d):  # patches by a strided view (F.unfold is far slower on CPU)
+            (kh, kw), (ph, pw) = m.kernel_size, m.padding
+            windows = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, m.stride[0]).unfold(3, kw, m.stride[1])
+            a = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, a.shape[1] * kh * kw)
+            g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
+        return torch.cat([a, a.new_ones(a.shape[0], 1)], 1), g
+
     def covariances(self, inputs, gs, fraction: float):
         out = []
         for m, a, g in zip(self.layers, inputs, gs):
             k = max(1, int(fraction * a.shape[0]))
-            a, g = a[:k], g[:k]
-            if isinstance(m, nn.Conv2d):  # patches by a strided view (F.unfold is far slower on CPU)
-                (kh, kw), (ph, pw) = m.kernel_size, m.padding
-                windows = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, m.stride[0]).unfold(3, kw, m.stride[1])
-                a = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, a.shape[1] * kh * kw)
-                g = g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
+            a, g = self.rows(m, a[:k], g[:k])
             out.append((a.T @ a / a.shape[0], g.T @ g))
         return out
 
@@ -145,6 +157,18 @@ class Floor:
     def precondition_inverse(self):
         for (a_inv, g_inv), grad in zip(self.inv, self.grads):
             g_inv @ grad @ a_inv
+
+    def ekfac_scaling(self):
+        """E-KFAC's per-step scaling from the captured ``(a, g)``: ``Σₙ (Σₛ (Q_Gᵀgₙₛ)(Q_Aᵀāₙₛ)ᵀ)²`` per layer
+        (one matmul of squares for a dense layer)."""
+        n = len(self.x)
+        with torch.no_grad():
+            for (qa, _, qg, _), m, a, g in zip(self.eig, self.layers, *self.captured):
+                a, g = self.rows(m, a, g)
+                if isinstance(m, nn.Conv2d):
+                    ((g @ qg).reshape(n, -1, g.shape[1]).mT @ (a @ qa).reshape(n, -1, a.shape[1])).square().sum(0)
+                else:
+                    (g @ qg).square().T @ (a @ qa).square()
 
     def eigh(self):
         for A, G in self.factors:
@@ -223,10 +247,12 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
 
     configs = {
         "kfac[eigen]": dict(damping_mode="eigen"),
-        "kfac[eigen, float32 decompositions]": dict(damping_mode="eigen", decomposition_dtype=torch.float32),
+        "kfac[eigen, float64 decompositions]": dict(damping_mode="eigen", decomposition_dtype=torch.float64),
         "kfac[factored]": dict(damping_mode="factored", damping=1e-2),
         "kfac[factored, stats 1/4]": dict(damping_mode="factored", damping=1e-2, stats_fraction=0.25),
         "kfac[factored, factors every 5]": dict(damping_mode="factored", damping=1e-2, factor_period=5),
+        "ekfac": dict(method="ekfac"),
+        "two_level": dict(method="two_level"),
     }
     candidates: dict[str, Callable[[], None]] = {"grad": grad_step, "curvature": curvature}
     candidates.update({k: kfac_period(**v) for k, v in configs.items()})
@@ -240,6 +266,7 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         "floor:precond eigen": floor.precondition_eigen,
         "floor:precond inverse": floor.precondition_inverse,
         "floor:eigh": floor.eigh,
+        "floor:ekfac scaling": floor.ekfac_scaling,
         "floor:cholesky": floor.cholesky,
         "floor:average+update": floor.moving_average_and_update,
     })
@@ -247,22 +274,26 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
     per = {k: t[k] / PERIOD for k in configs}  # seconds per step, decomposition amortised
     step = t["floor:average+update"]
     inverse = t["floor:precond inverse"] + t["floor:cholesky"] / PERIOD + step
+    eigen = t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD + step
     floors = {
         "grad": t["floor:grad"],
         "curvature": t["floor:curvature"],
-        "kfac[eigen]": t["floor:curvature"] + t["floor:precond eigen"] + t["floor:eigh"] / PERIOD + step,
-        "kfac[eigen, float32 decompositions]": t["floor:curvature"] + t["floor:precond eigen"]
-        + t["floor:eigh"] / PERIOD + step,
+        "kfac[eigen]": eigen,
+        "kfac[eigen, float64 decompositions]": eigen,
+        "ekfac": eigen + t["floor:ekfac scaling"],
+        "two_level": eigen,
         "kfac[factored]": t["floor:curvature"] + inverse,
         "kfac[factored, stats 1/4]": t["floor:curvature 1/4"] + inverse,
         "kfac[factored, factors every 5]": (t["floor:curvature"] + 4 * t["floor:grad"]) / 5 + inverse,
     }
     hook = {k: t[f"hook:{k}"] / PERIOD for k in hooked}
-    hook["kfac[eigen, float32 decompositions]"] = hook["kfac[eigen]"]  # the baseline's eigh is float32 anyway
+    for k in ("kfac[eigen, float64 decompositions]", "ekfac", "two_level"):  # against the hook's eigen step
+        hook[k] = hook["kfac[eigen]"]
     measured = {"grad": t["grad"], "curvature": t["curvature"], **per}
     rows = []
     for step, sec in measured.items():
-        floor = min(floors[step], hook.get(step, floors[step]))
+        # the hook baseline bounds a step doing its work (not E-KFAC's or two-level's extra work)
+        floor = floors[step] if step in ("ekfac", "two_level") else min(floors[step], hook.get(step, floors[step]))
         rows.append({
             "model": name, "batch": int(x.shape[0]), "step": step, "ms": 1e3 * sec, "x_grad": sec / t["grad"],
             "hook_ms": 1e3 * hook[step] if step in hook else None, "x_hook": sec / hook[step] if step in hook else None,

@@ -25,6 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+
+def phase(name: str) -> torch.profiler.record_function:
+    """The profiler range of a step phase, named as kfac_func's (``kfac_func.phases``) for ``bench_split.py``."""
+    return torch.profiler.record_function("kfac::" + name)
+
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to")
 
 
@@ -108,19 +113,29 @@ class HookKFAC(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, x: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
         """One K-FAC step on a batch; returns the loss before the update."""
-        with torch.enable_grad():
+        with torch.enable_grad(), phase("forward/backward"):
             loss = self.capture(x, y)
         self.weight = self.decay * self.weight + 1 - self.decay
-        for m in self.layers:
-            A, G = self.batch_factors(m)
-            if m not in self.averages:
-                self.averages[m] = (torch.zeros_like(A), torch.zeros_like(G))
-            self.averages[m][0].lerp_(A, 1 - self.decay), self.averages[m][1].lerp_(G, 1 - self.decay)
+        with phase("statistics"):
+            for m in self.layers:
+                A, G = self.batch_factors(m)
+                if m not in self.averages:
+                    self.averages[m] = (torch.zeros_like(A), torch.zeros_like(G))
+                self.averages[m][0].lerp_(A, 1 - self.decay), self.averages[m][1].lerp_(G, 1 - self.decay)
         if self.steps % self.inverse_period == 0:
-            self._decompose()
+            with phase("decompositions"):
+                self._decompose()
         self.steps += 1
-        lr, deltas, vg = self.param_groups[0]["lr"], [], 0.0
+        lr = self.param_groups[0]["lr"]
         clip = self.kl_clip is not None and lr > 0
+        with phase("preconditioning"):
+            deltas, vg = self._precondition(clip)
+        with phase("update"):
+            self._update(lr, deltas, vg, clip)
+        return loss
+
+    def _precondition(self, clip: bool) -> tuple[list[Tensor], Tensor | float]:
+        deltas, vg = [], 0.0
         for m in self.layers:
             grad = m.weight.grad.flatten(1)
             if m.bias is not None:
@@ -133,6 +148,9 @@ class HookKFAC(torch.optim.Optimizer):
             deltas.append(delta)
             if clip:
                 vg = vg + (delta * grad).sum()
+        return deltas, vg
+
+    def _update(self, lr: float, deltas: list[Tensor], vg: Tensor | float, clip: bool) -> None:
         if clip:  # ν = min(1, √(κ / (η² Σ Δ·∇)))
             nu = (self.kl_clip / (lr**2 * vg).clamp_min(1e-30)).sqrt().clamp_max(1.0)
             deltas = [delta.mul_(nu) for delta in deltas]
@@ -153,7 +171,6 @@ class HookKFAC(torch.optim.Optimizer):
                         buf.mul_(group["momentum"]).add_(d)
                     d = buf
                 p.add_(d, alpha=-group["lr"])
-        return loss
 
 
 def self_test() -> None:

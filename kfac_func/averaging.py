@@ -13,6 +13,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .phases import phase
 from .subnormal import flush_tree
 
 
@@ -41,6 +42,7 @@ def init_average(like: Any) -> MovingAverage:
     )
 
 
+@phase("statistics")
 def update_average(state: MovingAverage, batch: Any, decay: float, *, checked: bool = False) -> tuple[MovingAverage, Tensor]:
     """Fold ``batch`` into the average; returns the new state and whether the batch was accepted.
 

@@ -30,6 +30,7 @@ by the leaves' paths, a function model gets the caller's structure back and ``Ca
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from .layers import (
     parameter_grads,
 )
 from .losses import Loss, as_loss, cotangents
+from .phases import phase
 from .subnormal import flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
@@ -114,7 +116,11 @@ class Capture(NamedTuple):
     * ``grads``: ``∂loss/∂params`` for every parameter, a pytree shaped like ``params``;
     * ``a``: per layer, homogeneous inputs ``(N, B, S, d_a)``;
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
-      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``.
+      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``;
+    * ``low_rank`` (with ``capture(..., low_rank=True)``): for each dense layer called once on ``(N, d)``
+      inputs, ``(g, ā)`` ``(N, d_g)``, ``(N, d_a)`` — the true output gradients and homogeneous inputs of
+      the whole batch — whose product ``gᵀā`` is that layer's gradient matrix ``[∇W, ∇b]`` (for
+      :func:`kfac_func.precondition`, which then preconditions it in ``O(N)`` matmuls when ``N`` is small).
 
     ``a`` and ``g`` are empty when ``fisher=None``. ``buffers``: a module's buffers after this forward
     (BatchNorm running statistics); the module itself is not changed, :class:`~kfac_func.KFAC` commits
@@ -126,6 +132,7 @@ class Capture(NamedTuple):
     a: dict[str, Tensor]
     g: dict[str, Tensor]
     buffers: dict[str, Tensor] = {}
+    low_rank: dict[str, tuple[Tensor, Tensor]] = {}
 
 
 def require_curvature(cap: Capture) -> None:
@@ -499,6 +506,7 @@ class _CaptureMode(_LayerMode):
         return out + self.probes[k]
 
 
+@phase("forward/backward")
 def capture(
     model: Model,
     params: PyTree,
@@ -511,6 +519,7 @@ def capture(
     key: Tensor | None = None,
     stats_examples: int | None = None,
     plan: Plan | None = None,
+    low_rank: bool = False,
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and the backwards of its cotangents.
 
@@ -519,7 +528,8 @@ def capture(
     tensor), ``"exact"``, ``"empirical"`` or ``None`` (gradients only). ``stats_examples``: keep
     ``(a, g)`` of the first rows only, a cheaper estimate of the same curvature (``g`` is rescaled by
     ``√(N/m)``); gradients always use the whole batch. ``plan``: the model's :func:`trace` on these
-    parameters, when already at hand. Pure: no input is modified.
+    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. Pure: no input
+    is modified.
     """
     loss = as_loss(loss)
     params, structure = flatten(params)
@@ -547,24 +557,36 @@ def capture(
     value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, key)
     if curv_ct is None or fisher == "empirical":
         free_grads, probe_grads = vjp_fn(true_ct)
-        probe_grads = tuple(p.unsqueeze(0) for p in probe_grads)
+        probe_grads = tuple((p, None) for p in probe_grads)  # per call: (true, curvature vectors)
     else:
         cts = torch.cat([true_ct.unsqueeze(0), curv_ct])
         if len(cts) <= LOOP_COTANGENTS:  # a loop of backwards: no batching-rule copies (conv, pooling)
             outs = [vjp_fn(c) for c in cts]
             free_grads = outs[0][0]
-            probe_grads = tuple(torch.stack(ps) for ps in zip(*(o[1] for o in outs)))
+            # per call (true, curvature (V, ...)): one vector is a view, several are stacked
+            stack = lambda ps: ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # noqa: E731
+            probe_grads = tuple((ps[0], stack(ps[1:])) for ps in zip(*(o[1] for o in outs)))
         else:
             free_grads, probe_grads = vmap(vjp_fn)(cts)
             free_grads = optree.tree_map(lambda t: t[0], free_grads)
+            probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
     # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
     free_grads, probe_grads = flush_tree((free_grads, probe_grads))
 
     grads = dict(free_grads)
-    for call, x, pg in zip(plan.calls, inputs_seen, probe_grads):
+    calls = collections.Counter(call.layer for call in plan.calls)
+    factored: dict[str, tuple[Tensor, Tensor]] = {}
+    patches: list[Tensor | None] = []  # a dense layer's homogeneous inputs of the whole batch, when built here
+    for call, x, (true_g, _) in zip(plan.calls, inputs_seen, probe_grads):
         spec = plan.layers[call.layer]
-        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, pg[0], params[spec.weight],
-                                                                        spec.bias is not None)):
+        has_bias = spec.bias is not None
+        whole = None  # (N, 1, 1, d_a)
+        if low_rank and call.kind == LINEAR and spec.rows is None and calls[call.layer] == 1 and x.dim() == 2:
+            whole = input_patches(call, x, has_bias, params[spec.weight].dtype)
+            factored[call.layer] = (output_grads(call, true_g.unsqueeze(0), x, has_bias).reshape(x.shape[0], -1),
+                                    whole.reshape(x.shape[0], -1))
+        patches.append(whole)
+        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, true_g, params[spec.weight], has_bias)):
             if name is None:
                 continue
             if spec.rows is not None:  # a row slice: its rows of the whole parameter
@@ -572,27 +594,31 @@ def capture(
             grads[name] = grads[name] + grad if name in grads else grad
     grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
     if fisher is None:
-        return Capture(value, structure.unflatten(grads), {}, {}, buffers)
+        return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored)
     # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)
-    curvature = [pg / scale**0.5 if fisher == "empirical" else pg[1:] for pg in probe_grads]
-    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples)
-    return Capture(value, structure.unflatten(grads), a, g, buffers)
+    curvature = [true_g.unsqueeze(0) / scale**0.5 if fisher == "empirical" else curv_g for true_g, curv_g in probe_grads]
+    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches)
+    return Capture(value, structure.unflatten(grads), a, g, buffers, factored)
 
 
 def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],
-                     examples: int | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                     examples: int | None = None, patches: Sequence[Tensor | None] | None = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per layer ``(a, g)`` of :class:`Capture` from each tracked call's recorded input and the output
     gradients ``(V, N, *out)`` of the curvature vectors. ``examples``: keep the first rows only, with ``g``
-    rescaled by ``√(N/m)`` so that factors from ``m`` rows estimate the full-batch curvature."""
+    rescaled by ``√(N/m)`` so that factors from ``m`` rows estimate the full-batch curvature. ``patches``:
+    per call, the whole batch's homogeneous inputs when already built (``None`` where not)."""
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
-    for call, x, gs in zip(plan.calls, inputs, grads):
+    for k, (call, x, gs) in enumerate(zip(plan.calls, inputs, grads)):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
         n = x.shape[0]
         m = n if examples is None else min(examples, n)
+        whole = patches[k] if patches is not None and m == n else None
         gs = gs[:, :m]
-        a[call.layer].append(input_patches(call, x[:m], has_bias, params[spec.weight].dtype))
+        a[call.layer].append(whole if whole is not None else input_patches(call, x[:m], has_bias,
+                                                                           params[spec.weight].dtype))
         g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
     cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
     return {name: cat(parts, 2) for name, parts in a.items()}, {name: cat(parts, 3) for name, parts in g.items()}

@@ -63,6 +63,7 @@ from .factors import (
 )
 from .layers import stat_dtype, weight_matrix
 from .losses import FISHER_TYPES, Loss, as_loss
+from .phases import phase
 from .precondition import METHODS, MODES, precondition
 from .quadratic import (
     fisher_quadratic_forms,
@@ -171,7 +172,7 @@ class Options:
     kl_clip: float | None
     reduce: Any
     stats_fraction: float
-    decomposition_dtype: torch.dtype
+    decomposition_dtype: torch.dtype | None
     seed: int
     method: str
     scale_period: int
@@ -203,7 +204,7 @@ class Options:
             "ema_decay": 0 <= self.ema_decay < 1,
             "kl_clip": self.kl_clip is None or self.kl_clip > 0,
             "stats_fraction": 0 < self.stats_fraction <= 1,
-            "decomposition_dtype": self.decomposition_dtype in (torch.float32, torch.float64),
+            "decomposition_dtype": self.decomposition_dtype in (None, torch.float32, torch.float64),
             "reduce": isinstance(self.reduce, (bool, dict)) or self.reduce == "auto",
             "method": self.method in METHODS,
             "scale_period": self.scale_period >= 1,
@@ -264,7 +265,7 @@ def kfac(
     kl_clip: float | None = 1e-3,
     reduce: bool | dict[str, bool] | str = "auto",
     stats_fraction: float = 1.0,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
     seed: int = 0,
     method: str = "kfac",
     scale_period: int = 1,
@@ -292,7 +293,8 @@ def kfac(
     damping of ``G ⊗ A``) or ``"factored"`` (π-damped inverses, two matmuls per layer); ``fisher``
     ``"mc"`` (``mc_samples``) / ``"exact"`` / ``"empirical"``; ``factor_period``, ``inverse_period``,
     ``scale_period``, ``ema_decay``; ``stats_fraction`` (statistics from the first rows of the batch);
-    ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype``; ``lr``,
+    ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype`` (``None``: float32 where
+    it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
@@ -422,9 +424,12 @@ class _Transform:
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
         loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
         key, sample_key = random.split(state.key)
+        # Γ = gᵀā for the preconditioner when the gradient it preconditions is the local batch's own
+        low_rank = comm.world == 1 and not (o.adaptive and any(hyper.weight_decay.values()))
         with torch.enable_grad():
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
-                          mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan)
+                          mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
+                          low_rank=low_rank)
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
         return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets)
 
@@ -473,8 +478,8 @@ class _Transform:
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
         ok = all_finite((total_loss, grads, summed if batch is not None else (cap.a, cap.g)))
-        grads, a, g = _zero_unless(ok, (grads, cap.a, cap.g))
-        cap = cap._replace(loss=total_loss, a=a, g=g)
+        grads, a, g, parts = _zero_unless(ok, (grads, cap.a, cap.g, cap.low_rank))
+        cap = cap._replace(loss=total_loss, a=a, g=g, low_rank=parts)
         new = state._replace(key=key)
         if batch is not None:
             batch = _zero_unless(ok, batch)
@@ -497,7 +502,7 @@ class _Transform:
         held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
         factored = o.damping_mode == "factored"
         kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode,
-                                      checked=True)  # λ: validated by Options, kept within damping_bounds
+                                      checked=True, low_rank=cap.low_rank)  # λ: validated by Options, bounded
         factors = new.inverses if factored else _load(new.eigen)
         if o.method == "ekfac":
             factors = ekfac_factors(_load(new.eigen), averaged(new.scale))
@@ -548,6 +553,7 @@ class _Transform:
         return spec.unflatten(moved), new_state, info
 
     # ---------------------------------------------------------------------------------- components
+    @phase("update")
     def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
         """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning.
         Returns the update, velocity, ``α``, ``μ`` and the clipped direction ``νΔ``."""
@@ -559,17 +565,19 @@ class _Transform:
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity, clipped = {}, {}, {}
         for n in lr:
-            d = clipped[n] = delta[n].to(state.velocity[n].dtype) * scale.to(state.velocity[n].dtype)  # >= float32
+            vdtype = state.velocity[n].dtype  # at least float32
+            d = clipped[n] = delta[n].to(vdtype) * scale.to(vdtype) if o.kl_clip is not None else delta[n].to(vdtype)
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
-                d = velocity[n] = state.velocity[n] * hyper.momentum[n] + d
+                d = velocity[n] = d.add(state.velocity[n], alpha=hyper.momentum[n])  # μv + d, one pass
             update[n] = -lr[n] * d
         first = next(iter(lr), None)
         alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
         mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
         return update, velocity, alpha, mu, clipped
 
+    @phase("update")
     def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
         parameter's momentum when ``adaptive="lr"``)."""
@@ -644,7 +652,7 @@ class _Transform:
         o = self.o
         factors = self._factors(state)
         if o.needs_eigen:
-            compute = lambda f: eigendecompose(f, o.decomposition_dtype)  # noqa: E731
+            compute = lambda f: eigendecompose(f, o.decomposition_dtype, state.damping)  # noqa: E731
             state = state._replace(eigen=_store(self.comm.decompose(factors, compute, EigenFactors)))
         if o.damping_mode == "factored":
             state = state._replace(inverses=self._inverses(state, factors))

@@ -10,6 +10,10 @@ For each tracked layer, with ``Γ = ∇W̄`` as ``(B, d_g, d_a)``:
   (cached inverses) it costs two matmuls instead of four;
 * E-KFAC (:class:`~kfac_func.ekfac.EKFACFactors`): the eigen formula with ``S + λ`` as denominator.
 
+With ``low_rank`` parts ``Γ = gᵀā`` (``N`` rows, :attr:`~kfac_func.Capture.low_rank`), a layer's first
+product is taken through them where that costs fewer flops — ``G⁻¹Γ A⁻¹ = (G⁻¹gᵀ)(ā A⁻¹)`` and
+``Q_Gᵀ Γ Q_A = (g Q_G)ᵀ(ā Q_A)``: ``2N(d_g² + d_a² + d_g d_a)`` instead of ``2 d_g d_a (d_g + d_a)``.
+
 ``factors[layer]`` may be raw :class:`KroneckerFactors` (decomposed here, in ``dtype``),
 :class:`EigenFactors`, :class:`InverseFactors` or :class:`EKFACFactors`; ``method`` (``"kfac"``,
 ``"ekfac"``, ``"two_level"``) is inferred from them and from ``coarse`` when not given. With a
@@ -44,6 +48,7 @@ from .factors import (
     transposed,
 )
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
+from .phases import phase
 from .tree import PyTree, flatten, require_names
 from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
@@ -52,6 +57,7 @@ METHODS = ("kfac", "ekfac", "two_level")
 Factors = KroneckerFactors | EigenFactors | InverseFactors | EKFACFactors
 
 
+@phase("preconditioning")
 @full_precision
 def precondition(
     params: PyTree,
@@ -69,12 +75,15 @@ def precondition(
     weights: tuple[float, float] = (1.0, 1.0),
     all_reduce: Callable[[Any], Any] | None = None,
     checked: bool = False,
+    low_rank: dict[str, tuple[Tensor, Tensor]] | None = None,
 ) -> PyTree:
     """The preconditioned gradient, a pytree shaped like ``grads``. ``all_reduce`` sums a pytree over
     data-parallel ranks (:meth:`kfac_func.distributed.Communicator.sum`): the curvature products of
     ``adef2``/``bnn`` then cover the global batch. ``damping`` must be finite and ``>= 0``
     (:func:`~kfac_func.factors.check_damping`; a tensor is read on the host in eager mode, not under
-    ``torch.compile`` or ``vmap``) unless ``checked`` (the caller validated it: the pure optimizer)."""
+    ``torch.compile`` or ``vmap``) unless ``checked`` (the caller validated it: the pure optimizer).
+    ``low_rank``: per layer ``(g, ā)`` with that layer's gradient matrix equal to ``gᵀā`` (the caller's
+    promise; :attr:`kfac_func.Capture.low_rank`)."""
     if mode not in MODES:
         raise ValueError(f"unknown damping mode {mode!r}; expected one of {MODES}")
     if damping is not None and not checked:
@@ -96,8 +105,11 @@ def precondition(
     for name, g in grad.items():
         _check_factor_shapes(name, g, factors[name])
 
-    def fine(v: Layerwise) -> Layerwise:
-        return {name: _solve(name, v[name], factors[name], damping, mode, dtype) for name in v}
+    cheaper = {name: parts for name, parts in (low_rank or {}).items() if name in grad and _low_rank_pays(grad[name], parts)}
+
+    def fine(v: Layerwise) -> Layerwise:  # the factored parts describe the gradient only
+        parts = cheaper if v is grad else {}
+        return {name: _solve(name, v[name], factors[name], damping, mode, dtype, parts.get(name)) for name in v}
 
     if coarse is None:
         delta = fine(grad)
@@ -114,8 +126,24 @@ def precondition(
     return spec.unflatten(out)
 
 
-def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, mode: str, dtype: torch.dtype) -> Tensor:
-    """One layer's damped solve."""
+def _low_rank_pays(grad: Tensor, parts: tuple[Tensor, Tensor]) -> bool:
+    """Whether ``(g, ā)`` (``N`` rows) of a one-block gradient ``(1, d_g, d_a)`` make its first products cheaper."""
+    blocks, d_g, d_a = grad.shape
+    n = parts[0].shape[0]
+    return blocks == 1 and n * (d_g * d_g + d_a * d_a + d_g * d_a) < d_g * d_a * (d_g + d_a)
+
+
+def _sandwich(grad: Tensor, left: Tensor | None, right: Tensor | None, parts: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``leftᵀ Γ right`` (``right`` a matrix, a diagonal or ``None``), through ``Γ = gᵀā`` when ``parts`` are given."""
+    if parts is None:
+        return left.mT @ right_multiply(grad, right)
+    g, a = (p.unsqueeze(0) for p in parts)
+    return (g @ left).mT @ right_multiply(a.to(grad.dtype), right)
+
+
+def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, mode: str, dtype: torch.dtype,
+           parts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """One layer's damped solve (``parts``: ``Γ = gᵀā``, see :func:`precondition`)."""
     if isinstance(f, KroneckerFactors):
         f = eigendecompose({name: f}, dtype)[name]
     if isinstance(f, InverseFactors):
@@ -124,14 +152,14 @@ def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, 
                 f"layer {name!r}: inverse factors include their damping and serve mode='factored' only; "
                 "pass damping=None, or pass EigenFactors"
             )
-        return f.G_inv @ right_multiply(grad, f.A_inv)
+        return _sandwich(grad, f.G_inv, f.A_inv, parts) if parts else f.G_inv @ right_multiply(grad, f.A_inv)
     if damping is None:
         raise ValueError("damping is required unless the factors are InverseFactors")
     if isinstance(f, EKFACFactors):
         if mode != "eigen":
             raise ValueError(f"layer {name!r}: E-KFAC adds the damping to its scaling; use mode='eigen'")
-        return right_multiply(f.QG @ ((f.QG.mT @ right_multiply(grad, f.QA)) / (f.scale + damping)), transposed(f.QA))
-    return _eigen_solve(grad, f, damping, mode)
+        return right_multiply(f.QG @ (_sandwich(grad, f.QG, f.QA, parts) / (f.scale + damping)), transposed(f.QA))
+    return _eigen_solve(grad, f, damping, mode, parts)
 
 
 def _check_method(method: str | None, factors: dict[str, Factors], coarse: CoarseCorrection | None) -> None:
@@ -148,13 +176,14 @@ def _check_method(method: str | None, factors: dict[str, Factors], coarse: Coars
         raise ValueError("method='two_level' and a coarse correction go together (pass coarse=CoarseCorrection)")
 
 
-def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: str) -> Tensor:
+def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: str,
+                 parts: tuple[Tensor, Tensor] | None = None) -> Tensor:
     if mode == "eigen":
         denom = e.dG.unsqueeze(-1) * e.dA.unsqueeze(-2) + damping
     else:
         lam_a, lam_g = (lam.to(e.dA.dtype) for lam in pi_damping(e.dA, e.dG, damping))
         denom = (e.dG + lam_g).unsqueeze(-1) * (e.dA + lam_a).unsqueeze(-2)
-    return right_multiply(e.QG @ ((e.QG.mT @ right_multiply(grad, e.QA)) / denom), transposed(e.QA))
+    return right_multiply(e.QG @ (_sandwich(grad, e.QG, e.QA, parts) / denom), transposed(e.QA))
 
 
 def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:

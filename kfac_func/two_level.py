@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .capture import Capture, require_curvature
 from .factors import EigenFactors, KroneckerFactors, factor_dims, full_precision
+from .phases import phase
 
 SPACES = ("nicolaides", "spectral")
 COARSE_MODES = ("exact", "kronecker")
@@ -97,6 +98,7 @@ def coarse_gram(space: CoarseSpace) -> Tensor:
     return torch.block_diag(*blocks)
 
 
+@phase("statistics")
 @full_precision
 def coarse_matrix(cap: Capture, space: CoarseSpace, mode: str = "exact") -> Tensor:
     """The batch's undamped coarse matrix ``R₀ C R₀ᵀ`` (``exact``) or its Kronecker surrogate."""
@@ -111,6 +113,7 @@ def coarse_matrix(cap: Capture, space: CoarseSpace, mode: str = "exact") -> Tens
     return inputs * grads
 
 
+@phase("statistics")
 @full_precision
 def kronecker_coarse_parts(cap: Capture, space: CoarseSpace) -> tuple[Tensor, Tensor]:
     """The two factors of the Kronecker surrogate, ``[u_Aᵢᵀ A_ij u_Aⱼ]`` (a mean over examples) and

@@ -1,0 +1,52 @@
+"""``decomposition_dtype=None`` ("auto", :mod:`kfac_func.precision`): a wide float32 factor is decomposed in
+float32 where the damped solve's float32 error bound is within ``FLOAT32_TOLERANCE``, in float64 where it is
+not; narrow factors and float64 factors always in float64."""
+
+from __future__ import annotations
+
+import torch
+
+import kfac_func as kf
+from kfac_func.precision import ALWAYS_FLOAT64_DIM, EPS32, FLOAT32_TOLERANCE
+
+WIDE, NARROW = ALWAYS_FLOAT64_DIM + 12, 6
+
+
+def _factor(d: int, scale: float, seed: int) -> torch.Tensor:
+    x = torch.randn(2 * d, d, generator=torch.Generator().manual_seed(seed))
+    return (scale * x.T @ x / (2 * d)).unsqueeze(0)
+
+
+def _factors(scale_a: float) -> dict[str, kf.KroneckerFactors]:
+    return {"well": kf.KroneckerFactors(_factor(WIDE, 1.0, 0), _factor(NARROW, 1.0, 1)),
+            "ill": kf.KroneckerFactors(_factor(WIDE, scale_a, 2), _factor(NARROW, 1.0, 3))}
+
+
+def _same(x, y) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(x, y))
+
+
+def test_auto_eigendecompositions_fall_back_to_float64_per_layer():
+    damping = 1e-2
+    factors = _factors(100 * FLOAT32_TOLERANCE * damping / EPS32)  # ε₃₂‖A‖‖G‖/λ ≫ the tolerance
+    auto = kf.eigendecompose(factors, None, damping)
+    f32, f64 = kf.eigendecompose(factors, torch.float32), kf.eigendecompose(factors, torch.float64)
+    assert torch.equal(auto["well"].QA, f32["well"].QA) and torch.equal(auto["well"].dA, f32["well"].dA)
+    assert torch.equal(auto["well"].QG, f64["well"].QG)  # narrow: float64
+    assert _same(auto["ill"], f64["ill"])
+    assert all(t.dtype == torch.float32 for e in auto.values() for t in e)
+    assert _same(kf.eigendecompose(factors, None)["well"], f64["well"])  # no damping, no bound: float64
+    double = {n: kf.KroneckerFactors(f.A.double(), f.G.double()) for n, f in factors.items()}
+    want, got = kf.eigendecompose(double, torch.float64), kf.eigendecompose(double, None, damping)
+    assert all(_same(got[n], want[n]) for n in got)
+
+
+def test_auto_inverses_fall_back_to_float64_per_factor():
+    damping = 1.0
+    factors = _factors(1e8)  # π = 1e4: λ_A = 1e4 (bound ε₃₂ tr A/λ_A above the tolerance)
+    auto = kf.inverse_factors(factors, damping, None)
+    f32, f64 = kf.inverse_factors(factors, damping, torch.float32), kf.inverse_factors(factors, damping, torch.float64)
+    assert torch.equal(auto["ill"].A_inv, f64["ill"].A_inv)
+    assert torch.equal(auto["well"].A_inv, f32["well"].A_inv)
+    assert torch.equal(auto["well"].G_inv, f64["well"].G_inv)  # narrow: float64
+    torch.testing.assert_close(auto["well"].A_inv, f64["well"].A_inv, rtol=1e-5, atol=1e-6)
