@@ -41,8 +41,8 @@ def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Ten
     out = {}
     for name, a in cap.a.items():
         e = eigen[name]
-        aq = right_multiply(a, e.QA)  # (N, B, S, d_a): rows Q_Aᵀ ā
-        gq = cap.g[name] @ e.QG  # (V, N, B, S, d_g): rows Q_Gᵀ g
+        aq = _project(a, e.QA, 1)  # (N, B, S, d_a): rows Q_Aᵀ ā
+        gq = _project(cap.g[name], e.QG, 2)  # (V, N, B, S, d_g): rows Q_Gᵀ g
         if a.shape[2] == 1:
             sq_g = gq.squeeze(3).square().sum(0)  # (N, B, d_g): Σᵥ (Q_Gᵀ g)²
             out[name] = (sq_g.transpose(0, 1).mT @ aq.squeeze(2).square().transpose(0, 1))
@@ -50,6 +50,16 @@ def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Ten
             per_example = gq.transpose(-1, -2) @ aq.unsqueeze(0)  # (V, N, B, d_g, d_a): Σₛ (Q_Gᵀg)(Q_Aᵀā)ᵀ
             out[name] = per_example.square().sum((0, 1))
     return out
+
+
+def _project(x: Tensor, q: Tensor | None, block_dim: int) -> Tensor:
+    """``x @ q`` for rows ``x`` with their block on ``block_dim`` and a basis ``q`` ``(B, d, d)`` (a diagonal or
+    ``None`` as in :func:`right_multiply`): as one matmul per block over all rows — a broadcast ``x @ q``
+    would run one small matmul per example."""
+    if q is None or q.dim() == 2:
+        return right_multiply(x, q)
+    rows = x.movedim(block_dim, 0)
+    return (rows.reshape(rows.shape[0], -1, rows.shape[-1]) @ q).reshape(rows.shape).movedim(0, block_dim)
 
 
 def ekfac_factors(eigen: dict[str, EigenFactors], scale: dict[str, Tensor]) -> dict[str, EKFACFactors]:
