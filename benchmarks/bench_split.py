@@ -71,7 +71,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({r["case"] for r in rows}, key=[r["case"] for r in rows].index)
-    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.9), squeeze=False)
     colours = dict(zip((*PHASES, "other"), plt.get_cmap("tab10").colors))
     for ax, case in zip(axes[0], cases):
         mine = [r for r in rows if r["case"] == case]
@@ -83,8 +83,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(case)
         ax.set_xlabel("ms per step (decompositions amortised)")
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
 
 
