@@ -23,6 +23,7 @@ exact when the micro-batch losses are scaled to a mean over all of them — the 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,29 @@ from torch import Tensor, nn
 
 from .capture import Capture, Plan, _CaptureMode, layer_statistics, trace
 from .losses import Loss, cotangents
+
+
+class _Hook:
+    """A module hook calling a :class:`Recorder` method through a weak reference. A copy of the module gets a
+    hook that does nothing — ``deepcopy(model)`` neither copies the optimizer nor is recorded by it; a copied
+    optimizer registers hooks on its own copy of the model (:meth:`Recorder.__setstate__`)."""
+
+    def __init__(self, recorder: Recorder, method: str):
+        self._ref, self._method = weakref.ref(recorder), method
+
+    def __call__(self, *args: Any) -> None:
+        recorder = self._ref() if self._ref is not None else None
+        if recorder is not None:
+            getattr(recorder, self._method)(*args)
+
+    def __reduce__(self) -> tuple:
+        return _dead_hook, ()
+
+
+def _dead_hook() -> _Hook:
+    hook = _Hook.__new__(_Hook)
+    hook._ref, hook._method = None, ""
+    return hook
 
 
 class _RecordMode(_CaptureMode):
@@ -86,8 +110,20 @@ class Recorder:
         self.inputs: Any = None  # the last forward's input and plan
         self.plan: Plan | None = None
         self._open: tuple[_RecordMode, Plan] | None = None
-        model.register_forward_pre_hook(self._enter, with_kwargs=True)
-        model.register_forward_hook(self._exit, with_kwargs=True, always_call=True)
+        self._register()
+
+    def _register(self) -> None:
+        self.model.register_forward_pre_hook(_Hook(self, "_enter"), with_kwargs=True)
+        self.model.register_forward_hook(_Hook(self, "_exit"), with_kwargs=True, always_call=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy (or pickle) holds no recorded forward (their graphs cannot be copied)."""
+        return {**self.__dict__, "records": [], "_open": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The copy records its own model: ``deepcopy((model, opt))`` or ``deepcopy(opt)``."""
+        self.__dict__.update(state)
+        self._register()
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (self.active and torch.is_grad_enabled()) or self._open is not None:

@@ -234,3 +234,21 @@ def test_a_forward_without_backward_is_not_statistics(fisher):
         b(held_out).sum()  # evaluated with gradients on, never backpropagated
         _backward_step(opt, b, x, y, fisher)
     _close(b, a, model)
+
+
+def test_copies_under_the_recorded_flow():
+    """``deepcopy(model)`` alone copies no optimizer and is not recorded by it (its hooks do nothing); the pair
+    copy ``deepcopy((model, opt))`` records its own model and continues exactly as the original."""
+    model = _mlp()
+    x, y = _data(model)
+    opt = kf.KFAC(model, fisher="mc", **COMMON)
+    _backward_step(opt, model, x, y, "mc")
+    alone = copy.deepcopy(model)
+    F.cross_entropy(alone(x), y).backward()
+    assert opt._recorder.records == []
+    pair_model, pair_opt = copy.deepcopy((model, opt))
+    for _ in range(3):
+        _backward_step(opt, model, x, y, "mc")
+        _backward_step(pair_opt, pair_model, x, y, "mc")
+    for p, q in zip(model.parameters(), pair_model.parameters()):
+        assert torch.equal(p, q)
