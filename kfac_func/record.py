@@ -110,6 +110,7 @@ class Recorder:
         self.inputs: Any = None  # the last forward's input and plan
         self.plan: Plan | None = None
         self._open: tuple[_RecordMode, Plan] | None = None
+        self._first = next(model.parameters(), None)  # swapped out while the module runs functionally
         self._register()
 
     def _register(self) -> None:
@@ -128,6 +129,8 @@ class Recorder:
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (self.active and torch.is_grad_enabled()) or self._open is not None:
             return
+        if next(module.parameters(), None) is not self._first:
+            return  # a functional call (torch.func.functional_call, any optimizer's pure step): not the user's forward
         if kwargs or len(args) != 1:
             raise TypeError(
                 f"kfac_func: the model must be called with one input (a tensor or any pytree), got {len(args)} "

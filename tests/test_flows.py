@@ -252,3 +252,22 @@ def test_copies_under_the_recorded_flow():
         _backward_step(pair_opt, pair_model, x, y, "mc")
     for p, q in zip(model.parameters(), pair_model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_functional_calls_of_the_model_are_not_recorded():
+    """Another optimizer's functional step on the same model (``functional_call`` swaps its parameters) is not
+    the user's forward: nothing is recorded, so the recorded flow's step is unchanged by it."""
+    model = _mlp()
+    x, y = _data(model)
+    twin = copy.deepcopy(model)
+    opt, ref = kf.KFAC(model, fisher="empirical", **COMMON), kf.KFAC(twin, fisher="empirical", **COMMON)
+    other = kf.KFAC(model, fisher="empirical", **COMMON)  # a second optimizer of the same model
+    other.step(x, y)  # runs the model functionally while opt's hooks are on it
+    assert opt._recorder.records == [] and opt._recorder.plan is None  # not even traced (no layer mode entered)
+    with torch.no_grad():
+        for p, q in zip(twin.parameters(), model.parameters()):
+            p.copy_(q)
+    _backward_step(opt, model, x, y, "empirical")
+    _backward_step(ref, twin, x, y, "empirical")
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
