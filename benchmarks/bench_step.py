@@ -211,14 +211,17 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
           warmup: int = 2) -> list[dict]:
     torch.manual_seed(0)
     model = make()
-    floor = Floor(model, x, y)
+    # the floor and the SGD step run on their own copy: the KFACs below put their recording hooks (the
+    # loss.backward(); opt.step() flow) on `model`, which would record every forward of those
+    plain = copy.deepcopy(model)
+    floor = Floor(plain, x, y)
     params = {n: p.detach() for n, p in model.named_parameters()}
     key = kf.random.key(0)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.0, momentum=0.9)
 
     def grad_step():
         sgd.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(plain(x), y).backward()
         sgd.step()
 
     def curvature():

@@ -196,13 +196,9 @@ class KFAC(torch.optim.Optimizer):
         if self._unchecked:
             self._check_loaded(params, inputs)
         state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
-        if self._recorder is not None:  # the functional forward is not the user's: not recorded
-            self._recorder.active = False
-        try:
-            new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
-        finally:
-            if self._recorder is not None:
-                self._recorder.active = True
+        if self._recorder is not None:  # forwards the user ran since the last step are superseded by this batch
+            self._recorder.records.clear()
+        new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
         loss = self._commit(new, new_state, info, state.step)
         self._write(new, info.grads)
         return loss

@@ -104,7 +104,6 @@ class Recorder:
                  key: Callable[[Any, int], Tensor]):
         self.model, self.loss, self.fisher, self.mc_samples, self.key = model, loss, fisher, mc_samples, key
         self.records: list[_Forward] = []
-        self.active = True  # off while the optimizer runs the model functionally itself
         self.wanted = True
         self.auto = False  # step(closure): the curvature backward runs when the forward ends
         self.inputs: Any = None  # the last forward's input and plan
@@ -127,7 +126,7 @@ class Recorder:
         self._register()
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (self.active and torch.is_grad_enabled()) or self._open is not None:
+        if not torch.is_grad_enabled() or self._open is not None:
             return
         if next(module.parameters(), None) is not self._first:
             return  # a functional call (torch.func.functional_call, any optimizer's pure step): not the user's forward
