@@ -108,6 +108,7 @@ class Recorder:
         self.auto = False  # step(closure): the curvature backward runs when the forward ends
         self.inputs: Any = None  # the last forward's input and plan
         self.plan: Plan | None = None
+        self.unsupported = ""  # why the last forward could not be recorded
         self._open: tuple[_RecordMode, Plan] | None = None
         self._first = next(model.parameters(), None)  # swapped out while the module runs functionally
         self._register()
@@ -130,11 +131,11 @@ class Recorder:
             return
         if next(module.parameters(), None) is not self._first:
             return  # a functional call (torch.func.functional_call, any optimizer's pure step): not the user's forward
-        if kwargs or len(args) != 1:
-            raise TypeError(
-                f"kfac_func: the model must be called with one input (a tensor or any pytree), got {len(args)} "
-                f"positional and keyword arguments {sorted(kwargs)}"
-            )
+        if kwargs or len(args) != 1:  # not recordable; the user's forward itself goes on (step() says why)
+            self.unsupported = (f"the model was called with {len(args)} positional and keyword arguments "
+                                f"{sorted(kwargs)}; the recorded flows need one input (a tensor or any pytree)")
+            return
+        self.unsupported = ""
         params = dict(module.named_parameters())
         plan = trace(module, {n: p.detach() for n, p in params.items()}, args[0])
         self.plan, self.inputs = plan, args[0]
@@ -226,6 +227,7 @@ class Recorder:
             raise ValueError(
                 "kfac_func: no forward of the model was recorded since the last step: run the forward and "
                 "backward with gradients enabled before step() (or pass step(inputs, targets))"
+                + (f"; {self.unsupported}" if self.unsupported else "")
             )
         return self.plan
 

@@ -271,3 +271,22 @@ def test_functional_calls_of_the_model_are_not_recorded():
     _backward_step(ref, twin, x, y, "empirical")
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_forward_the_recorder_cannot_take_is_left_alone_and_step_says_why():
+    """A model called with two arguments runs as usual under a KFAC; ``step()`` then names the reason."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3).to(DT)
+
+        def forward(self, x, scale=1.0):
+            return self.lin(x) * scale
+
+    model = Two()
+    x, y = _data(_mlp())
+    opt = kf.KFAC(model, fisher="empirical")
+    F.cross_entropy(model(x, scale=2.0), y).backward()  # not recordable, but the user's forward works
+    with pytest.raises(ValueError, match="need one input"):
+        opt.step()
