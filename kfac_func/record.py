@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,10 +89,10 @@ class _Forward:
     output: Tensor
     curvature: list[Tensor] | None = None
     scale: float = 1.0
-    examples: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.examples = self.output.shape[0]
+    @property
+    def examples(self) -> int:
+        return self.output.shape[0]
 
 
 class Recorder:
