@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import sides
 from .factors import EigenFactors, InverseFactors, KroneckerFactors
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
 from .losses import Loss
@@ -153,7 +154,7 @@ class DataParallel(Communicator):
             return
         load = [0.0] * self.world
         self.owners = {}
-        cost = {n: f.A.shape[0] * (f.A.shape[-1] ** 3 + f.G.shape[-1] ** 3) for n, f in factors.items()}
+        cost = {n: sides.decomposition_cost(f.A) + sides.decomposition_cost(f.G) for n, f in factors.items()}
         for name in sorted(factors, key=lambda n: (-cost[n], n)):
             rank = min(range(self.world), key=lambda r: (load[r], r))
             self.owners[name] = rank
@@ -213,8 +214,8 @@ def _placeholder(kind: type, f: KroneckerFactors) -> EigenFactors | InverseFacto
     blocks = a.shape[0]
     if kind is InverseFactors:
         return InverseFactors(torch.empty_like(a), torch.empty_like(g), a.new_empty(()))
-    qa = torch.empty_like(a) if a.dim() == 3 else None
-    return EigenFactors(qa, a.new_empty((blocks, a.shape[-1])), torch.empty_like(g), g.new_empty((blocks, g.shape[-1])))
+    qa, qg = (torch.empty_like(m) if m.dim() == 3 else None for m in (a, g))
+    return EigenFactors(qa, a.new_empty((blocks, sides.dim(a))), qg, g.new_empty((blocks, sides.dim(g))))
 
 
 def weight_inputs(factors: dict[str, KroneckerFactors], share: float) -> dict[str, KroneckerFactors]:

@@ -20,16 +20,17 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors, full_precision, right_multiply
+from .factors import EigenFactors, full_precision
 from .phases import phase
+from .sides import right_multiply
 
 
 class EKFACFactors(NamedTuple):
-    """Eigenbases ``Q_A`` ``(B, d_a, d_a)`` (``None``: the identity of a diagonal ``A``), ``Q_G``
-    ``(B, d_g, d_g)`` and the scaling ``S`` ``(B, d_g, d_a)``."""
+    """Eigenbases ``Q_A``, ``Q_G`` (as in :class:`~kfac_func.factors.EigenFactors`) and the scaling ``S``
+    ``(B, d_g, d_a)``."""
 
     QA: Tensor | None
-    QG: Tensor
+    QG: Tensor | None
     scale: Tensor
 
 
@@ -54,12 +55,13 @@ def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Ten
 
 def _project(x: Tensor, q: Tensor | None, block_dim: int) -> Tensor:
     """``x @ q`` for rows ``x`` with their block on ``block_dim`` and a basis ``q`` ``(B, d, d)`` (a diagonal or
-    ``None`` as in :func:`right_multiply`): as one matmul per block over all rows — a broadcast ``x @ q``
-    would run one small matmul per example."""
+    ``None``, or block-diagonal, as in :func:`~kfac_func.sides.right_multiply`): as one matmul per block over all
+    rows — a broadcast ``x @ q`` would run one small matmul per example."""
     if q is None or q.dim() == 2:
         return right_multiply(x, q)
     rows = x.movedim(block_dim, 0)
-    return (rows.reshape(rows.shape[0], -1, rows.shape[-1]) @ q).reshape(rows.shape).movedim(0, block_dim)
+    flat = rows.reshape(rows.shape[0], -1, rows.shape[-1])
+    return right_multiply(flat, q).reshape(rows.shape).movedim(0, block_dim)
 
 
 def ekfac_factors(eigen: dict[str, EigenFactors], scale: dict[str, Tensor]) -> dict[str, EKFACFactors]:

@@ -9,11 +9,12 @@ For a layer with homogeneous inputs ``ā`` (``N`` examples, ``S`` positions) and
   ``A = 1/N Σₙ â âᵀ`` with ``â = 1/S Σₛ ā``,  ``G = Σᵥ,ₙ ĝ ĝᵀ`` with ``ĝ = Σₛ g``.
 
 The curvature block of ``vec(W̄)`` (row-major ``W̄ = [W, b]``) is ``G ⊗ A``; factors carry a leading
-block dim ``B`` (conv groups). A layer whose :attr:`~kfac_func.layers.LayerSpec.diagonal_a` is set
-(embeddings: one-hot inputs, so ``A`` is the diagonal of token frequencies) keeps ``A`` as a vector
-``(B, d_a)``, its eigenbasis ``Q_A`` as ``None`` (the identity) and its inverse as a vector: never a dense
-vocabulary × vocabulary matrix. Decompositions clamp eigenvalues at 0 and never form an explicit
-``inverse``; moving averages live in :mod:`kfac_func.averaging`.
+block dim ``B`` (conv groups). Each side is held as the size policy (:mod:`kfac_func.layout`) says: dense,
+block-diagonal, diagonal or a multiple of the identity (:mod:`kfac_func.sides`). An embedding (one-hot
+inputs, so ``A`` is the diagonal of token frequencies) keeps ``A`` as a vector ``(B, d_a)``, its
+eigenbasis ``Q_A`` as ``None`` (the identity) and its inverse as a vector: never a dense vocabulary ×
+vocabulary matrix. Decompositions clamp eigenvalues at 0 and never form an explicit ``inverse``; moving
+averages live in :mod:`kfac_func.averaging`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Any, Callable, Mapping, NamedTuple, TypeVar
 import torch
 from torch import Tensor
 
+from . import precision, sides
 from .capture import Capture, require_curvature
 from .layers import LayerSpec
-from . import precision
+from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, Side, side_layout
 from .phases import phase
-from .subnormal import flush
 
 
 F = TypeVar("F", bound=Callable)
@@ -47,19 +48,20 @@ def full_precision(fn: F) -> F:
 
 
 class KroneckerFactors(NamedTuple):
-    """``A``: ``(B, d_a, d_a)`` (or its diagonal ``(B, d_a)``), ``G``: ``(B, d_g, d_g)``."""
+    """``A``: ``(B, d_a, d_a)``, ``G``: ``(B, d_g, d_g)``, or either held block-diagonal or diagonal
+    (:mod:`kfac_func.sides`)."""
 
     A: Tensor
     G: Tensor
 
 
 class EigenFactors(NamedTuple):
-    """``A = Q_A diag(d_A) Q_Aᵀ``, ``G = Q_G diag(d_G) Q_Gᵀ`` (eigenvalues clamped at 0; ``Q_A = None``
-    for a diagonal ``A``)."""
+    """``A = Q_A diag(d_A) Q_Aᵀ``, ``G = Q_G diag(d_G) Q_Gᵀ`` (eigenvalues ``(B, d)`` clamped at 0; a basis is
+    block-diagonal for a blocked side and ``None`` for a diagonal one)."""
 
     QA: Tensor | None
     dA: Tensor
-    QG: Tensor
+    QG: Tensor | None
     dG: Tensor
 
 
@@ -75,25 +77,33 @@ class InverseFactors(NamedTuple):
 @phase("statistics")
 @full_precision
 def kronecker_factors(
-    cap: Capture, *, reduce: bool | Mapping[str, bool] = False, layers: Mapping[str, LayerSpec] | None = None
+    cap: Capture,
+    *,
+    reduce: bool | Mapping[str, bool] = False,
+    layers: Mapping[str, LayerSpec] | None = None,
+    max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+    factor_sides: Overrides | None = None,
 ) -> dict[str, KroneckerFactors]:
     """The batch's Kronecker factors per layer: expand, or reduce where ``reduce`` says so (one flag for
-    all layers, or per layer name; see :func:`default_reduce`). With ``layers`` (``trace(...).layers``),
-    layers with a diagonal ``A`` (embeddings) keep it as a vector."""
+    all layers, or per layer name; see :func:`default_reduce`). Each side is held as
+    :func:`~kfac_func.layout.side_layout` decides from ``max_factor_dim`` and ``factor_sides``; with ``layers``
+    (``trace(...).layers``), layers with a diagonal ``A`` (embeddings) keep it as a vector."""
     require_curvature(cap)
     unknown = sorted(set(reduce) - set(cap.a)) if isinstance(reduce, Mapping) else []
     if unknown:
         raise ValueError(f"reduce names unknown layers {unknown}; the layers are {sorted(cap.a)}")
+    dims = {name: (a.shape[1], cap.g[name].shape[-1], a.shape[-1]) for name, a in cap.a.items()}
+    layout = side_layout(dims, layers, max_factor_dim, factor_sides)
     out = {}
     for name, a in cap.a.items():
         g = cap.g[name]
-        diagonal = layers is not None and layers[name].diagonal_a
-        gram_a = (lambda x: _gram(x, 1, diagonal=True)) if diagonal else (lambda x: _gram(x, 1))
+        side_a, side_g = layout[name]
         n, positions = a.shape[0], a.shape[2]
         if reduce.get(name, False) if isinstance(reduce, Mapping) else reduce:
-            out[name] = KroneckerFactors(gram_a(a.mean(2)) / n, _gram(g.sum(3), 2))
+            a, g, count = a.mean(2), g.sum(3), n
         else:
-            out[name] = KroneckerFactors(gram_a(a) / (n * positions), _gram(g, 2))
+            count = n * positions
+        out[name] = KroneckerFactors(_gram(a, 1, side_a) / count, _gram(g, 2, side_g))
     return out
 
 
@@ -104,31 +114,10 @@ def default_reduce(plan) -> dict[str, bool]:
     return {name: plan.output_dims <= 2 for name in plan.layers}
 
 
-# a Gram matrix at least this wide, from at least as many rows, is built from its upper block row and
-# lower-right block (3/4 of the flops; 15-25% less time measured at d = 400-800 on CPU)
-SYMMETRIC_GRAM_DIM = 256
-
-
-def _gram(x: Tensor, block_dim: int, diagonal: bool = False) -> Tensor:
-    """``Σ x xᵀ`` over every dim but ``block_dim`` and the last: ``(B, d, d)``; with ``diagonal`` only its
-    diagonal ``(B, d)``. With ``X = [X₁ X₂]`` (columns split in half), ``XᵀX = [[X₁ᵀX, ·], [(X₁ᵀX₂)ᵀ, X₂ᵀX₂]]``:
-    the mirrored block is not computed twice."""
+def _gram(x: Tensor, block_dim: int, side: Side) -> Tensor:
+    """``Σ x xᵀ`` over every dim but ``block_dim`` and the last, held as ``side``."""
     rows = x.movedim(block_dim, 0).reshape(x.shape[block_dim], -1, x.shape[-1])
-    if diagonal:
-        return rows.square().sum(1)
-    d = rows.shape[-1]
-    if d < SYMMETRIC_GRAM_DIM or rows.shape[1] < d:
-        return rows.mT @ rows
-    h = d // 2
-    top = rows[..., :h].mT @ rows  # (B, h, d): X₁ᵀX
-    right = rows[..., h:]
-    return torch.cat([top, torch.cat([top[..., h:].mT, right.mT @ right], -1)], -2)
-
-
-def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(Q, d)`` of a symmetric ``m`` computed in ``dtype``, returned in ``m``'s dtype, eigenvalues clamped at 0."""
-    d, q = torch.linalg.eigh(m.to(dtype))
-    return flush(q.to(m.dtype)), flush(d.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
+    return sides.gram(rows, side.kind, side.block)
 
 
 @phase("decompositions")
@@ -144,8 +133,7 @@ def eigendecompose(
 
     def decompose(f: KroneckerFactors, wide: torch.dtype) -> EigenFactors:
         pick = lambda m: precision.working_dtype(m, wide) if auto else (dtype or torch.float64)  # noqa: E731
-        qa, da = _eigh(f.A, pick(f.A)) if f.A.dim() == 3 else (None, f.A.clamp_min(0))
-        return EigenFactors(qa, da, *_eigh(f.G, pick(f.G)))
+        return EigenFactors(*sides.eigh(f.A, pick(f.A)), *sides.eigh(f.G, pick(f.G)))
 
     out = {name: decompose(f, torch.float32) for name, f in factors.items()}
     if auto:
@@ -156,27 +144,14 @@ def eigendecompose(
     return out
 
 
-def right_multiply(x: Tensor, m: Tensor | None) -> Tensor:
-    """``x @ m`` for matrices ``m`` ``(B, d, d)``, ``x @ diag(m)`` for diagonals ``m`` ``(B, d)``, ``x``
-    for ``None`` (the identity)."""
-    if m is None:
-        return x
-    return x * m.unsqueeze(-2) if m.dim() == 2 else x @ m
-
-
-def transposed(q: Tensor | None) -> Tensor | None:
-    """``qᵀ`` (``None`` stays the identity)."""
-    return None if q is None else q.mT
-
-
 def factor_dims(f: NamedTuple) -> tuple[int, int, int]:
     """``(B, d_g, d_a)`` of any factor type (the E-KFAC scaling has exactly that shape)."""
     if isinstance(f, KroneckerFactors):
-        return f.A.shape[0], f.G.shape[-1], f.A.shape[-1]
+        return f.A.shape[0], sides.dim(f.G), sides.dim(f.A)
     if isinstance(f, EigenFactors):
         return f.dA.shape[0], f.dG.shape[-1], f.dA.shape[-1]
     if isinstance(f, InverseFactors):
-        return f.A_inv.shape[0], f.G_inv.shape[-1], f.A_inv.shape[-1]
+        return f.A_inv.shape[0], sides.dim(f.G_inv), sides.dim(f.A_inv)
     return tuple(f.scale.shape)
 
 
@@ -239,16 +214,13 @@ def inverse_factors(
 
     def chol_inv(m: Tensor, lam: Tensor, dtype: torch.dtype) -> Tensor:
         if m.dim() == 2:  # a diagonal factor: its inverse is a vector
-            return (1 / (m.to(dtype) + lam.to(dtype))).to(m.dtype)
-        d = m.shape[-1]
-        floor = d * torch.finfo(m.dtype).eps * m.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
-        eye = torch.eye(d, dtype=dtype, device=m.device)
-        shift = torch.maximum(lam, floor).to(dtype).unsqueeze(-1)
-        return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + shift * eye)).to(m.dtype)
+            return sides.damped_inverse(m, lam, dtype)
+        floor = sides.dim(m) * torch.finfo(m.dtype).eps * sides.diagonal(m).amax(-1, keepdim=True)
+        return sides.damped_inverse(m, torch.maximum(lam, floor), dtype)
 
     parts = {}  # name → ((A, λ_A, tr A), (G, λ_G, tr G))
     for name, f in factors.items():
-        diag_a, diag_g = (f.A if f.A.dim() == 2 else f.A.diagonal(dim1=-2, dim2=-1)), f.G.diagonal(dim1=-2, dim2=-1)
+        diag_a, diag_g = sides.diagonal(f.A), sides.diagonal(f.G)
         lam_a, lam_g = pi_damping(diag_a, diag_g, damping)
         parts[name] = ((f.A, lam_a, diag_a.sum(-1, keepdim=True)), (f.G, lam_g, diag_g.sum(-1, keepdim=True)))
     dtypes = [dtype or torch.float64] * (2 * len(parts))

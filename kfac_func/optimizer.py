@@ -57,11 +57,14 @@ from .factors import (
     KroneckerFactors,
     default_reduce,
     eigendecompose,
+    factor_dims,
     inverse_factors,
     kronecker_factors,
     traced,
 )
+from . import sides
 from .layers import stat_dtype, weight_matrix
+from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, side_layout
 from .losses import FISHER_TYPES, Loss, as_loss
 from .phases import phase
 from .precondition import METHODS, MODES, precondition
@@ -189,6 +192,8 @@ class Options:
     damping_bounds: tuple[float, float]
     reject_steps: bool
     lazy_factors: bool
+    max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM
+    factor_sides: Any = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -218,6 +223,9 @@ class Options:
             "damping_interval": self.damping_interval >= 1,
             "damping_decay": 0 < self.damping_decay < 1,
             "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
+            "max_factor_dim": isinstance(self.max_factor_dim, int) and not isinstance(self.max_factor_dim, bool)
+            and self.max_factor_dim >= 1,
+            "factor_sides": self.factor_sides is None or isinstance(self.factor_sides, dict),
         }
         if self.method == "ekfac" and self.damping_mode != "eigen":
             raise ValueError(
@@ -282,6 +290,8 @@ def kfac(
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
     reject_steps: bool = False,
     lazy_factors: bool = False,
+    max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
+    factor_sides: Overrides | None = None,
     communicator: Communicator | None = None,
 ) -> Optimizer:
     """K-FAC, E-KFAC or two-level K-FAC as pure ``init``/``step`` functions for an ``nn.Module`` (run
@@ -298,15 +308,17 @@ def kfac(
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
-    ``state.key``). ``communicator`` and ``lazy_factors``: data-parallel training
-    (:mod:`kfac_func.distributed`).
+    ``state.key``). ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
+    layer's factor block-diagonal, diagonal or as a multiple of the identity (:mod:`kfac_func.layout`).
+    ``communicator`` and ``lazy_factors``: data-parallel training (:mod:`kfac_func.distributed`).
     """
     options = Options(
         as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
         quadratic_curvature, damping_adaptation, damping_interval, damping_decay, tuple(damping_bounds),
-        reject_steps, lazy_factors and communicator is not None,
+        reject_steps, lazy_factors and communicator is not None, max_factor_dim,
+        None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()},
     )
     return _Transform(model, options, communicator or Communicator()).functions()
 
@@ -364,12 +376,14 @@ class _Transform:
         require_layers(plan)
         first = next(iter(flat.values()))
         zeros: dict[str, KroneckerFactors] = {}
+        dims = {name: tuple(weight_matrix(s, flat[s.weight], flat[s.bias] if s.bias else None).shape)
+                for name, s in plan.layers.items()}
+        layout = side_layout(dims, plan.layers, o.max_factor_dim, o.factor_sides)
         for name, spec in plan.layers.items():
             w = flat[spec.weight]
-            blocks, d_g, d_a = weight_matrix(spec, w, flat[spec.bias] if spec.bias else None).shape
-            dtype = stat_dtype(w.dtype)
-            a = w.new_zeros((blocks, d_a) if spec.diagonal_a else (blocks, d_a, d_a), dtype=dtype)
-            zeros[name] = KroneckerFactors(a, w.new_zeros((blocks, d_g, d_g), dtype=dtype))
+            blocks, d_g, d_a = dims[name]
+            (a, g), dtype = layout[name], stat_dtype(w.dtype)
+            zeros[name] = KroneckerFactors(sides.zeros(*a, blocks, d_a, w, dtype), sides.zeros(*g, blocks, d_g, w, dtype))
         empty = MovingAverage({}, first.new_zeros(()), first.new_zeros((), dtype=torch.int64))  # no tracked layer
         factors = init_average(zeros) if zeros else empty
         eigen, inverses, scale, space, coarse = {}, {}, {}, {}, {}  # distinct: compiled guards check aliasing
@@ -379,8 +393,7 @@ class _Transform:
         if o.damping_mode == "factored":
             inverses = self.comm.decompose(zeros, lambda f: inverse_factors(f, o.damping), InverseFactors)
         if o.method == "ekfac":
-            scale = init_average({n: f.G.new_zeros((f.G.shape[0], f.G.shape[-1], f.A.shape[-1]))
-                                  for n, f in zeros.items()})
+            scale = init_average({n: f.G.new_zeros(factor_dims(f)) for n, f in zeros.items()})
         if o.method == "two_level":
             spectral = o.coarse_space == "spectral"
             space = spectral_space(_load(eigen), o.coarse_vectors) if spectral else nicolaides_space(zeros)
@@ -464,7 +477,8 @@ class _Transform:
         """The step after the capture: averages, decompositions, preconditioning, the update, the guard."""
         o, comm = self.o, self.comm
         reduce = default_reduce(plan) if o.reduce == "auto" else o.reduce
-        batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers) if schedule.factors else None
+        batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers, max_factor_dim=o.max_factor_dim,
+                                  factor_sides=o.factor_sides) if schedule.factors else None
         if batch is not None:
             batch = weight_inputs(batch, share)
         # one bucketed all-reduce; lazy factors stay local (a NaN flag keeps the skip decision global)

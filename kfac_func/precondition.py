@@ -44,11 +44,10 @@ from .factors import (
     factor_dtype,
     full_precision,
     pi_damping,
-    right_multiply,
-    transposed,
 )
 from .layers import LayerSpec, split_weight_matrix, weight_matrix
 from .phases import phase
+from .sides import block_width, left_multiply, right_multiply
 from .tree import PyTree, flatten, require_names
 from .two_level import CoarseCorrection, Layerwise, coarse_solve, combine, curvature_product
 
@@ -105,7 +104,8 @@ def precondition(
     for name, g in grad.items():
         _check_factor_shapes(name, g, factors[name])
 
-    cheaper = {name: parts for name, parts in (low_rank or {}).items() if name in grad and _low_rank_pays(grad[name], parts)}
+    cheaper = {name: parts for name, parts in (low_rank or {}).items()
+               if name in grad and _low_rank_pays(grad[name], parts, factors[name])}
 
     def fine(v: Layerwise) -> Layerwise:  # the factored parts describe the gradient only
         parts = cheaper if v is grad else {}
@@ -126,19 +126,24 @@ def precondition(
     return spec.unflatten(out)
 
 
-def _low_rank_pays(grad: Tensor, parts: tuple[Tensor, Tensor]) -> bool:
-    """Whether ``(g, ā)`` (``N`` rows) of a one-block gradient ``(1, d_g, d_a)`` make its first products cheaper."""
+def _low_rank_pays(grad: Tensor, parts: tuple[Tensor, Tensor], f: Factors) -> bool:
+    """Whether ``(g, ā)`` (``N`` rows) of a one-block gradient ``(1, d_g, d_a)`` make its first products cheaper
+    (a side's cost per row is its :func:`~kfac_func.sides.block_width`: ``d`` dense, ``s`` blocked)."""
     blocks, d_g, d_a = grad.shape
     n = parts[0].shape[0]
-    return blocks == 1 and n * (d_g * d_g + d_a * d_a + d_g * d_a) < d_g * d_a * (d_g + d_a)
+    if isinstance(f, KroneckerFactors):
+        return False  # decomposed first: no saving worth the branch
+    left, right = (f.G_inv, f.A_inv) if isinstance(f, InverseFactors) else (f.QG, f.QA)
+    w_g, w_a = block_width(left), block_width(right)
+    return blocks == 1 and n * (d_g * w_g + d_a * w_a + d_g * d_a) < d_g * d_a * (w_g + w_a)
 
 
 def _sandwich(grad: Tensor, left: Tensor | None, right: Tensor | None, parts: tuple[Tensor, Tensor] | None) -> Tensor:
-    """``leftᵀ Γ right`` (``right`` a matrix, a diagonal or ``None``), through ``Γ = gᵀā`` when ``parts`` are given."""
+    """``leftᵀ Γ right`` (each side any kind of :mod:`kfac_func.sides`), through ``Γ = gᵀā`` when ``parts`` are given."""
     if parts is None:
-        return left.mT @ right_multiply(grad, right)
+        return left_multiply(left, right_multiply(grad, right), transpose=True)
     g, a = (p.unsqueeze(0) for p in parts)
-    return (g @ left).mT @ right_multiply(a.to(grad.dtype), right)
+    return right_multiply(g.to(grad.dtype), left).mT @ right_multiply(a.to(grad.dtype), right)
 
 
 def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, mode: str, dtype: torch.dtype,
@@ -152,13 +157,14 @@ def _solve(name: str, grad: Tensor, f: Factors, damping: float | Tensor | None, 
                 f"layer {name!r}: inverse factors include their damping and serve mode='factored' only; "
                 "pass damping=None, or pass EigenFactors"
             )
-        return _sandwich(grad, f.G_inv, f.A_inv, parts) if parts else f.G_inv @ right_multiply(grad, f.A_inv)
+        return _sandwich(grad, f.G_inv, f.A_inv, parts)  # G_inv is symmetric: G_invᵀ Γ A_inv
     if damping is None:
         raise ValueError("damping is required unless the factors are InverseFactors")
     if isinstance(f, EKFACFactors):
         if mode != "eigen":
             raise ValueError(f"layer {name!r}: E-KFAC adds the damping to its scaling; use mode='eigen'")
-        return right_multiply(f.QG @ (_sandwich(grad, f.QG, f.QA, parts) / (f.scale + damping)), transposed(f.QA))
+        return right_multiply(left_multiply(f.QG, _sandwich(grad, f.QG, f.QA, parts) / (f.scale + damping)), f.QA,
+                              transpose=True)
     return _eigen_solve(grad, f, damping, mode, parts)
 
 
@@ -183,7 +189,7 @@ def _eigen_solve(grad: Tensor, e: EigenFactors, damping: float | Tensor, mode: s
     else:
         lam_a, lam_g = (lam.to(e.dA.dtype) for lam in pi_damping(e.dA, e.dG, damping))
         denom = (e.dG + lam_g).unsqueeze(-1) * (e.dA + lam_a).unsqueeze(-2)
-    return right_multiply(e.QG @ (_sandwich(grad, e.QG, e.QA, parts) / denom), transposed(e.QA))
+    return right_multiply(left_multiply(e.QG, _sandwich(grad, e.QG, e.QA, parts) / denom), e.QA, transpose=True)
 
 
 def _check_grads(params: dict[str, Tensor], grads: dict[str, Tensor]) -> None:

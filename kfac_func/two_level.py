@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from .capture import Capture, require_curvature
-from .factors import EigenFactors, KroneckerFactors, factor_dims, full_precision
+from .factors import EigenFactors, KroneckerFactors, factor_dims, factor_dtype, full_precision
 from .phases import phase
+from .sides import column
 
 SPACES = ("nicolaides", "spectral")
 COARSE_MODES = ("exact", "kronecker")
@@ -67,7 +68,7 @@ def nicolaides_space(factors: dict[str, KroneckerFactors | EigenFactors]) -> Coa
     ug, ua = {}, {}
     for name, f in factors.items():
         blocks, d_g, d_a = factor_dims(f)
-        like = f.G if isinstance(f, KroneckerFactors) else f.QG
+        like = f.A if isinstance(f, KroneckerFactors) else f.dA
         ug[name] = like.new_full((1, blocks, d_g), (blocks * d_g) ** -0.5)
         ua[name] = like.new_full((1, blocks, d_a), d_a**-0.5)
     return CoarseSpace(ug, ua)
@@ -83,10 +84,10 @@ def spectral_space(eigen: dict[str, EigenFactors], vectors: int = 1) -> CoarseSp
         products = (e.dG.unsqueeze(-1) * e.dA.unsqueeze(-2)).reshape(-1)  # (B·d_g·d_a,)
         top = torch.topk(products, vectors).indices
         b, i, j = top // (d_g * d_a), (top // d_a) % d_g, top % d_a
-        onehot = torch.nn.functional.one_hot(b, blocks).to(e.QG.dtype).unsqueeze(-1)  # (k, B, 1)
-        ug[name] = onehot * e.QG[b, :, i].unsqueeze(1)
-        qa = e.QA[b, :, j] if e.QA is not None else torch.nn.functional.one_hot(j, d_a).to(e.QG.dtype)
-        ua[name] = onehot * qa.unsqueeze(1)
+        dtype = factor_dtype(e)
+        onehot = torch.nn.functional.one_hot(b, blocks).to(dtype).unsqueeze(-1)  # (k, B, 1)
+        ug[name] = onehot * column(e.QG, b, i, d_g, dtype).unsqueeze(1)
+        ua[name] = onehot * column(e.QA, b, j, d_a, dtype).unsqueeze(1)
     return CoarseSpace(ug, ua)
 
 
