@@ -32,7 +32,7 @@ STATE_TYPES: dict[str, type] = {
 }
 # the options the state's meaning or layout depends on (not the step sizes, periods or decays one may change)
 STATE_OPTIONS = ("method", "damping_mode", "fisher", "loss", "reduce", "coarse_space", "coarse_vectors", "coarse_mode",
-                 "combination", "adaptive", "decomposition_dtype", "lazy_factors")
+                 "combination", "adaptive", "decomposition_dtype", "lazy_factors", "max_factor_dim", "factor_sides")
 
 
 def to_plain(tree: Any) -> Any:

@@ -1,14 +1,18 @@
-"""The registration table: which parameter belongs to which tracked layer, with what curvature block,
-and why any parameter falls back to identity preconditioning."""
+"""The registration table: which parameter belongs to which tracked layer, with what curvature block (each
+factor side as the size policy holds it, :mod:`kfac_func.layout`), why any parameter falls back to identity
+preconditioning, and what the K-FAC state costs in bytes per layer and in total."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from torch import nn
+import optree
+import torch
+from torch import Tensor, nn
 
 from .capture import Model, trace
-from .layers import NORMS, weight_matrix
+from .layers import NORMS, stat_dtype, weight_matrix
+from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, Side, side_layout
 from .tree import PyTree, flatten
 
 
@@ -24,11 +28,27 @@ class Entry(NamedTuple):
     reason: str
 
 
+class LayerEntry(NamedTuple):
+    """One tracked layer: its sides as held, the bytes of one copy of its factors (``A`` and ``G``) and, when
+    :func:`describe` was given a state, the bytes that state holds for it (averages, decompositions,
+    E-KFAC scaling, coarse vectors; the velocity is per parameter and counted in the total only)."""
+
+    layer: str
+    kind: str
+    a: str
+    g: str
+    factor_bytes: int
+    state_bytes: int | None
+
+
 class Registration(NamedTuple):
-    """Every parameter of a model, in the order of its flattened parameters (:mod:`kfac_func.tree`);
-    ``str()`` gives the table."""
+    """Every parameter of a model, in the order of its flattened parameters (:mod:`kfac_func.tree`), and every
+    tracked layer; ``param_bytes`` and, given a state, its ``state_bytes`` in total. ``str()`` gives the tables."""
 
     entries: tuple[Entry, ...]
+    layers: tuple[LayerEntry, ...] = ()
+    param_bytes: int = 0
+    state_bytes: int | None = None
 
     @property
     def fallbacks(self) -> dict[str, str]:
@@ -45,26 +65,59 @@ class Registration(NamedTuple):
         lines.insert(1, "-" * len(lines[0]))
         tracked = sum(1 for e in self.entries if e.layer)
         lines.append(f"{tracked} of {len(self.entries)} parameters tracked")
+        if self.layers:
+            lines += ["", _table([("layer", "A", "G", "factors", "state")] + [
+                (e.layer, e.a, e.g, _mb(e.factor_bytes), "—" if e.state_bytes is None else _mb(e.state_bytes))
+                for e in self.layers])]
+            total = sum(e.factor_bytes for e in self.layers)
+            lines.append(f"factors {_mb(total)} ({total / self.param_bytes:.2f}× the parameters' "
+                         f"{_mb(self.param_bytes)})")
+            if self.state_bytes is not None:
+                lines.append(f"K-FAC state {_mb(self.state_bytes)} ({self.state_bytes / self.param_bytes:.2f}× the "
+                             "parameters; velocity, counters and key included)")
         return "\n".join(lines)
 
 
-def describe(model: Model, inputs: Any, params: PyTree | None = None) -> Registration:
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
+             max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, factor_sides: Overrides | None = None,
+             state: Any = None) -> Registration:
     """The registration table of ``model`` on ``inputs`` (``params``, any pytree, default to a module's
-    parameters); parameters are named by their paths."""
+    parameters); parameters are named by their paths. Each factor side is shown as the size policy
+    (``max_factor_dim``, ``factor_sides``: those of the optimizer) holds it; with ``state`` (a
+    :class:`~kfac_func.KFACState`, e.g. ``KFAC.kfac_state``) the bytes it holds per layer and in total."""
     if params is None:
         if not isinstance(model, nn.Module):
             raise TypeError("describe(f, inputs) of a function model needs params")
         params = {n: p.detach() for n, p in model.named_parameters()}
     plan = trace(model, params, inputs)
     params = flatten(params)[0]
-    owner = {}
+    dims = {name: tuple(weight_matrix(s, params[s.weight], params[s.bias] if s.bias else None).shape)
+            for name, s in plan.layers.items()}
+    layout = side_layout(dims, plan.layers, max_factor_dim, factor_sides)
+    held = _layer_bytes(state, plan.layers) if state is not None else {}
+    owner, held_sides = {}, []
     for name, spec in plan.layers.items():
-        blocks, d_g, d_a = weight_matrix(spec, params[spec.weight], params[spec.bias] if spec.bias else None).shape
-        if spec.kind in NORMS:
+        blocks, d_g, d_a = dims[name]
+        side_a, side_g = layout[name]
+        a, g = side_a.describe("A", d_a), side_g.describe("G", d_g)
+        itemsize = torch.finfo(stat_dtype(params[spec.weight].dtype)).bits // 8
+        factor_bytes = blocks * itemsize * (d_a * _per_row(side_a, d_a) + d_g * _per_row(side_g, d_g))
+        held_sides.append(LayerEntry(name, spec.kind, a, g, factor_bytes, held.get(name)))
+        if spec.kind in NORMS and side_g.kind == "dense":
             block = f"full {d_g}×{d_g} (scale and shift)"
         else:
-            a = f"diagonal A {d_a}" if spec.diagonal_a else f"A {d_a}×{d_a}"
-            block = f"G {d_g}×{d_g} ⊗ {a}" + (f", {blocks} groups" if blocks > 1 else "")
+            block = f"{g} ⊗ {a}" + (f", {blocks} groups" if blocks > 1 else "")
             if spec.rows is not None:
                 block += f" (rows {spec.rows[0]}:{spec.rows[1]})"
         for p in (spec.weight, spec.bias):
@@ -78,4 +131,22 @@ def describe(model: Model, inputs: Any, params: PyTree | None = None) -> Registr
             ", ".join(dict.fromkeys(k for _, k, _ in layers)), "; ".join(b for _, _, b in layers),
             plan.reasons.get(n, ""),
         ))
-    return Registration(tuple(entries))
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    total = None if state is None else sum(t.numel() * t.element_size() for t in optree.tree_leaves(state))
+    return Registration(tuple(entries), tuple(held_sides), param_bytes, total)
+
+
+def _per_row(side: Side, d: int) -> int:
+    """Numbers per row of a side as held: ``d`` dense, the block width, 1 diagonal."""
+    return d if side.kind == "dense" else side.block if side.kind == "blocks" else 1
+
+
+def _layer_bytes(state: Any, layers: dict) -> dict[str, int]:
+    """Bytes of the state's tensors filed under each layer's name (the velocity, per parameter, left out)."""
+    out = dict.fromkeys(layers, 0)
+    for accessor, t in zip(*optree.tree_flatten_with_accessor(state)[:2]):
+        if isinstance(t, Tensor) and accessor[0].field != "velocity":
+            keys = [e.key for e in accessor if isinstance(e, optree.MappingEntry) and e.key in out]
+            if keys:
+                out[keys[0]] += t.numel() * t.element_size()
+    return out

@@ -38,14 +38,14 @@ class Side(NamedTuple):
     kind: str
     block: int
 
-    def describe(self, d: int) -> str:
+    def describe(self, name: str, d: int) -> str:
+        """E.g. ``"A 769×769"``, ``"G 50257 in 66 blocks of ≤762"``, ``"diagonal A 50257"``."""
         if self.kind == "dense":
-            return f"{d}×{d}"
+            return f"{name} {d}×{d}"
         if self.kind == "blocks":
             k = math.ceil(d / self.block)
-            return f"{d} in {k} blocks of {self.block}" if k * self.block == d else \
-                f"{d} in {k} blocks of ≤{self.block}"
-        return f"{self.kind} {d}"
+            return f"{name} {d} in {k} blocks of {'' if k * self.block == d else '≤'}{self.block}"
+        return f"{self.kind} {name} {d}"
 
 
 def blocks(d: int, width: int) -> Side:

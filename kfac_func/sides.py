@@ -53,9 +53,11 @@ def _blocks(m: Tensor) -> Tensor:
 
 
 def _rows(blocks: Tensor, d: int) -> Tensor:
-    """``(B, k, s, s)`` → ``(B, d, s)``: undo :func:`_blocks`."""
+    """``(B, k, s, s)`` → ``(B, d, s)``: undo :func:`_blocks` (contiguous, as every state tensor: a compiled step
+    guards on strides)."""
     b, k, s, _ = blocks.shape
-    return blocks.reshape(b, k * s, s)[:, :d]
+    rows = blocks.reshape(b, k * s, s)
+    return rows if k * s == d else rows[:, :d].clone(memory_format=torch.contiguous_format)
 
 
 def _padded_blocks(x: Tensor, s: int) -> Tensor:
@@ -107,7 +109,7 @@ def left_multiply(m: Tensor | None, x: Tensor, transpose: bool = False) -> Tenso
         return m.unsqueeze(-1) * x
     if not is_blocked(m):
         return (m.mT if transpose else m) @ x
-    return right_multiply(x.mT, m, not transpose).mT
+    return right_multiply(x.mT, m, not transpose).mT.contiguous()  # row-major like the other kinds' products
 
 
 def diagonal(m: Tensor) -> Tensor:
@@ -150,7 +152,7 @@ def eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
         q_last, lam_last = _eigh(blocks[:, -1, :r, :r], dtype)
         q = torch.cat([q, torch.nn.functional.pad(q_last, (0, s - r, 0, s - r)).unsqueeze(1)], 1)
         lam = torch.cat([lam, torch.nn.functional.pad(lam_last, (0, s - r)).unsqueeze(1)], 1)
-    return _rows(q, d), lam.flatten(1)[:, :d]
+    return _rows(q, d), lam.flatten(1)[:, :d].clone(memory_format=torch.contiguous_format)
 
 
 def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -73,6 +73,10 @@ RESUME_CONFIGS = {
     **METHOD_CONFIGS,  # ekfac, two-level nicolaides (additive, factored), spectral (bnn)
     "two_level_nicolaides_adef2": {"method": "two_level", "combination": "adef2"},
     "adaptive": {"adaptive": "lr_momentum", "damping_adaptation": True, "damping_interval": 2, "reject_steps": True},
+    # held sides (blocks of 3 of the first layer's G 8 and A 7, uneven; a diagonal G), both damping modes
+    "held_sides_eigen": {"factor_sides": {"0": {"G": 3, "A": 3}, "2": {"G": "diagonal"}}},
+    "held_sides_ekfac": {"method": "ekfac", "factor_sides": {"0": {"G": 3}, "2": {"A": "identity"}}},
+    "held_sides_factored": {"damping_mode": "factored", "max_factor_dim": 4},
 }
 
 
@@ -172,6 +176,9 @@ REFUSED = {
                      r"damping_mode='eigen'.*damping_mode='factored'"),
     "decomposition_dtype": (lambda: _checkpoint(), lambda: _target(decomposition_dtype=torch.float32),
                             r"decomposition_dtype='None'.*'torch.float32'"),
+    "max_factor_dim": (lambda: _checkpoint(), lambda: _target(max_factor_dim=4), r"max_factor_dim=2048.*max_factor_dim=4"),
+    "factor_sides": (lambda: _checkpoint(), lambda: _target(factor_sides={"0": {"G": 2}}),
+                     r"factor_sides=None.*factor_sides=\{'0': \{'G': 2\}\}"),
     "parameter_shapes": (lambda: _checkpoint(), lambda: _target(_mlp(5, (6, 10, 2)), classes=2),  # 92 numbers each
                          r"parameter '0.weight': the checkpoint has \(8, 6\) torch.float32, the model \(10, 6\)"),
     "missing_parameter": (lambda: _checkpoint(), lambda: _target(_mlp(5, bias=False)),

@@ -40,6 +40,11 @@ CONFIGS = {
     "ekfac": dict(method="ekfac", reduce=False, inverse_period=1),
     "two-level-exact-adef2": dict(method="two_level", combination="adef2"),
     "two-level-kronecker-spectral": dict(method="two_level", coarse_mode="kronecker", coarse_space="spectral"),
+    # held sides (the linear layer's A 49 in blocks of ≤16, a diagonal G; the conv's A 19 in blocks of ≤5),
+    # decompositions shared out by layer
+    "held-sides-kaisa-half": dict(factor_sides={"3": {"A": 16, "G": "diagonal"}, "0": {"A": 5}},
+                                  decomposition_fraction=0.5, damping_mode="factored"),
+    "held-sides-two-level-spectral": dict(factor_sides={"3": {"A": 16}}, method="two_level", coarse_space="spectral"),
 }
 
 

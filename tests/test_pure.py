@@ -51,16 +51,23 @@ def flat(tree):
     return kf.tree.flatten(tree)[0]
 
 
-@pytest.mark.parametrize("fisher, mode, factor_period", [("exact", "eigen", 1), ("mc", "eigen", 1),
-                                                          ("mc", "factored", 2), ("exact", "factored", 1)])
-def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period):
+# held sides (:mod:`kfac_func.layout`): l1's G (8) in blocks of 3 (3, 3, 2) and a diagonal A; l2's A (9) in blocks
+# of 4 (4, 4, 1) and an identity G
+SIDES = {"l1.w": {"G": 3, "A": "diagonal"}, "l2.w": {"A": 4, "G": "identity"}}
+
+
+@pytest.mark.parametrize("fisher, mode, factor_period, sides", [
+    ("exact", "eigen", 1, None), ("mc", "eigen", 1, None), ("mc", "factored", 2, None), ("exact", "factored", 1, None),
+    ("exact", "eigen", 1, SIDES), ("mc", "factored", 2, SIDES)])
+def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period, sides):
     """Five steps of K-FAC (decompositions every 2 steps — eigen, or π-damped Cholesky inverses —, factors
     every ``factor_period`` steps, EMA 0.8 with bias correction, KL clip, momentum, weight decay) against
     the stages composed by hand, with the key split as documented: ``key, sample = split(key)`` each step
     (statistics or not)."""
     lr, mom, wd, lam, beta, kl, period = 0.3, 0.7, 1e-2, 0.05, 0.8, 1e-3, 2
     opt = kf.kfac(mlp, lr=lr, momentum=mom, weight_decay=wd, damping=lam, ema_decay=beta, kl_clip=kl,
-                  inverse_period=period, fisher=fisher, seed=7, damping_mode=mode, factor_period=factor_period)
+                  inverse_period=period, fisher=fisher, seed=7, damping_mode=mode, factor_period=factor_period,
+                  factor_sides=sides)
     params, data = nested_params(), batches(5)
     got, state, infos = run(opt, params, data)
 
@@ -75,7 +82,7 @@ def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period):
         stats = t % factor_period == 0
         cap = kf.capture(mlp, tree, x, y, "cross_entropy", fisher=fisher if stats else None, key=sample)
         if stats:
-            batch = kf.kronecker_factors(cap, reduce=True)  # (N, C) output: reduce (= expand for S = 1)
+            batch = kf.kronecker_factors(cap, reduce=True, factor_sides=sides)  # (N, C) output: reduce (= expand)
             if avg is None:
                 avg = {n: kf.KroneckerFactors(*(0 * f for f in batch[n])) for n in batch}
             avg = {n: kf.KroneckerFactors(*(beta * m + (1 - beta) * f for m, f in zip(avg[n], batch[n])))
@@ -159,9 +166,11 @@ def test_compiled_step_equals_eager(fisher):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_update_compiles_with_fullgraph():
-    """``update`` with the host schedule is one graph per schedule: fullgraph=True works (MC Fisher)."""
-    opt = kf.kfac(mlp, inverse_period=2, seed=3)
+@pytest.mark.parametrize("sides", [None, SIDES])
+def test_update_compiles_with_fullgraph(sides):
+    """``update`` with the host schedule is one graph per schedule: fullgraph=True works (MC Fisher; dense and
+    held sides)."""
+    opt = kf.kfac(mlp, inverse_period=2, seed=3, factor_sides=sides)
     params, data = nested_params(), batches(3)
     want, _, _ = run(opt, params, data)
     torch._dynamo.reset()
@@ -176,10 +185,11 @@ def test_update_compiles_with_fullgraph():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_vmap_over_an_ensemble_equals_the_loop():
+@pytest.mark.parametrize("sides", [None, SIDES])
+def test_vmap_over_an_ensemble_equals_the_loop(sides):
     """``vmap(step)`` over three stacked members, each with its own key (MC Fisher), equals stepping
-    each member alone; the members draw different samples."""
-    opt = kf.kfac(mlp, inverse_period=2)
+    each member alone; the members draw different samples (dense and held sides)."""
+    opt = kf.kfac(mlp, inverse_period=2, factor_sides=sides)
     members = [nested_params(seed) for seed in range(3)]
     data = batches(3)
     states = [opt.init(p, data[0][0], key=random.key(10 + i)) for i, p in enumerate(members)]
