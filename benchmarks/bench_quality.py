@@ -1,4 +1,5 @@
-"""How close K-FAC, E-KFAC and two-level K-FAC come to the exact damped natural gradient.
+"""How close K-FAC, E-KFAC and two-level K-FAC — and K-FAC with block-diagonal, diagonal or identity factor sides
+(the size policy for wide layers) — come to the exact damped natural gradient.
 
     python benchmarks/bench_quality.py [--seeds 5] [--quick]
 
@@ -39,6 +40,14 @@ def methods(cap, plan, factors):
     ekfac = kf.ekfac_factors(eigen, kf.ekfac_scaling(cap, eigen))
     out = {"K-FAC (eigen damping)": (eigen, {}), "K-FAC (factored damping)": (eigen, {"mode": "factored"}),
            "E-KFAC": (ekfac, {})}
+    # the size policy's held sides (kfac_func.layout), every layer alike: what each choice gives up
+    held = {"K-FAC, sides in 2 blocks": lambda f: {"A": -(-f.A.shape[-1] // 2), "G": -(-f.G.shape[-1] // 2)},
+            "K-FAC, diagonal G": lambda f: {"G": "diagonal"},
+            "K-FAC, diagonal A and G": lambda f: {"A": "diagonal", "G": "diagonal"},
+            "K-FAC, identity A (only G)": lambda f: {"A": "identity"}}
+    for name, sides in held.items():
+        out[name] = (kf.eigendecompose(kf.kronecker_factors(cap, factor_sides={n: sides(f) for n, f in factors.items()})),
+                     {})
     spaces = {"nicolaides": kf.nicolaides_space(factors), "spectral": kf.spectral_space(eigen, 1)}
     for space_name, space in spaces.items():
         for mode in ("exact", "kronecker"):

@@ -1,6 +1,6 @@
 """K-FAC on a GPT-2-shaped transformer: optimizer state, peak memory and step time against Adam.
 
-    python benchmarks/bench_wide.py [--quick] [--steps 30] [--modes factored eigen] [--max-factor-dim N]
+    python benchmarks/bench_wide.py [--quick] [--steps 40] [--configs factored eigen factored-5-20] [--max-factor-dim N]
         [--factor-sides '{"head": {"G": "diagonal"}}'] [--json benchmarks/results/wide.json] [--plot PATH]
 
 The model is ``kfac_func.models.CharTransformer`` with GPT-2's vocabulary (50257), width (768) and heads
@@ -43,6 +43,10 @@ from kfac_func.models import CharTransformer
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"vocab": 50257, "dim": 768, "heads": 12, "layers": 2, "context": 128, "batch": 8}
 QUICK = {"vocab": 2048, "dim": 128, "heads": 4, "layers": 2, "context": 32, "batch": 8, "steps": 20}
+# K-FAC's configurations: the defaults (eigen damping), factored damping, and factored damping with the statistics
+# every 5 steps and decompositions every 20 (the usual choice for large models: KAISA's 10/100)
+CONFIGS = {"eigen": {}, "factored": {"damping_mode": "factored"},
+           "factored-5-20": {"damping_mode": "factored", "factor_period": 5, "inverse_period": 20}}
 SUCCESSOR_P = torch.tensor([8.0, 4.0, 2.0, 1.0]) / 15  # a token's successors' probabilities
 
 
@@ -105,8 +109,8 @@ def run(args: argparse.Namespace, which: str) -> dict:
     else:
         sizes = {k: v for k, v in (("max_factor_dim", args.max_factor_dim), ("factor_sides", args.factor_sides))
                  if v is not None}
-        mode = which.removeprefix("kfac-")
-        opt = kf.kfac(model, loss="cross_entropy", lr=args.kfac_lr, damping=args.damping, damping_mode=mode, **sizes)
+        opt = kf.kfac(model, loss="cross_entropy", lr=args.kfac_lr, damping=args.damping,
+                      **CONFIGS[which.removeprefix("kfac-")], **sizes)
         params = {n: p.detach() for n, p in model.named_parameters()}
         # init traces shapes only; drawing no batch keeps the batches the same as Adam's
         state = opt.init(params, torch.zeros(args.batch, args.context, dtype=torch.long))
@@ -168,10 +172,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for k, v in FULL.items():
         parser.add_argument(f"--{k}", type=int, default=None, help=f"default {v} ({QUICK[k]} with --quick)")
-    parser.add_argument("--steps", type=int, default=None, help=f"default 30 ({QUICK['steps']} with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help=f"default 40 ({QUICK['steps']} with --quick)")
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps (a smoke run)")
-    parser.add_argument("--modes", nargs="+", default=["factored"], choices=["factored", "eigen"],
-                        help="K-FAC damping modes to run")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="K-FAC configurations to run (see CONFIGS)")
     parser.add_argument("--kfac-lr", type=float, default=1e-2)
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--adam-lr", type=float, default=1e-3)
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/results/wide[_quick].png")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one optimizer, JSON on stdout
     args = parser.parse_args(argv)
-    for k, v in (QUICK if args.quick else {**FULL, "steps": 30}).items():
+    for k, v in (QUICK if args.quick else {**FULL, "steps": 40}).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     torch.set_num_threads(args.threads)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"context {args.context}; batch {args.batch}; {args.steps} steps; ln(vocab) = {math.log(args.vocab):.2f}, "
           f"chain entropy = {-(SUCCESSOR_P * SUCCESSOR_P.log()).sum():.2f}")
     rows = []
-    for which in ["adam"] + [f"kfac-{m}" for m in args.modes]:
+    for which in ["adam"] + [f"kfac-{m}" for m in args.configs]:
         command = [sys.executable, __file__, *shared, f"--only={which}"]
         done = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
         if done.returncode:

@@ -559,15 +559,14 @@ def capture(
         free_grads, probe_grads = vjp_fn(true_ct)
         probe_grads = tuple((p, None) for p in probe_grads)  # per call: (true, curvature vectors)
     else:
-        cts = torch.cat([true_ct.unsqueeze(0), curv_ct])
-        if len(cts) <= LOOP_COTANGENTS:  # a loop of backwards: no batching-rule copies (conv, pooling)
-            outs = [vjp_fn(c) for c in cts]
+        if 1 + len(curv_ct) <= LOOP_COTANGENTS:  # a loop of backwards: no batching-rule copies (conv, pooling)
+            outs = [vjp_fn(c) for c in (true_ct, *curv_ct)]
             free_grads = outs[0][0]
             # per call (true, curvature (V, ...)): one vector is a view, several are stacked
             stack = lambda ps: ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # noqa: E731
             probe_grads = tuple((ps[0], stack(ps[1:])) for ps in zip(*(o[1] for o in outs)))
         else:
-            free_grads, probe_grads = vmap(vjp_fn)(cts)
+            free_grads, probe_grads = vmap(vjp_fn)(torch.cat([true_ct.unsqueeze(0), curv_ct]))
             free_grads = optree.tree_map(lambda t: t[0], free_grads)
             probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
     # products of small normal numbers in the backward can underflow: no subnormals into the matmuls

@@ -13,7 +13,10 @@ ranks, so that the result equals one process on the global batch (up to floating
   average of its own weighted factors and they are summed only when read (an inverse refresh, a damping
   change) — exact, because the moving average is linear;
 * decompositions are split by layer: each layer has one owner rank (greedy balance of ``d³``), which
-  decomposes it and broadcasts the result (one bucketed broadcast per owner). KAISA's trade-off
+  decomposes it and broadcasts the result (one bucketed broadcast per owner). A layer with a block-diagonal
+  side (the size policy, :mod:`kfac_func.layout`) is shared by blocks instead: every rank decomposes
+  ``1/W`` of its blocks and they are all-gathered, so that a vocabulary-sized output layer does not land on
+  one rank; every rank holds such a layer. KAISA's trade-off
   (Pauloski et al. 2021): ``fraction`` of the ranks hold each layer's decomposition. ``fraction = 1``
   (every rank holds every decomposition and preconditions locally: most memory, least communication per
   step); ``fraction = 1/W`` (only the owner holds it, preconditions that layer and broadcasts the
@@ -90,6 +93,7 @@ class DataParallel(Communicator):
         self.holders, self.block = holders, self.world // holders
         self.bucket = max(1, int(bucket_mb * 2**20))
         self.owners: dict[str, int] = {}
+        self.shared: set[str] = set()  # layers decomposed by blocks on every rank
         self.comm_seconds, self.comm_bytes = 0.0, 0
         # sub-groups, created in the same order on every rank: holder sets and receiver blocks
         self.groups: dict[tuple[int, ...], Any] = {}
@@ -149,7 +153,10 @@ class DataParallel(Communicator):
         return self._collective(tree, lambda t: dist.all_reduce(t, group=self.group))
 
     def _assign(self, factors: dict[str, KroneckerFactors]) -> None:
-        """Owner of each layer: largest decompositions first, each to the least loaded rank."""
+        """Owner of each layer: largest decompositions first, each to the least loaded rank; layers with a
+        block-diagonal side are shared by blocks (no owner)."""
+        self.shared = {n for n, f in factors.items() if sides.is_blocked(f.A) or sides.is_blocked(f.G)}
+        factors = {n: f for n, f in factors.items() if n not in self.shared}
         if set(self.owners) == set(factors):
             return
         load = [0.0] * self.world
@@ -161,12 +168,32 @@ class DataParallel(Communicator):
             load[rank] += cost[name]
 
     def holds(self, layer: str) -> bool:
-        return self.rank in self._holder_set(self.owners[layer])
+        return layer in self.shared or self.rank in self._holder_set(self.owners[layer])
+
+    def share_blocks(self, fn: Callable[[Tensor], tuple[Tensor, ...]], blocks: Tensor) -> tuple[Tensor, ...]:
+        """``fn`` of ``blocks`` ``(B, k, s, s)``: this rank computes ``⌈k/W⌉`` of them (zero blocks pad ``k``)
+        and the results are all-gathered (:func:`kfac_func.sides.sharing`)."""
+        k = blocks.shape[1]
+        chunk = -(-k // self.world)
+        padded = torch.nn.functional.pad(blocks, (0, 0, 0, 0, 0, chunk * self.world - k))
+        mine = fn(padded[:, self.rank * chunk : (self.rank + 1) * chunk].contiguous())
+        out = []
+        for t in mine:
+            parts = [torch.empty_like(t) for _ in range(self.world)]
+            self.comm_bytes += t.numel() * t.element_size()
+            self._timed(dist.all_gather, parts, t.contiguous(), group=self.group)
+            out.append(torch.cat(parts, 1)[:, :k])
+        return tuple(out)
 
     def decompose(self, factors: dict[str, KroneckerFactors], compute: Callable[[dict], dict], kind: type) -> dict:
         self._assign(factors)
+        order, shared = list(factors), {}
+        if self.shared:  # every rank, in the same order: the blocks' decompositions are all-gathered
+            with sides.sharing(self.share_blocks):
+                shared = compute({n: f for n, f in factors.items() if n in self.shared})
+        factors = {n: f for n, f in factors.items() if n not in self.shared}
         mine = compute({n: f for n, f in factors.items() if self.owners[n] == self.rank})
-        out = {}
+        out = dict(shared)
         for owner in range(self.world):
             names = [n for n in factors if self.owners[n] == owner]
             holders = self._holder_set(owner)
@@ -177,7 +204,7 @@ class DataParallel(Communicator):
                 src = self.ranks[owner]
                 tree = self._collective(tree, lambda t, s=src, g=self._group(holders): dist.broadcast(t, s, group=g))
             out.update(tree)
-        return {n: out[n] for n in factors if n in out}
+        return {n: out[n] for n in order if n in out}
 
     def spread(self, delta: dict[str, Tensor], layers: dict[str, LayerSpec]) -> dict[str, Tensor]:
         if self.holders == self.world:
@@ -187,7 +214,7 @@ class DataParallel(Communicator):
             block = self._block(holder)
             if self.rank not in block:
                 continue
-            names = [n for n in layers if holder in self._holder_set(self.owners[n])]
+            names = [n for n in layers if n not in self.shared and holder in self._holder_set(self.owners[n])]
             if not names:
                 continue
             tree = {n: weight_matrix(s, delta[s.weight], delta[s.bias] if s.bias else None)

@@ -17,7 +17,9 @@ matrix.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -27,6 +29,28 @@ from .subnormal import flush
 # a Gram matrix at least this wide, from at least as many rows, is built from its upper block row and
 # lower-right block (3/4 of the flops; 15-25% less time measured at d = 400-800 on CPU)
 SYMMETRIC_GRAM_DIM = 256
+
+
+BlockWork = Callable[[Callable[[Tensor], tuple[Tensor, ...]], Tensor], tuple[Tensor, ...]]
+_share: list[BlockWork | None] = [None]  # a plain global (torch.compile reads it; a ContextVar breaks the graph)
+
+
+@contextlib.contextmanager
+def sharing(share: BlockWork) -> Iterator[None]:
+    """Within: the batched decompositions of blocks run as ``share(fn, blocks)`` — ``fn`` maps blocks
+    ``(B, k, s, s)`` to a tuple of tensors with leading dims ``(B, k)``, and ``share`` returns ``fn``'s result
+    for all ``k`` blocks (:meth:`kfac_func.distributed.DataParallel.share_blocks`: each rank computes a
+    share and they are gathered)."""
+    previous, _share[0] = _share[0], share
+    try:
+        yield
+    finally:
+        _share[0] = previous
+
+
+def _each_block(fn: Callable[[Tensor], tuple[Tensor, ...]], blocks: Tensor) -> tuple[Tensor, ...]:
+    share = _share[0]
+    return fn(blocks) if share is None else share(fn, blocks)
 
 
 def is_blocked(m: Tensor | None) -> bool:
@@ -109,7 +133,10 @@ def left_multiply(m: Tensor | None, x: Tensor, transpose: bool = False) -> Tenso
         return m.unsqueeze(-1) * x
     if not is_blocked(m):
         return (m.mT if transpose else m) @ x
-    return right_multiply(x.mT, m, not transpose).mT.contiguous()  # row-major like the other kinds' products
+    d, s = x.shape[-2], m.shape[-1]
+    blocks = _blocks(m)
+    rows = torch.nn.functional.pad(x, (0, 0, 0, blocks.shape[1] * s - d)).unflatten(-2, (blocks.shape[1], s))
+    return ((blocks.mT if transpose else blocks) @ rows).flatten(-3, -2)[..., :d, :]  # block c: M_c x_c
 
 
 def diagonal(m: Tensor) -> Tensor:
@@ -147,7 +174,7 @@ def eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
     d, s = m.shape[-2:]
     blocks = _blocks(m)
     r = d - (blocks.shape[1] - 1) * s  # the last block's width
-    q, lam = _eigh(blocks, dtype) if r == s else _eigh(blocks[:, :-1], dtype)
+    q, lam = _each_block(lambda b: _eigh(b, dtype), blocks if r == s else blocks[:, :-1])
     if r < s:
         q_last, lam_last = _eigh(blocks[:, -1, :r, :r], dtype)
         q = torch.cat([q, torch.nn.functional.pad(q_last, (0, s - r, 0, s - r)).unsqueeze(1)], 1)
@@ -166,14 +193,14 @@ def damped_inverse(m: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
     A block's zero padding gets ``1/shift`` on its diagonal and stays uncoupled: the rows kept are exact."""
     if m.dim() == 2:
         return (1 / (m.to(dtype) + shift.to(dtype))).to(m.dtype)
-    blocked = is_blocked(m)
-    mat = _blocks(m) if blocked else m
-    eye = torch.eye(mat.shape[-1], dtype=dtype, device=m.device)
+    eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
     shift = shift.to(dtype).unsqueeze(-1)
-    if blocked:
-        shift = shift.unsqueeze(-1)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(mat.to(dtype) + shift * eye)).to(m.dtype)
-    return _rows(inv, m.shape[-2]) if blocked else inv
+    if not is_blocked(m):
+        return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + shift * eye)).to(m.dtype)
+    shift = shift.unsqueeze(-1)  # (B, 1, 1, 1): over the blocks
+    inv = _each_block(lambda b: (torch.cholesky_inverse(torch.linalg.cholesky(b.to(dtype) + shift * eye)).to(m.dtype),),
+                      _blocks(m))[0]
+    return _rows(inv, m.shape[-2])
 
 
 def decomposition_cost(m: Tensor) -> int:

@@ -40,8 +40,8 @@ CONFIGS = {
     "ekfac": dict(method="ekfac", reduce=False, inverse_period=1),
     "two-level-exact-adef2": dict(method="two_level", combination="adef2"),
     "two-level-kronecker-spectral": dict(method="two_level", coarse_mode="kronecker", coarse_space="spectral"),
-    # held sides (the linear layer's A 49 in blocks of ≤16, a diagonal G; the conv's A 19 in blocks of ≤5),
-    # decompositions shared out by layer
+    # held sides (the linear layer's A 49 in blocks of ≤16, a diagonal G; the conv's A 19 in blocks of ≤5):
+    # both layers decomposed by blocks shared across the ranks and all-gathered
     "held-sides-kaisa-half": dict(factor_sides={"3": {"A": 16, "G": "diagonal"}, "0": {"A": 5}},
                                   decomposition_fraction=0.5, damping_mode="factored"),
     "held-sides-two-level-spectral": dict(factor_sides={"3": {"A": 16}}, method="two_level", coarse_space="spectral"),
@@ -65,6 +65,8 @@ def _train(model, config: dict, x, y, **extra) -> dict[str, torch.Tensor]:
     opt = kf.KFAC(model, **{**COMMON, **config}, **extra)
     for _ in range(STEPS):
         opt.step(x, y)
+    if extra.get("data_parallel") and "factor_sides" in config:  # decomposed by blocks across the ranks
+        assert opt._comm.shared == set(config["factor_sides"]) and opt._comm.comm_bytes > 0
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return {n: p.detach().clone() for n, p in inner.named_parameters()}
 
