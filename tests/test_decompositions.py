@@ -50,3 +50,20 @@ def test_auto_inverses_fall_back_to_float64_per_factor():
     assert torch.equal(auto["well"].A_inv, f32["well"].A_inv)
     assert torch.equal(auto["well"].G_inv, f64["well"].G_inv)  # narrow: float64
     torch.testing.assert_close(auto["well"].A_inv, f64["well"].A_inv, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_wider_than_the_float64_limit_decompose_in_float32_when_well_conditioned():
+    """A block-diagonal side (:mod:`kfac_func.sides`) follows the same rule with its block width: two blocks of
+    150 (> ALWAYS_FLOAT64_DIM) go float32 when the bound allows, float64 when not."""
+    from kfac_func import sides
+
+    d, block, damping = 300, 150, 1e-2
+    assert block > ALWAYS_FLOAT64_DIM
+    x = torch.randn(2 * d, d, generator=torch.Generator().manual_seed(4)).unsqueeze(0)
+    for scale, want in ((1.0, torch.float32), (100 * FLOAT32_TOLERANCE * damping / EPS32, torch.float64)):
+        blocked = sides.gram(x * scale**0.5, "blocks", block) / (2 * d)
+        factors = {"l": kf.KroneckerFactors(blocked, _factor(NARROW, 1.0, 1))}
+        auto, ref = kf.eigendecompose(factors, None, damping)["l"], kf.eigendecompose(factors, want)["l"]
+        assert auto.QA.shape == (1, d, block) and _same(auto[:2], ref[:2])  # the blocked A (G is narrow: float64)
+        auto, ref = kf.inverse_factors(factors, damping, None)["l"], kf.inverse_factors(factors, damping, want)["l"]
+        assert torch.equal(auto.A_inv, ref.A_inv)
