@@ -40,6 +40,9 @@ import torch.nn.functional as F
 import kfac_func as kf
 from kfac_func.models import CharTransformer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import machine  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"vocab": 50257, "dim": 768, "heads": 12, "layers": 2, "context": 128, "batch": 8}
 QUICK = {"vocab": 2048, "dim": 128, "heads": 4, "layers": 2, "context": 32, "batch": 8, "steps": 20}
@@ -48,16 +51,6 @@ QUICK = {"vocab": 2048, "dim": 128, "heads": 4, "layers": 2, "context": 32, "bat
 CONFIGS = {"eigen": {}, "factored": {"damping_mode": "factored"},
            "factored-5-20": {"damping_mode": "factored", "factor_period": 5, "inverse_period": 20}}
 SUCCESSOR_P = torch.tensor([8.0, 4.0, 2.0, 1.0]) / 15  # a token's successors' probabilities
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 class BigramChain:
