@@ -7,12 +7,12 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import optree
-import torch
 from torch import Tensor, nn
 
+from . import sides
 from .capture import Model, trace
-from .layers import NORMS, stat_dtype, weight_matrix
-from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, Side, side_layout
+from .layers import NORMS, stat_dtype
+from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, layer_dims, side_layout
 from .tree import PyTree, flatten
 
 
@@ -102,8 +102,7 @@ def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
         params = {n: p.detach() for n, p in model.named_parameters()}
     plan = trace(model, params, inputs)
     params = flatten(params)[0]
-    dims = {name: tuple(weight_matrix(s, params[s.weight], params[s.bias] if s.bias else None).shape)
-            for name, s in plan.layers.items()}
+    dims = layer_dims(plan.layers, params)
     layout = side_layout(dims, plan.layers, max_factor_dim, factor_sides)
     held = _layer_bytes(state, plan.layers) if state is not None else {}
     owner, held_sides = {}, []
@@ -111,8 +110,10 @@ def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
         blocks, d_g, d_a = dims[name]
         side_a, side_g = layout[name]
         a, g = side_a.describe("A", d_a), side_g.describe("G", d_g)
-        itemsize = torch.finfo(stat_dtype(params[spec.weight].dtype)).bits // 8
-        factor_bytes = blocks * itemsize * (d_a * _per_row(side_a, d_a) + d_g * _per_row(side_g, d_g))
+        like = params[spec.weight].to("meta")  # the factors as the optimizer makes them, without their memory
+        dtype = stat_dtype(like.dtype)
+        factor_bytes = sum(t.numel() * t.element_size() for t in (sides.zeros(*side_a, blocks, d_a, like, dtype),
+                                                                  sides.zeros(*side_g, blocks, d_g, like, dtype)))
         held_sides.append(LayerEntry(name, spec.kind, a, g, factor_bytes, held.get(name)))
         if spec.kind in NORMS and side_g.kind == "dense":
             block = f"full {d_g}×{d_g} (scale and shift)"
@@ -134,11 +135,6 @@ def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
     param_bytes = sum(p.numel() * p.element_size() for p in params.values())
     total = None if state is None else sum(t.numel() * t.element_size() for t in optree.tree_leaves(state))
     return Registration(tuple(entries), tuple(held_sides), param_bytes, total)
-
-
-def _per_row(side: Side, d: int) -> int:
-    """Numbers per row of a side as held: ``d`` dense, the block width, 1 diagonal."""
-    return d if side.kind == "dense" else side.block if side.kind == "blocks" else 1
 
 
 def _layer_bytes(state: Any, layers: dict) -> dict[str, int]:

@@ -23,7 +23,9 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from .layers import LayerSpec
+from torch import Tensor
+
+from .layers import LayerSpec, weight_matrix
 
 DEFAULT_MAX_FACTOR_DIM = 2048
 MIN_BLOCK = 32
@@ -74,6 +76,13 @@ def _override(layer: str, side: str, d: int, choice: SideChoice, diagonal_input:
     if isinstance(choice, int):
         return blocks(d, choice)
     return Side(choice, d if choice == "dense" else 1)
+
+
+def layer_dims(layers: Mapping[str, LayerSpec], params: Mapping[str, Tensor]) -> dict[str, tuple[int, int, int]]:
+    """Each layer's weight-matrix dims ``(B, d_g, d_a)`` from the shapes of its parameters (on the meta device:
+    nothing is copied)."""
+    meta = lambda name: params[name].to("meta") if name is not None else None  # noqa: E731
+    return {name: tuple(weight_matrix(s, meta(s.weight), meta(s.bias)).shape) for name, s in layers.items()}
 
 
 def side_layout(

@@ -63,8 +63,8 @@ from .factors import (
     traced,
 )
 from . import sides
-from .layers import stat_dtype, weight_matrix
-from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, side_layout
+from .layers import stat_dtype
+from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, layer_dims, side_layout
 from .losses import FISHER_TYPES, Loss, as_loss
 from .phases import phase
 from .precondition import METHODS, MODES, precondition
@@ -376,8 +376,7 @@ class _Transform:
         require_layers(plan)
         first = next(iter(flat.values()))
         zeros: dict[str, KroneckerFactors] = {}
-        dims = {name: tuple(weight_matrix(s, flat[s.weight], flat[s.bias] if s.bias else None).shape)
-                for name, s in plan.layers.items()}
+        dims = layer_dims(plan.layers, flat)
         layout = side_layout(dims, plan.layers, o.max_factor_dim, o.factor_sides)
         for name, spec in plan.layers.items():
             w = flat[spec.weight]

@@ -42,5 +42,6 @@ def exceeds(bounds: list[Tensor]) -> list[bool]:
 
 
 def working_dtype(m: Tensor, wide: torch.dtype) -> torch.dtype:
-    """``wide`` for a factor ``m`` wider than :data:`ALWAYS_FLOAT64_DIM` (a matrix), float64 otherwise."""
+    """``wide`` for a factor ``m`` wider than :data:`ALWAYS_FLOAT64_DIM` (a matrix; a block-diagonal side by its
+    block width), float64 otherwise."""
     return wide if m.dim() == 3 and m.shape[-1] > ALWAYS_FLOAT64_DIM else torch.float64

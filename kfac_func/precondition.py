@@ -131,9 +131,11 @@ def _low_rank_pays(grad: Tensor, parts: tuple[Tensor, Tensor], f: Factors) -> bo
     (a side's cost per row is its :func:`~kfac_func.sides.block_width`: ``d`` dense, ``s`` blocked)."""
     blocks, d_g, d_a = grad.shape
     n = parts[0].shape[0]
+    # a side's decomposition is as wide per row as the side itself (raw factors are decomposed first)
     if isinstance(f, KroneckerFactors):
-        return False  # decomposed first: no saving worth the branch
-    left, right = (f.G_inv, f.A_inv) if isinstance(f, InverseFactors) else (f.QG, f.QA)
+        left, right = f.G, f.A
+    else:
+        left, right = (f.G_inv, f.A_inv) if isinstance(f, InverseFactors) else (f.QG, f.QA)
     w_g, w_a = block_width(left), block_width(right)
     return blocks == 1 and n * (d_g * w_g + d_a * w_a + d_g * d_a) < d_g * d_a * (w_g + w_a)
 

@@ -169,8 +169,7 @@ def eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
     if m.dim() == 2:
         return None, m.clamp_min(0)
     if not is_blocked(m):
-        q, lam = _eigh(m, dtype)
-        return q, lam
+        return _eigh(m, dtype)
     d, s = m.shape[-2:]
     blocks = _blocks(m)
     r = d - (blocks.shape[1] - 1) * s  # the last block's width
@@ -210,5 +209,5 @@ def decomposition_cost(m: Tensor) -> int:
 
 def zeros(kind: str, block: int, batch: int, d: int, like: Tensor, dtype: torch.dtype) -> Tensor:
     """A zero side of ``kind`` (``block``: the block width of ``"blocks"``), ``batch`` blocks of width ``d``."""
-    shape = {"dense": (batch, d, d), "blocks": (batch, d, min(block, d))}.get(kind, (batch, d))
+    shape = {"dense": (batch, d, d), "blocks": (batch, d, block)}.get(kind, (batch, d))
     return like.new_zeros(shape, dtype=dtype)
