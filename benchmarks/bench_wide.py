@@ -2,6 +2,7 @@
 
     python benchmarks/bench_wide.py [--quick] [--steps 40] [--configs factored eigen factored-5-20] [--max-factor-dim N]
         [--factor-sides '{"head": {"G": "diagonal"}}'] [--json benchmarks/results/wide.json] [--plot PATH]
+    python benchmarks/bench_wide.py --split --configs factored   # where one step's time goes
 
 The model is ``kfac_func.models.CharTransformer`` with GPT-2's vocabulary (50257), width (768) and heads
 (12), 2 layers, context 128, batch 8 (``--quick``: vocab 2048, dim 128, 4 heads, context 32). Data: token
@@ -41,7 +42,9 @@ import kfac_func as kf
 from kfac_func.models import CharTransformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import machine  # noqa: E402
+from bench_step import machine
+
+from kfac_func.phases import PHASES, PREFIX
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = {"vocab": 50257, "dim": 768, "heads": 12, "layers": 2, "context": 128, "batch": 8}
@@ -75,6 +78,33 @@ class BigramChain:
 
 def nbytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+def split(args: argparse.Namespace) -> None:
+    """Where one K-FAC step of the first configuration goes (not a refresh step; ``kfac_func.phases`` ranges under
+    ``torch.profiler``), beside a plain forward and backward of the same batch, the medians of 3."""
+    torch.manual_seed(args.seed)
+    model = CharTransformer(args.vocab, args.context, dim=args.dim, heads=args.heads, layers=args.layers)
+    x, y = BigramChain(args.vocab, args.seed).batch(args.batch, args.context)
+    opt = kf.kfac(model, loss="cross_entropy", lr=args.kfac_lr, damping=args.damping, **CONFIGS[args.configs[0]])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    state = opt.init(params, x)
+    params, state, _ = opt.step(params, state, x, y)  # step 0: the first decompositions
+    rows = []
+    for _ in range(3):
+        start = time.perf_counter()
+        F.cross_entropy(model(x), y).backward()
+        plain = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.record_function(PREFIX + "step"):
+                params, state, _ = opt.step(params, state, x, y)
+        seconds = {e.key[len(PREFIX):]: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith(PREFIX)}
+        rows.append({"plain forward/backward": plain, **{p: seconds.get(p, 0.0) for p in PHASES},
+                     "K-FAC step": seconds["step"]})
+    print(f"K-FAC {args.configs[0]}, one step that is not a refresh (seconds, median of 3):")
+    for key in rows[0]:
+        print(f"  {key:24s} {statistics.median(r[key] for r in rows):7.2f}")
 
 
 def run(args: argparse.Namespace, which: str) -> dict:
@@ -179,6 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--plot", type=Path, default=None, help="default benchmarks/results/wide[_quick].png")
+    parser.add_argument("--split", action="store_true",
+                        help="only the time split of one step of the first --configs, beside a plain forward/backward")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: one optimizer, JSON on stdout
     args = parser.parse_args(argv)
     for k, v in (QUICK if args.quick else {**FULL, "steps": 40}).items():
@@ -187,6 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     if args.only:
         print(json.dumps(run(args, args.only)))
+        return []
+    if args.split:
+        print(f"machine: {machine()}")
+        split(args)
         return []
 
     shared = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
