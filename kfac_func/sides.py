@@ -182,7 +182,14 @@ def eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
 
 
 def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    lam, q = torch.linalg.eigh(m.to(dtype))
+    try:
+        lam, q = torch.linalg.eigh(m.to(dtype))
+    except torch.linalg.LinAlgError:
+        # LAPACK's float32 solver can fail to converge on a factor with many equal (zero) eigenvalues, e.g.
+        # the inputs' A of a wide layer after one small batch: float64 converges on those
+        if dtype == torch.float64:
+            raise
+        lam, q = torch.linalg.eigh(m.to(torch.float64))
     return flush(q.to(m.dtype)), flush(lam.clamp_min(0).to(m.dtype))  # tiny float64 values: subnormal in float32
 
 

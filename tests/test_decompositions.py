@@ -4,6 +4,7 @@ not; narrow factors and float64 factors always in float64."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import kfac_func as kf
@@ -67,3 +68,28 @@ def test_blocks_wider_than_the_float64_limit_decompose_in_float32_when_well_cond
         assert auto.QA.shape == (1, d, block) and _same(auto[:2], ref[:2])  # the blocked A (G is narrow: float64)
         auto, ref = kf.inverse_factors(factors, damping, None)["l"], kf.inverse_factors(factors, damping, want)["l"]
         assert torch.equal(auto.A_inv, ref.A_inv)
+
+
+def test_a_float32_eigh_that_fails_to_converge_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 ``eigh`` can fail to converge on a factor with many equal eigenvalues (the 785-wide
+    ``A`` of an MNIST autoencoder after one batch of 64, on one thread): that side is decomposed in float64
+    instead of stopping training; a failure in float64 still raises."""
+    from kfac_func import sides
+
+    eigh = torch.linalg.eigh
+
+    def flaky(m, *args, **kwargs):
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return eigh(m, *args, **kwargs)
+
+    factors = _factors(1.0)
+    blocked = {"l": kf.KroneckerFactors(sides.gram(torch.randn(1, 40, 30), "blocks", 12), _factor(NARROW, 1.0, 1))}
+    want = [kf.eigendecompose(f, torch.float64) for f in (factors, blocked)]
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    for f, ref in zip((factors, blocked), want):
+        got = kf.eigendecompose(f, torch.float32)
+        assert all(_same(got[n], ref[n]) for n in ref)
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m, *a, **k: flaky(m.float()))
+    with pytest.raises(torch.linalg.LinAlgError):
+        kf.eigendecompose(factors, torch.float64)
