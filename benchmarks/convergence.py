@@ -1,24 +1,32 @@
-"""Real-data convergence: the MNIST deep autoencoder and CNN classifiers on Fashion-MNIST / MNIST.
+"""Real-data convergence: steps and wall time to the best first-order result, every optimizer tuned alike.
 
-    python benchmarks/convergence.py autoencoder [--out benchmarks/results/autoencoder] [--quick] [--full] [--seeds 3]
-    python benchmarks/convergence.py classifier --dataset fashion-mnist [--out ...] [--quick] [--full] [--seeds 3]
+    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks (run times below)
+    python benchmarks/convergence.py all --quick --out /tmp/smoke             # a smoke run of the same code
+    python benchmarks/convergence.py all --plot-only --out benchmarks/results # redraw tables and plots from JSON
+    python benchmarks/convergence.py autoencoder | classifier [--dataset mnist] [--seeds K] [--out DIR] [--full]
 
 * ``autoencoder``: Martens & Grosse's 784-1000-500-250-30 encoder, mirrored, tanh hidden units, a linear
-  code layer and a sigmoid output with Bernoulli cross-entropy (reported per image, i.e. summed over
-  pixels). K-FAC with the quadratic-model step and Levenberg–Marquardt damping, E-KFAC and two-level
-  K-FAC (same adaptive step) against SGD-momentum and Adam, each first-order method with a small
-  learning-rate sweep (``FIRST_ORDER_LRS``). Reports training loss against steps and against wall time
-  (evaluated on a fixed subset of the training set; evaluation time is not counted), and for each method
-  the steps and seconds it needs to reach the best final loss of any first-order run.
-* ``classifier``: a two-conv CNN; test accuracy against wall time for the same methods.
+  code layer and a sigmoid output with Bernoulli cross-entropy, on MNIST. The metric is the training loss
+  per image (summed over pixels) on a fixed 5 000-image subset of the training set.
+* ``classifier``: a two-conv CNN on Fashion-MNIST (``--dataset mnist`` for MNIST). The metric is the test
+  accuracy on 2 000 test images; the training loss on 2 000 training images is recorded and plotted too.
+* ``all``: the autoencoder and the Fashion-MNIST classifier, one after the other.
 
-The default sizes fit 2 CPU cores (minutes per run); ``--full`` runs the paper-size budgets on a GPU if
-one is present. ``--seeds K`` repeats every run with K seeds (initialisation and batch order): the target is
-the best first-order configuration's median final value, and each configuration reports the median over
-seeds of its final value and of its steps and seconds to the target, with the range over seeds (a seed that
-never reaches the target counts as not reaching it; the median is over the seeds that do, and says how
-many). Results go to ``--out`` as ``results.json`` plus PNG plots (every seed drawn); progress bars show
-each run.
+**Tuning, the same for every optimizer**: three trials each, on one grid point per trial. SGD-momentum
+(0.9) and Adam over their learning rate (:data:`FIRST_ORDER`); K-FAC, E-KFAC and two-level K-FAC over the
+initial damping ``λ₀`` (:data:`DAMPINGS`): the :func:`second_order` recipe picks their learning rate and
+momentum by the quadratic model each step and adapts ``λ`` by Levenberg–Marquardt. Every configuration runs
+with ``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
+
+**The target** is the best first-order configuration's median final metric. Each configuration reports
+its median final metric, how many seeds reach the target, and the medians (with ranges) over the seeds
+that do of the steps and seconds to it. Each optimizer is then represented by its best trial: most seeds
+reaching the target, then least median time to it, then the best final metric; the headline compares the
+second-order ones' time to the target with the first-order winner's. Wall time counts the steps only
+(evaluation excluded). Results go to ``--out`` as JSON and PNG plots (the median curve of each optimizer's
+best trial with the range over seeds, against steps and against wall time, the target as a line);
+progress bars show each run. The default budgets fit 2 CPU cores; ``--full`` runs paper-size budgets on a
+GPU if one is present.
 """
 
 from __future__ import annotations
@@ -28,11 +36,11 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import kfac_func as kf
 from kfac_func.data import load
@@ -42,7 +50,23 @@ try:
 except ImportError:  # pragma: no cover
     tqdm = None
 
-FIRST_ORDER_LRS = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-4, 3e-4, 1e-3)}
+FIRST_ORDER = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-4, 3e-4, 1e-3)}
+SECOND_ORDER = ("K-FAC", "E-KFAC", "two-level K-FAC")
+DAMPINGS = (1e-4, 1e-3, 1e-2)  # λ₀ trials: the library's default damping and a decade either side
+TASKS = {"autoencoder": "mnist", "classifier": "fashion-mnist"}  # what ``all`` runs
+ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
+    "the recipe": {},
+    "eigen damping": {"damping_mode": "eigen"},
+    "statistics every step": {"factor_period": 1},
+    "statistics from 1/4 of the batch": {"stats_fraction": 0.25},
+    "decompositions every 50 steps": {"inverse_period": 50},
+    "float64 decompositions": {"decomposition_dtype": torch.float64},
+    "Fisher quadratic model": {"quadratic_curvature": "fisher"},
+    "fixed α = 0.01, μ = 0.9 and KL clip instead of the quadratic model": {"adaptive": None,
+                                                                          "damping_adaptation": False},
+    "the library's defaults (fixed α, μ, KL clip; eigen damping; statistics every step)": {
+        "adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1},
+}
 
 
 def autoencoder() -> nn.Module:
@@ -65,27 +89,41 @@ def cnn() -> nn.Module:
     )
 
 
-def second_order(method: str, loss: str, damping: float) -> Callable[[nn.Module], kf.KFAC]:
-    common = dict(loss=loss, adaptive="lr_momentum", damping=damping, damping_adaptation=True, inverse_period=10)
+def second_order(method: str, loss: str, damping: float, **changes) -> Callable[[nn.Module], kf.KFAC]:
+    """The recipe: the quadratic-model step (``α``, ``μ`` each step), Levenberg–Marquardt damping from
+    ``λ₀ = damping``, statistics every 5 steps, decompositions every 10; K-FAC and two-level K-FAC with
+    factored damping (cached inverses); E-KFAC with eigendecompositions every 20 steps, its scaling every 5.
+    ``changes``: options that replace the recipe's (the ablation)."""
+    options = dict(loss=loss, adaptive="lr_momentum", damping=damping, damping_adaptation=True, factor_period=5,
+                   inverse_period=10, damping_mode="factored")
     if method == "E-KFAC":
-        return lambda m: kf.EKFAC(m, **{**common, "inverse_period": 20})
-    if method == "two-level K-FAC":
-        return lambda m: kf.KFAC(m, **common, damping_mode="factored", method="two_level")
-    return lambda m: kf.KFAC(m, **common, damping_mode="factored")
+        options.update(method="ekfac", damping_mode="eigen", inverse_period=20, scale_period=5)
+    elif method == "two-level K-FAC":
+        options.update(method="two_level")
+    options.update(changes)
+    return lambda m: kf.KFAC(m, **options)
 
 
-def run(name: str, make_model, make_opt, is_kfac: bool, data, loss_name: str, steps: int, batch: int,
-        eval_every: int, evaluate: Callable[[nn.Module], float], device, seed: int = 0) -> dict:
+def first_order(name: str, lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
+    if name == "SGD-momentum":
+        return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+    return lambda m: torch.optim.Adam(m.parameters(), lr=lr)
+
+
+def run(name: str, family: str, make_model, make_opt, is_kfac: bool, data, loss_fn, steps: int, batch: int,
+        eval_every: int, evaluate: Callable[[nn.Module], dict], device, seed: int = 0) -> dict:
+    """Train one configuration; the curve holds the metrics every ``eval_every`` steps and the seconds of
+    the steps so far (evaluation excluded)."""
     torch.manual_seed(seed)
     model = make_model().to(device)
     opt = make_opt(model)
     x_all, y_all = data
     gen = torch.Generator().manual_seed(seed + 1)
     curve, elapsed = [], 0.0
-    bar = tqdm(range(steps + 1), desc=f"{name:>28}", leave=False) if tqdm else range(steps + 1)
+    bar = tqdm(range(steps + 1), desc=f"{name:>28} seed {seed}", leave=False) if tqdm else range(steps + 1)
     for step in bar:
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, "seconds": elapsed, "value": evaluate(model)})
+            curve.append({"step": step, "seconds": elapsed, **evaluate(model)})
             if tqdm:
                 bar.set_postfix(value=f"{curve[-1]['value']:.4g}", refresh=False)
         if step == steps:
@@ -97,74 +135,118 @@ def run(name: str, make_model, make_opt, is_kfac: bool, data, loss_name: str, st
             opt.step(x, y)
         else:
             opt.zero_grad()
-            out = model(x)
-            loss = F.binary_cross_entropy_with_logits(out, y) if loss_name == "bce_with_logits" else F.cross_entropy(out, y)
-            loss.backward()
+            loss_fn(model(x), y).backward()
             opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-    return {"method": name, "seed": seed, "curve": curve}
+    return {"method": name, "family": family, "seed": seed, "curve": curve}
 
 
-def experiment(kind: str, args) -> dict:
+class Task(NamedTuple):
+    """A task at the budgets of ``args``: data, model, loss, metric (``better`` of two values) and sizes."""
+
+    data: tuple[Tensor, Tensor]
+    evaluate: Callable[[nn.Module], dict]
+    make_model: Callable[[], nn.Module]
+    loss_name: str
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    better: Callable
+    steps1: int  # first-order steps
+    steps2: int  # second-order steps
+    batch: int
+    device: torch.device
+
+    def run(self, name: str, family: str, make_opt, is_kfac: bool, seed: int) -> dict:
+        steps = self.steps2 if is_kfac else self.steps1
+        return run(name, family, self.make_model, make_opt, is_kfac, self.data, self.loss_fn, steps, self.batch,
+                   max(1, steps // 30), self.evaluate, self.device, seed)
+
+
+def task(kind: str, dataset: str, args) -> Task:
     device = torch.device("cuda" if args.full and torch.cuda.is_available() else "cpu")
+    split = load(dataset)
     if kind == "autoencoder":
-        split = load("mnist")
-        data = (split.x_train, split.x_train)
         subset = split.x_train[:5000].to(device)
+        loss_fn = F.binary_cross_entropy_with_logits
 
-        def evaluate(model):
+        def evaluate(model) -> dict:
             with torch.no_grad():
-                return float(F.binary_cross_entropy_with_logits(model(subset), subset, reduction="sum")) / len(subset)
+                return {"value": float(loss_fn(model(subset), subset, reduction="sum")) / len(subset)}
 
-        loss, make_model, damping = "bce_with_logits", autoencoder, 1.0
-        steps1, steps2, batch = (20000, 4000, 1000) if args.full else (1500, 300, 512)
-        better = min
+        sizes = (20000, 4000, 1000) if args.full else (1500, 200, 512)
+        t = Task((split.x_train, split.x_train), evaluate, autoencoder, "bce_with_logits", loss_fn, min, *sizes, device)
     else:
-        split = load(args.dataset)
-        data = (split.x_train, split.y_train)
         x_test, y_test = split.x_test[:2000].to(device), split.y_test[:2000].to(device)
+        x_fit, y_fit = split.x_train[:2000].to(device), split.y_train[:2000].to(device)
+        loss_fn = F.cross_entropy
 
-        def evaluate(model):
+        def evaluate(model) -> dict:
             with torch.no_grad():
-                return float((model(x_test).argmax(1) == y_test).float().mean())
+                return {"value": float((model(x_test).argmax(1) == y_test).float().mean()),
+                        "train_loss": float(loss_fn(model(x_fit), y_fit))}
 
-        loss, make_model, damping = "cross_entropy", cnn, 1.0
-        steps1, steps2, batch = (10000, 2000, 512) if args.full else (600, 150, 256)
-        better = max
-    if args.quick:
-        steps1, steps2, batch = 20, 6, 64
-    eval_every1, eval_every2 = max(1, steps1 // 30), max(1, steps2 // 30)
-    runs = []
-    for opt_name, lrs in FIRST_ORDER_LRS.items():
-        for lr in lrs[: 1 if args.quick else None]:
-            factory = (lambda m, lr=lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)) if opt_name == "SGD-momentum" \
-                else (lambda m, lr=lr: torch.optim.Adam(m.parameters(), lr=lr))
-            runs += [run(f"{opt_name} lr={lr:g}", make_model, factory, False, data, loss, steps1, batch, eval_every1,
-                         evaluate, device, seed) for seed in range(args.seeds)]
-    for method in ("K-FAC", "E-KFAC", "two-level K-FAC"):
-        runs += [run(method, make_model, second_order(method, loss, damping), True, data, loss, steps2, batch,
-                     eval_every2, evaluate, device, seed) for seed in range(args.seeds)]
+        sizes = (10000, 2000, 512) if args.full else (600, 150, 256)
+        t = Task((split.x_train, split.y_train), evaluate, cnn, "cross_entropy", loss_fn, max, *sizes, device)
+    return t._replace(steps1=20, steps2=6, batch=64) if args.quick else t
+
+
+def experiment(kind: str, dataset: str, args) -> dict:
+    """Every optimizer's three trials, each with ``args.seeds`` seeds."""
+    t = task(kind, dataset, args)
+    trials = 1 if args.quick else None
+    configs = [(f"{name} lr={lr:g}", name, first_order(name, lr), False)
+               for name, lrs in FIRST_ORDER.items() for lr in lrs[:trials]]
+    dampings = DAMPINGS[1:2] if args.quick else DAMPINGS  # the library's default λ for a smoke run
+    configs += [(f"{method} λ₀={damping:g}", method, second_order(method, t.loss_name, damping), True)
+                for method in SECOND_ORDER for damping in dampings]
+    runs = [t.run(*config, seed) for config in configs for seed in range(args.seeds)]
+    return summarise({"kind": kind, "dataset": dataset, "device": str(t.device), "batch": t.batch,
+                      "seeds": args.seeds, "better": t.better.__name__, "runs": runs})
+
+
+def ablation(kind: str, dataset: str, args, target: float) -> dict:
+    """K-FAC's recipe at the library's default ``λ₀`` with one option changed at a time (:data:`ABLATION`),
+    against the ``target`` of the task's comparison."""
+    t = task(kind, dataset, args)
+    runs = [t.run(name, name, second_order("K-FAC", t.loss_name, DAMPINGS[1], **changes), True, seed)
+            for name, changes in ABLATION.items() for seed in range(args.seeds)]
+    rows = [summary_row(name, [r for r in runs if r["method"] == name], target, t.better) for name in ABLATION]
+    return {"kind": kind, "dataset": dataset, "device": str(t.device), "batch": t.batch, "seeds": args.seeds,
+            "target": target, "runs": runs, "summary": rows}
+
+
+def summarise(result: dict) -> dict:
+    """Add the target, each configuration's summary and each optimizer's best trial to ``result``."""
+    better = min if result["better"] == "min" else max
     by_method: dict[str, list[dict]] = {}
-    for r in runs:
+    for r in result["runs"]:
         by_method.setdefault(r["method"], []).append(r)
     final = {m: statistics.median(r["curve"][-1]["value"] for r in rs) for m, rs in by_method.items()}
-    target = better(v for m, v in final.items() if m.startswith(("SGD", "Adam")))
-    summary = []
-    for method, rs in by_method.items():
-        hits = [next((c for c in r["curve"] if (c["value"] <= target if better is min else c["value"] >= target)),
-                     None) for r in rs]
-        reached = [h for h in hits if h is not None]
-        summary.append({
-            "method": method, "final": final[method], "seeds": len(rs), "reached": len(reached),
-            "steps_to_target": statistics.median(h["step"] for h in reached) if reached else None,
-            "seconds_to_target": statistics.median(h["seconds"] for h in reached) if reached else None,
-            "steps_range": _range(reached, "step"), "seconds_range": _range(reached, "seconds"),
-            "seconds_total": statistics.median(r["curve"][-1]["seconds"] for r in rs),
-        })
-    return {"kind": kind, "dataset": "mnist" if kind == "autoencoder" else args.dataset, "device": str(device),
-            "batch": batch, "seeds": args.seeds, "target": target, "runs": runs, "summary": summary}
+    first = {r["method"] for r in result["runs"] if r["family"] in FIRST_ORDER}
+    target = better(final[m] for m in first)
+    summary = [summary_row(method, rs, target, better) for method, rs in by_method.items()]
+    sign = 1 if better is min else -1
+    best: dict[str, dict] = {}
+    for s in sorted(summary, key=lambda s: (-s["reached"], s["seconds_to_target"] or float("inf"), sign * s["final"])):
+        best.setdefault(s["family"], s)
+    return {**result, "target": target, "summary": summary, "best": {f: s["method"] for f, s in best.items()}}
+
+
+def summary_row(method: str, runs: list[dict], target: float, better: Callable) -> dict:
+    """One configuration over its seeds: the median final metric, the seeds reaching ``target`` and the
+    medians (with ranges) of their steps and seconds to it."""
+    hits = [next((c for c in r["curve"] if (c["value"] <= target if better is min else c["value"] >= target)), None)
+            for r in runs]
+    reached = [h for h in hits if h is not None]
+    return {
+        "method": method, "family": runs[0]["family"], "final": statistics.median(r["curve"][-1]["value"] for r in runs),
+        "seeds": len(runs), "reached": len(reached),
+        "steps_to_target": statistics.median(h["step"] for h in reached) if reached else None,
+        "seconds_to_target": statistics.median(h["seconds"] for h in reached) if reached else None,
+        "steps_range": _range(reached, "step"), "seconds_range": _range(reached, "seconds"),
+        "seconds_total": statistics.median(r["curve"][-1]["seconds"] for r in runs),
+    }
 
 
 def _range(hits: list[dict], key: str) -> list[float] | None:
@@ -172,72 +254,127 @@ def _range(hits: list[dict], key: str) -> list[float] | None:
     return [min(h[key] for h in hits), max(h[key] for h in hits)] if hits else None
 
 
+def _metric(result: dict) -> str:
+    return "training loss (per image)" if result["kind"] == "autoencoder" else "test accuracy"
+
+
 def table(result: dict) -> str:
-    what = "training loss (per image)" if result["kind"] == "autoencoder" else "test accuracy"
-    seeds = result.get("seeds", 1)
+    """The configurations' table, then each optimizer's best trial against the first-order winner."""
+    what, seeds = _metric(result), result["seeds"]
+    if "best" not in result:  # an ablation
+        return ablation_table(result)
     lines = [f"{result['kind']} on {result['dataset']}, batch {result['batch']}, {seeds} seed(s), medians (range): "
              f"target = best first-order median final {what} = {result['target']:.4g}", "",
-             f"| method | final {what} | seeds reaching the target | steps to target | seconds to target | "
+             f"| configuration | final {what} | seeds reaching the target | steps to target | seconds to target | "
              "total seconds |", "|---|---|---|---|---|---|"]
+    rows = {s["method"]: s for s in result["summary"]}
     for s in result["summary"]:
-        reached = f"{s.get('reached', int(s['steps_to_target'] is not None))}/{s.get('seeds', 1)}"
         steps, secs = "—", "—"
         if s["steps_to_target"] is not None:
             steps, secs = f"{s['steps_to_target']:g}", f"{s['seconds_to_target']:.1f}"
-            if s.get("steps_range") and seeds > 1:
+            if seeds > 1:
                 steps += " ({:g}–{:g})".format(*s["steps_range"])
                 secs += " ({:.1f}–{:.1f})".format(*s["seconds_range"])
-        lines.append(f"| {s['method']} | {s['final']:.4g} | {reached} | {steps} | {secs} | {s['seconds_total']:.1f} |")
+        name = f"**{s['method']}**" if result["best"].get(s["family"]) == s["method"] else s["method"]
+        lines.append(f"| {name} | {s['final']:.4g} | {s['reached']}/{s['seeds']} | {steps} | {secs} | "
+                     f"{s['seconds_total']:.1f} |")
+    winner = min((rows[m] for f, m in result["best"].items() if f in FIRST_ORDER),
+                 key=lambda s: s["seconds_to_target"] or float("inf"))
+    lines += ["", f"Best trials (bold) against the first-order winner, {winner['method']} "
+              f"({winner['steps_to_target']:g} steps, {winner['seconds_to_target']:.1f} s):", ""]
+    for family, method in result["best"].items():
+        s = rows[method]
+        if family in FIRST_ORDER or s["seconds_to_target"] is None:
+            continue
+        lines.append(f"* {method}: {winner['steps_to_target'] / s['steps_to_target']:.1f}× fewer steps, "
+                     f"{s['seconds_to_target'] / winner['seconds_to_target']:.2f}× the wall time")
+    return "\n".join(lines)
+
+
+def ablation_table(result: dict) -> str:
+    lines = [f"K-FAC on the {result['kind']} ({result['dataset']}, batch {result['batch']}, {result['seeds']} "
+             f"seed(s), λ₀ = {DAMPINGS[1]:g}): one choice of the recipe changed at a time; target "
+             f"{result['target']:.4g}", "", "| change | final | seeds reaching the target | steps to target | "
+             "seconds to target | ms per step |", "|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        steps = f"{s['steps_to_target']:g}" if s["steps_to_target"] is not None else "—"
+        secs = f"{s['seconds_to_target']:.1f}" if s["seconds_to_target"] is not None else "—"
+        per_step = 1e3 * s["seconds_total"] / result["runs"][0]["curve"][-1]["step"]
+        lines.append(f"| {s['method']} | {s['final']:.4g} | {s['reached']}/{s['seeds']} | {steps} | {secs} | "
+                     f"{per_step:.0f} |")
     return "\n".join(lines)
 
 
 def plot(result: dict, out: Path) -> None:
+    """Each optimizer's best trial: the median over seeds (the range shaded) against steps and wall time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors: dict[str, str] = {}
-    for r in result["runs"]:
-        style = "-" if r["method"] in ("K-FAC", "E-KFAC", "two-level K-FAC") else ":"
-        first = r["method"] not in colors
-        colors.setdefault(r["method"], f"C{len(colors) % 10}")
-        steps = [c["step"] for c in r["curve"]]
-        secs = [c["seconds"] for c in r["curve"]]
-        vals = [c["value"] for c in r["curve"]]
-        kw = dict(color=colors[r["method"]], label=r["method"] if first else None, alpha=1.0 if first else 0.45)
-        axes[0].plot(steps, vals, style, **kw)
-        axes[1].plot(secs, vals, style, **kw)
-    ylabel = "training loss per image" if result["kind"] == "autoencoder" else "test accuracy"
-    for ax, xlabel in zip(axes, ("steps", "wall time (s, evaluation excluded)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.axhline(result["target"], color="grey", lw=0.8)
-        if result["kind"] == "autoencoder":
-            ax.set_yscale("log")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"{result['kind']} on {result['dataset']} ({result['device']}, batch {result['batch']})")
+    rows = [("value", _metric(result))] + ([("train_loss", "training loss")] if result["kind"] == "classifier" else [])
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False)
+    families = list(FIRST_ORDER) + list(SECOND_ORDER)
+    for family in (f for f in families if f in result["best"]):
+        method = result["best"][family]
+        rs, color = [r for r in result["runs"] if r["method"] == method], f"C{families.index(family)}"
+        style = "-" if family in SECOND_ORDER else "--"
+        xs = {"steps": [c["step"] for c in rs[0]["curve"]],
+              "seconds": [statistics.median(c) for c in zip(*([p["seconds"] for p in r["curve"]] for r in rs))]}
+        for (key, ylabel), ax_row in zip(rows, axes):
+            values = list(zip(*([p[key] for p in r["curve"]] for r in rs)))
+            for ax, x in zip(ax_row, xs.values()):
+                ax.plot(x, [statistics.median(v) for v in values], style, color=color, label=method)
+                if len(rs) > 1:
+                    ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.2)
+                ax.set_ylabel(ylabel)
+    for (key, _), ax_row in zip(rows, axes):
+        for ax, xlabel in zip(ax_row, ("steps", "wall time (s, evaluation excluded)")):
+            ax.set_xlabel(xlabel)
+            if key == "value":
+                ax.axhline(result["target"], color="grey", lw=0.8, ls=":", label="target")
+            if result["kind"] == "autoencoder" or key == "train_loss":
+                ax.set_yscale("log")
+            if key == "value" and result["kind"] == "classifier":
+                ax.set_ylim(max(0.0, result["target"] - 0.15), min(1.0, result["target"] + 0.05))
+    axes[0][1].legend(fontsize=8)
+    fig.suptitle(f"{result['kind']} on {result['dataset']}: each optimizer's best of 3 trials, median of "
+                 f"{result['seeds']} seed(s) (range shaded); {result['device']}, batch {result['batch']}")
     fig.tight_layout()
     fig.savefig(out / f"{result['kind']}_{result['dataset']}.png", dpi=110)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("autoencoder", "classifier"))
-    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="fashion-mnist")
-    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and the PNG plots")
-    parser.add_argument("--quick", action="store_true", help="a few steps of each run (a smoke test)")
+    parser.add_argument("kind", choices=("all", "autoencoder", "classifier", "ablation"))
+    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="fashion-mnist",
+                        help="the classifier's data set")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results and the PNG plots")
+    parser.add_argument("--quick", action="store_true", help="a few steps of one trial per optimizer (a smoke run)")
     parser.add_argument("--full", action="store_true", help="paper-size budgets, on a GPU if present")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per configuration (medians and ranges)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the tables and plots from --out's JSON")
     args = parser.parse_args(argv)
-    result = experiment(args.kind, args)
-    print(table(result))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.kind}_{result['dataset']}.json").write_text(json.dumps(result, indent=1))
-        plot(result, args.out)
-    return result
+    if (args.plot_only or args.kind == "ablation") and args.out is None:
+        parser.error("--plot-only and ablation read the JSON results in --out")
+    if args.kind == "ablation":  # on the autoencoder, against the target of its stored comparison
+        target = json.loads((args.out / "autoencoder_mnist.json").read_text())["target"]
+        result = ablation("autoencoder", "mnist", args, target)
+        print(table(result))
+        (args.out / "ablation_mnist.json").write_text(json.dumps(result, indent=1))
+        return [result]
+    tasks = TASKS.items() if args.kind == "all" else [(args.kind, "mnist" if args.kind == "autoencoder" else args.dataset)]
+    results = []
+    for kind, dataset in tasks:
+        path = args.out / f"{kind}_{dataset}.json" if args.out is not None else None
+        result = summarise(json.loads(path.read_text())) if args.plot_only else experiment(kind, dataset, args)
+        print(table(result), end="\n\n")
+        if path is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+            plot(result, args.out)
+        results.append(result)
+    return results
 
 
 if __name__ == "__main__":
