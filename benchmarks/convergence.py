@@ -1,9 +1,10 @@
 """Real-data convergence: steps and wall time to the best first-order result, every optimizer tuned alike.
 
-    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks (run times below)
-    python benchmarks/convergence.py all --quick --out /tmp/smoke             # a smoke run of the same code
+    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks: 95 min on 2 CPU cores
+    python benchmarks/convergence.py all --quick --out /tmp/smoke             # a smoke run of the same code: 1 min
     python benchmarks/convergence.py all --plot-only --out benchmarks/results # redraw tables and plots from JSON
     python benchmarks/convergence.py autoencoder | classifier [--dataset mnist] [--seeds K] [--out DIR] [--full]
+    python benchmarks/convergence.py ablation --out benchmarks/results        # the recipe's choices: 12 min
 
 * ``autoencoder``: Martens & Grosse's 784-1000-500-250-30 encoder, mirrored, tanh hidden units, a linear
   code layer and a sigmoid output with Bernoulli cross-entropy, on MNIST. The metric is the training loss
@@ -11,6 +12,8 @@
 * ``classifier``: a two-conv CNN on Fashion-MNIST (``--dataset mnist`` for MNIST). The metric is the test
   accuracy on 2 000 test images; the training loss on 2 000 training images is recorded and plotted too.
 * ``all``: the autoencoder and the Fashion-MNIST classifier, one after the other.
+* ``ablation``: K-FAC's recipe on the autoencoder with one choice changed at a time (:data:`ABLATION`), against
+  the target stored in ``--out``'s autoencoder results.
 
 **Tuning, the same for every optimizer**: three trials each, on one grid point per trial. SGD-momentum
 (0.9) and Adam over their learning rate (:data:`FIRST_ORDER`); K-FAC, E-KFAC and two-level K-FAC over the
