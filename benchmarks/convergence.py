@@ -225,9 +225,7 @@ def summarise(result: dict) -> dict:
     by_method: dict[str, list[dict]] = {}
     for r in result["runs"]:
         by_method.setdefault(r["method"], []).append(r)
-    final = {m: statistics.median(r["curve"][-1]["value"] for r in rs) for m, rs in by_method.items()}
-    first = {r["method"] for r in result["runs"] if r["family"] in FIRST_ORDER}
-    target = better(final[m] for m in first)
+    target = better(_final(rs) for rs in by_method.values() if rs[0]["family"] in FIRST_ORDER)
     summary = [summary_row(method, rs, target, better) for method, rs in by_method.items()]
     sign = 1 if better is min else -1
     best: dict[str, dict] = {}
@@ -243,13 +241,18 @@ def summary_row(method: str, runs: list[dict], target: float, better: Callable) 
             for r in runs]
     reached = [h for h in hits if h is not None]
     return {
-        "method": method, "family": runs[0]["family"], "final": statistics.median(r["curve"][-1]["value"] for r in runs),
+        "method": method, "family": runs[0]["family"], "final": _final(runs),
         "seeds": len(runs), "reached": len(reached),
         "steps_to_target": statistics.median(h["step"] for h in reached) if reached else None,
         "seconds_to_target": statistics.median(h["seconds"] for h in reached) if reached else None,
         "steps_range": _range(reached, "step"), "seconds_range": _range(reached, "seconds"),
         "seconds_total": statistics.median(r["curve"][-1]["seconds"] for r in runs),
     }
+
+
+def _final(runs: list[dict]) -> float:
+    """The median over seeds of the final metric."""
+    return statistics.median(r["curve"][-1]["value"] for r in runs)
 
 
 def _range(hits: list[dict], key: str) -> list[float] | None:
