@@ -186,6 +186,7 @@ class Options:
     coarse_weights: tuple[float, float]
     adaptive: str | None
     quadratic_curvature: str
+    quadratic_fraction: float
     damping_adaptation: bool
     damping_interval: int
     damping_decay: float
@@ -220,6 +221,7 @@ class Options:
             "combination": self.combination in COMBINATIONS,
             "adaptive": self.adaptive in ADAPTIVE,
             "quadratic_curvature": self.quadratic_curvature in ("ggn", "fisher"),
+            "quadratic_fraction": 0 < self.quadratic_fraction <= 1,
             "damping_interval": self.damping_interval >= 1,
             "damping_decay": 0 < self.damping_decay < 1,
             "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
@@ -231,6 +233,9 @@ class Options:
             raise ValueError(
                 "invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')"
             )
+        if self.quadratic_fraction != 1 and self.quadratic_curvature != "ggn":
+            raise ValueError("quadratic_fraction applies to quadratic_curvature='ggn' (the Fisher form is built from "
+                             "the statistics' rows: stats_fraction)")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
@@ -284,6 +289,7 @@ def kfac(
     coarse_weights: tuple[float, float] = (1.0, 1.0),
     adaptive: str | None = None,
     quadratic_curvature: str = "ggn",
+    quadratic_fraction: float = 1.0,
     damping_adaptation: bool = False,
     damping_interval: int = 5,
     damping_decay: float = 0.95,
@@ -306,7 +312,8 @@ def kfac(
     ``reduce`` (``"auto"``: Eschenhagen et al. per layer); ``decomposition_dtype`` (``None``: float32 where
     it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
-    ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"``; ``damping_adaptation`` with
+    ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"`` (``quadratic_fraction``: the GGN
+    form from the first rows of the batch); ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
     ``state.key``). ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
     layer's factor block-diagonal, diagonal or as a multiple of the identity (:mod:`kfac_func.layout`).
@@ -316,7 +323,7 @@ def kfac(
         as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
-        quadratic_curvature, damping_adaptation, damping_interval, damping_decay, tuple(damping_bounds),
+        quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay, tuple(damping_bounds),
         reject_steps, lazy_factors and communicator is not None, max_factor_dim,
         None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()},
     )
@@ -614,8 +621,10 @@ class _Transform:
         """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
         with torch.enable_grad():
             if self.o.quadratic_curvature == "ggn":
+                fraction, n = self.o.quadratic_fraction, targets.shape[0]
                 forms = ggn_quadratic_forms(self.model, spec.unflatten(params), inputs, targets, loss,
-                                            [spec.unflatten(d) for d in directions])
+                                            [spec.unflatten(d) for d in directions],
+                                            max(1, math.ceil(fraction * n)) if fraction < 1 else None)
             else:
                 forms = fisher_quadratic_forms(cap, directions, plan.layers)
         forms = self.comm.sum(forms)

@@ -5,7 +5,8 @@ and ``η`` the L2 coefficient. All pure functions:
 
 * :func:`ggn_vector_product` — ``C v`` for the exact type-2 GGN ``Jᵀ H J`` through ``jvp`` of the model
   and the loss Hessian ``H`` in output space (never formed), with a ``vjp`` back;
-* :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode only;
+* :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode only,
+  optionally estimated from the batch's first rows (a ``jvp`` costs about two forwards per direction);
 * :func:`fisher_quadratic_forms` — the same for the captured MC/empirical Fisher, ``Σₙ,ᵥ (∇ℓ·δᵢ)(∇ℓ·δⱼ)``;
 * :func:`solve_quadratic_model` — the coefficients ``x`` of ``δ = Σ xᵢ dᵢ`` minimising ``M`` (for K-FAC
   ``d = (Δ, δ_prev)``, the learning rate ``α`` and momentum ``μ``), some coefficients optionally fixed;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp
@@ -30,9 +32,11 @@ from .losses import Loss, as_loss
 from .tree import PyTree, flatten
 
 
-def output_hessian_product(loss: Loss, out: Tensor, target: Tensor, u: Tensor) -> Tensor:
-    """``∇²_out L · u`` for the reduced loss (``R`` included), per position, without forming the Hessian."""
-    scale = loss.scale(out, target)
+def output_hessian_product(loss: Loss, out: Tensor, target: Tensor, u: Tensor,
+                           scale: Tensor | float | None = None) -> Tensor:
+    """``∇²_out L · u`` for the reduced loss (``R`` included, or ``scale`` in its place), per position,
+    without forming the Hessian."""
+    scale = loss.scale(out, target) if scale is None else scale
     if loss.kind == "mse":
         return scale * 2 * u
     if loss.kind == "bce_with_logits":
@@ -57,11 +61,28 @@ def ggn_vector_product(
 
 
 def ggn_quadratic_forms(
-    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree]
+    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree],
+    examples: int | None = None,
 ) -> Tensor:
-    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` per direction, no backward."""
+    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` per direction, no backward.
+
+    ``examples``: estimate the forms from the first ``m`` rows of the batch (of ``targets`` and of every
+    input leaf whose leading size is the batch's): the sub-batch's sum ``Σₙ₌₁..ₘ (Jₙdᵢ)ᵀHₙ(Jₙdⱼ)`` times
+    ``R · T/Tₘ`` — the full batch's reduction scale ``R`` and the ratio of its loss terms ``T`` to the
+    sub-batch's (``N/m`` for one term per example), so that a mean over the batch is estimated by the mean
+    over the sub-batch and a sum by the scaled-up sum."""
     loss = as_loss(loss)
     flat, spec = flatten(params)
+    scale = None
+    rows = targets.shape[0]
+    if examples is not None and examples < rows:
+        # R·T/Tₘ: the batch's reduction scale and its loss terms over the sub-batch's (none: no curvature)
+        terms, sub_terms = (torch.as_tensor(loss.terms(t), dtype=torch.float64, device=t.device)
+                            for t in (targets, targets[:examples]))
+        scale = loss.scale(terms, targets) * terms / sub_terms.clamp_min(1)
+        inputs = optree.tree_map(lambda x: x[:examples] if isinstance(x, Tensor) and x.dim() and x.shape[0] == rows
+                                 else x, inputs)
+        targets = targets[:examples]
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
     # tangents in the parameters' dtype (jvp requires it), the forms in at least float32
     tangents = [{n: t.to(flat[n].dtype) for n, t in spec.like(d, "each direction").items()} for d in directions]
@@ -69,9 +90,8 @@ def ggn_quadratic_forms(
     dtype = stat_dtype(outs[0][0].dtype)
     out = outs[0][0].detach().to(dtype)
     jds = [jd.to(dtype) for _, jd in outs]
-    return torch.stack([
-        torch.stack([(ji * output_hessian_product(loss, out, targets, jj)).sum() for jj in jds]) for ji in jds
-    ])
+    hessian = [output_hessian_product(loss, out, targets, jj, scale) for jj in jds]
+    return torch.stack([torch.stack([(ji * hj).sum() for hj in hessian]) for ji in jds])
 
 
 @full_precision

@@ -99,24 +99,27 @@ def test_one_adaptive_step_reaches_the_least_squares_minimum(bias, reduction, ad
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adaptive, curvature, fisher, eta", [
-    ("lr_momentum", "ggn", "exact", 0.0),
-    ("lr_momentum", "ggn", "exact", 0.05),
-    ("lr", "ggn", "exact", 0.05),
-    ("lr_momentum", "fisher", "exact", 0.0),
-    ("lr_momentum", "fisher", "empirical", 0.05),
+@pytest.mark.parametrize("adaptive, curvature, fisher, eta, fraction", [
+    ("lr_momentum", "ggn", "exact", 0.0, 1.0),
+    ("lr_momentum", "ggn", "exact", 0.05, 1.0),
+    ("lr_momentum", "ggn", "exact", 0.05, 0.3),  # C from the first ⌈0.3·8⌉ = 3 rows
+    ("lr", "ggn", "exact", 0.05, 1.0),
+    ("lr_momentum", "fisher", "exact", 0.0, 1.0),
+    ("lr_momentum", "fisher", "empirical", 0.05, 1.0),
 ])
-def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher, eta):
+def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher, eta, fraction):
     """Second step of a tanh MLP with cross-entropy: with ``Δ`` the K-FAC direction of the batch (EMA off,
     fresh eigenbasis), ``δ₁`` the first update and ``C`` the dense curvature over all parameters
     (``jacrev``/``hessian`` GGN or ``vmap(grad)`` empirical Fisher), ``(α, μ)`` minimise
     ``½δᵀ(C + (λ+η)I)δ + (∇ + ηθ)ᵀδ`` over ``δ = −αΔ + μδ₁`` (μ fixed for ``adaptive="lr"``), and the
-    parameters move by exactly that ``δ``."""
+    parameters move by exactly that ``δ``. With ``quadratic_fraction``, ``C`` is the mean GGN of the
+    batch's first rows (the gradient and ``Δ`` still the whole batch's)."""
     lam, mom = 1e-2, 0.5
     model = _mlp(3)
     (x1, y1), (x2, y2) = _batches(2, seed=4)
     opt = kf.KFAC(model, loss="cross_entropy", fisher=fisher, adaptive=adaptive, quadratic_curvature=curvature,
-                  damping=lam, momentum=mom, weight_decay=eta, ema_decay=0.0, inverse_period=1, kl_clip=None)
+                  quadratic_fraction=fraction, damping=lam, momentum=mom, weight_decay=eta, ema_decay=0.0,
+                  inverse_period=1, kl_clip=None)
     theta0 = _params(model)
     opt.step(x1, y1)
     theta1 = _params(model)
@@ -131,7 +134,8 @@ def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher
     delta = kf.precondition(theta1, grads, kf.eigendecompose(kf.kronecker_factors(cap)), layers=plan.layers,
                             damping=lam)
     oracle = O.ggn_full if curvature == "ggn" or fisher == "exact" else O.empirical_fisher_full
-    C = oracle(model, theta1, x2, y2, "cross_entropy", "mean", MLP_LAYERS)
+    rows = math.ceil(fraction * len(x2))
+    C = oracle(model, theta1, x2[:rows], y2[:rows], "cross_entropy", "mean", MLP_LAYERS)
     D = torch.stack([-vec(delta), vec(theta1) - vec(theta0)], 1)
     K = D.T @ C @ D + eta * D.T @ D
     Mat = K + lam * D.T @ D
@@ -527,6 +531,8 @@ def test_state_dict_round_trip_with_adaptive_damping_resumes_bit_identically():
 @pytest.mark.parametrize("kwargs", [
     dict(adaptive="momentum"),
     dict(quadratic_curvature="hessian"),
+    dict(quadratic_fraction=0.0),
+    dict(quadratic_fraction=1.5),
     dict(damping_interval=0),
     dict(damping_decay=1.0),
     dict(damping_decay=0.0),
@@ -537,6 +543,12 @@ def test_state_dict_round_trip_with_adaptive_damping_resumes_bit_identically():
 def test_invalid_adaptive_options(kwargs):
     with pytest.raises(ValueError):
         kf.KFAC(_mlp(0), **kwargs)
+
+
+def test_a_sub_batch_fisher_quadratic_model_is_refused_with_the_option_to_use():
+    """The Fisher form comes from the captured statistics, whose rows ``stats_fraction`` sets."""
+    with pytest.raises(ValueError, match="stats_fraction"):
+        kf.KFAC(_mlp(0), quadratic_curvature="fisher", quadratic_fraction=0.5)
 
 
 def test_fisher_curvature_on_a_step_without_new_statistics():

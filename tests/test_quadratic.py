@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import hessian, jacrev
@@ -195,6 +195,40 @@ def test_ggn_quadratic_forms_equal_dense_ggn(p, k):
     got = ggn_quadratic_forms(model, params, x, t, loss, dirs)
     assert got.shape == (k, k)
     torch.testing.assert_close(got, D.T @ C @ D, rtol=1e-9, atol=1e-11)
+
+
+def _loss_terms(case, t: torch.Tensor, ignore: int = -7) -> int:
+    """The terms torch's mean runs over, counted by hand: kept class indices, positions of class
+    probabilities, elements for MSE and BCE."""
+    kind, targets = case
+    if targets in ("index", "ignore"):
+        return int((t != ignore).sum())
+    return t.numel() // t.shape[1] if kind == "cross_entropy" else t.numel()
+
+
+@settings(max_examples=O.budget(10))
+@given(problems, st.integers(1, 4), st.integers(1, 4))
+@example((("cross_entropy", "ignore"), "mean", 4, 2, 3, 3, 3, 11), 2, 2)  # a mean over kept terms only
+@example((("mse", "real"), "sum", 4, 2, 2, 2, None, 5), 1, 2)  # a sum: scaled up by N/m
+def test_ggn_quadratic_forms_from_a_sub_batch(p, m, k):
+    """``examples=m``: the first ``m`` rows' dense GGN with torch's *summed* loss, ``Σₙ₌₁..ₘ Jₙᵀ Hₙ Jₙ``,
+    times ``1/Tₘ`` for a mean and ``T/Tₘ`` for a sum (``T``, ``Tₘ``: the loss terms of the batch and of
+    the sub-batch, counted by hand); the whole batch when ``m ≥ N``."""
+    case, reduction, n, d_in, hidden, d_out, positions, seed = p
+    model, params, x, t, loss = _problem(case, reduction, n, d_in, hidden, d_out, positions, seed)
+    gen = torch.Generator().manual_seed(seed + 4)
+    dirs = [_random_tree(params, gen) for _ in range(k)]
+    names = list(params)
+    D = torch.stack([_flat(d, names) for d in dirs], 1)
+    rows = min(m, n)
+    summed = _dense_ggn(model, params, x[:rows], t[:rows], kf.Loss(case[0], "sum", ignore_index=-7))
+    terms, sub_terms = _loss_terms(case, t), max(_loss_terms(case, t[:rows]), 1)
+    weight = 1 / sub_terms if reduction == "mean" else terms / sub_terms
+    expected = D.T @ summed @ D * weight
+    got = ggn_quadratic_forms(model, params, x, t, loss, dirs, examples=m)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+    if m >= n:
+        torch.testing.assert_close(got, ggn_quadratic_forms(model, params, x, t, loss, dirs), rtol=0, atol=0)
 
 
 def test_ggn_products_for_a_function_model_and_a_string_loss():
