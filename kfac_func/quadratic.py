@@ -24,6 +24,7 @@ import optree
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .capture import Capture, Model, flat_call
 from .factors import full_precision
@@ -55,7 +56,8 @@ def ggn_vector_product(
     loss = as_loss(loss)
     flat, spec = flatten(params)
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
-    out, jv = jvp(f, (flat,), (spec.like(v, "v"),))
+    with sdpa_kernel(SDPBackend.MATH):  # torch's fused CPU attention kernels have no forward-mode derivative
+        out, jv = jvp(f, (flat,), (spec.like(v, "v"),))
     _, pullback = vjp(f, flat)
     return spec.unflatten(pullback(output_hessian_product(loss, out.detach(), targets, jv))[0])
 
@@ -86,7 +88,8 @@ def ggn_quadratic_forms(
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
     # tangents in the parameters' dtype (jvp requires it), the forms in at least float32
     tangents = [{n: t.to(flat[n].dtype) for n, t in spec.like(d, "each direction").items()} for d in directions]
-    outs = [jvp(f, (flat,), (t,)) for t in tangents]
+    with sdpa_kernel(SDPBackend.MATH):  # see ggn_vector_product
+        outs = [jvp(f, (flat,), (t,)) for t in tangents]
     dtype = stat_dtype(outs[0][0].dtype)
     out = outs[0][0].detach().to(dtype)
     jds = [jd.to(dtype) for _, jd in outs]

@@ -251,6 +251,29 @@ def test_ggn_products_for_a_function_model_and_a_string_loss():
     torch.testing.assert_close(forms, D.T @ C @ D, rtol=1e-9, atol=1e-12)
 
 
+def test_ggn_products_through_scaled_dot_product_attention():
+    """Forward mode through ``F.scaled_dot_product_attention`` (torch's fused CPU kernels have no ``jvp``;
+    the products run it on the math backend): equal to the dense GGN built in reverse mode."""
+    gen = torch.Generator().manual_seed(7)
+    params = {"q": torch.randn(4, 4, generator=gen, dtype=DT), "o": torch.randn(3, 4, generator=gen, dtype=DT)}
+
+    def f(p, x):  # (N, L, 4) → (N, 3): one attention head, pooled over positions
+        h = F.linear(x, p["q"]).unsqueeze(1)
+        return F.linear(F.scaled_dot_product_attention(h, h, h).squeeze(1).mean(1), p["o"])
+
+    x = torch.randn(5, 6, 4, generator=gen, dtype=DT)
+    t = torch.randint(0, 3, (5,), generator=gen)
+    loss = kf.Loss("cross_entropy")
+    v = _random_tree(params, gen)
+    C = _dense_ggn(f, params, x, t, loss)
+    names = list(params)
+    torch.testing.assert_close(_flat(ggn_vector_product(f, params, x, t, loss, v), names), C @ _flat(v, names),
+                               rtol=1e-9, atol=1e-12)
+    forms = ggn_quadratic_forms(f, params, x, t, loss, [v, params])
+    D = torch.stack([_flat(v, names), _flat(params, names)], 1)
+    torch.testing.assert_close(forms, D.T @ C @ D, rtol=1e-9, atol=1e-12)
+
+
 def test_ggn_products_do_not_modify_their_inputs():
     model, params, x, t, loss = _problem(("cross_entropy", "ignore"), "mean", 4, 3, 3, 3, 2, 0)
     v = _random_tree(params, torch.Generator().manual_seed(1))
