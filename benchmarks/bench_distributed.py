@@ -45,7 +45,7 @@ VARIANTS = {
     "W=2 lazy factors": (2, {"lazy_factors": True}),
     "W=2 KAISA memory (fraction 1/2)": (2, {"decomposition_fraction": 0.5}),
 }
-OPTIONS = dict(damping_mode="factored", damping=1e-2, inverse_period=PERIOD, lr=0.05, kl_clip=1e-3)
+OPTIONS = dict(kf.FIXED_STEP, damping_mode="factored", damping=1e-2, inverse_period=PERIOD, lr=0.05, kl_clip=1e-3)
 
 
 def _run(rank: int, world: int, options: dict | None, steps: int, batch: int, threads: int, init: str | None,

@@ -39,7 +39,7 @@ def run(kwargs: dict, memorised: bool, steps: int) -> tuple[float, float]:
     """(median seconds per step after the first period, final loss)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = kf.KFAC(model, lr=0.01, damping=1e-3, **kwargs)
+    opt = kf.KFAC(model, **{**kf.FIXED_STEP, "lr": 0.01, "damping": 1e-3, **kwargs})
     x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))  # after the model, from seed 0
     g = torch.Generator().manual_seed(1)
     times, loss = [], float("nan")

@@ -48,7 +48,7 @@ def split(make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, name:
     if name.startswith("hook"):
         opt = HookKFAC(copy.deepcopy(model), **kw)
     else:
-        opt = kf.KFAC(model, reduce=False, **kw)
+        opt = kf.KFAC(model, reduce=False, **{**kf.FIXED_STEP, **kw})
     for _ in range(PERIOD):  # warm-up; the profiled period starts at a decomposition step
         opt.step(x, y)
     periods = []

@@ -229,7 +229,8 @@ def bench(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
 
     def kfac_period(**kw):
         # expand factors (not the optimizer's reduce="auto"): the floor and the peers compute expand
-        opt = kf.KFAC(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, reduce=False, **kw)
+        opt = kf.KFAC(model, **{**kf.FIXED_STEP, "lr": 0.0, "inverse_period": PERIOD, "kl_clip": None, "reduce": False,
+                                **kw})
         opt.step(x, y)  # builds the state; the timed period starts at a decomposition step
 
         def run():
@@ -313,7 +314,7 @@ def compiled(name: str, make: Callable[[], nn.Module], x: torch.Tensor, y: torch
     torch.manual_seed(0)
     model = make()
     params = {n: p.detach() for n, p in model.named_parameters()}
-    opt = kf.kfac(model, lr=0.0, inverse_period=PERIOD, kl_clip=None, reduce=False, fisher=fisher)
+    opt = kf.kfac(model, **kf.FIXED_STEP, lr=0.0, inverse_period=PERIOD, kl_clip=None, reduce=False, fisher=fisher)
     torch._dynamo.reset()
     torch._inductor.config.force_disable_caches = True  # time a cold compile, not a cache hit from an earlier run
     steps = {"eager": opt.step, "compiled": torch.compile(opt.step)}

@@ -51,8 +51,8 @@ FULL = {"vocab": 50257, "dim": 768, "heads": 12, "layers": 2, "context": 128, "b
 QUICK = {"vocab": 2048, "dim": 128, "heads": 4, "layers": 2, "context": 32, "batch": 8, "steps": 20}
 # K-FAC's configurations: the defaults (eigen damping), factored damping, and factored damping with the statistics
 # every 5 steps and decompositions every 20 (the usual trade on large models)
-CONFIGS = {"eigen": {}, "factored": {"damping_mode": "factored"},
-           "factored-5-20": {"damping_mode": "factored", "factor_period": 5, "inverse_period": 20}}
+CONFIGS = {"eigen": kf.FIXED_STEP, "factored": {**kf.FIXED_STEP, "damping_mode": "factored"},
+           "factored-5-20": {**kf.FIXED_STEP, "damping_mode": "factored", "factor_period": 5, "inverse_period": 20}}
 SUCCESSOR_P = torch.tensor([8.0, 4.0, 2.0, 1.0]) / 15  # a token's successors' probabilities
 
 

@@ -19,7 +19,7 @@ from .factors import (
 from .layers import LayerSpec
 from .losses import Loss
 from .optim import EKFAC, KFAC
-from .optimizer import Hyper, KFACState, Optimizer, Schedule, StepInfo, kfac
+from .optimizer import FIXED_STEP, Hyper, KFACState, Optimizer, Schedule, StepInfo, kfac
 from .precondition import precondition
 from .preconditioner import Preconditioner
 from .two_level import (
@@ -42,6 +42,7 @@ __all__ = [
     "InverseFactors",
     "KFAC",
     "KFACState",
+    "FIXED_STEP",
     "KroneckerFactors",
     "LayerSpec",
     "Loss",

@@ -28,6 +28,11 @@ from .record import Recorder
 from .tree import Spec, flatten
 
 
+# what the flows that see only gradients (``loss.backward(); opt.step()``, ``Preconditioner``) use in place of
+# the defaults that evaluate the model on the batch again, unless those options are given explicitly
+GRADIENT_FLOW = {"adaptive": None, "damping_adaptation": False}
+
+
 class Report(NamedTuple):
     """What a step chose, as Python numbers for logging: the loss before the step, the learning rate
     ``α`` and momentum ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the
@@ -116,6 +121,9 @@ class KFAC(torch.optim.Optimizer):
             comm = DataParallel(process_group, fraction=decomposition_fraction, bucket_mb=bucket_mb)
         self._comm: Communicator = comm or Communicator()
         self._pure = kfac(model, communicator=comm, **options)
+        # the flows that see only gradients cannot evaluate the model again: unless asked for, no quadratic model
+        fixed = {k: v for k, v in GRADIENT_FLOW.items() if k not in options}
+        self._gradient_pure = kfac(model, communicator=comm, **options, **fixed) if fixed else self._pure
         o = self._pure.options
         self.info: Report | None = None
         self.kfac_state: KFACState | None = None  # the pure state, made by the first step
@@ -256,13 +264,14 @@ class KFAC(torch.optim.Optimizer):
                 recorder.auto = False
         params = self._all_params()
         recorder.require_forward()
+        pure = self._gradient_pure
         if self.kfac_state is None:
-            self.kfac_state = self._pure.init(params, recorder.inputs)
+            self.kfac_state = pure.init(params, recorder.inputs)
         elif self._unchecked:
             self._check_loaded(params, recorder.inputs)
         state = self.kfac_state
         self._warn_untracked(recorder.plan)
-        schedule = self._pure.schedule(state)
+        schedule = pure.schedule(state)
         share = 1.0
         if self._comm.world > 1:  # this rank's share of the examples
             counts = self._comm.sum(torch.tensor([float(recorder.examples)], dtype=torch.float64))
@@ -276,11 +285,11 @@ class KFAC(torch.optim.Optimizer):
         value = torch.zeros(()) if loss is None else loss.detach()
         scale = 1.0 if self._grad_scaler is None else float(self._grad_scaler.get_scale())
         cap, plan = recorder.capture(grads, value, statistics=schedule.statistics,
-                                     stats_fraction=self._pure.options.stats_fraction, grad_scale=scale, share=share)
-        new, new_state, info = self._pure.apply(params, state, cap, plan, schedule, self._hyper(), share=share,
+                                     stats_fraction=pure.options.stats_fraction, grad_scale=scale, share=share)
+        new, new_state, info = pure.apply(params, state, cap, plan, schedule, self._hyper(), share=share,
                                                 reduced=self._ddp)
         self._commit(new, new_state, info, state.step)
-        recorder.wanted = self._pure.schedule(self.kfac_state).statistics
+        recorder.wanted = pure.schedule(self.kfac_state).statistics
         if loss is None and self.info is not None:
             self.info = self.info._replace(loss=float("nan"))
         return loss, new, info

@@ -90,6 +90,10 @@ from .two_level import (
 )
 
 ADAPTIVE = (None, "lr", "lr_momentum")
+# The classic fixed step of hook-based K-FAC libraries (and kfac_func's defaults before the quadratic-model
+# step): ``lr``, ``momentum`` and the KL clip, exact (eigen) damping, statistics every step.
+# ``KFAC(model, **FIXED_STEP, lr=...)``; the speed benchmarks time it against the hook baseline and peers.
+FIXED_STEP: dict[str, Any] = {"adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1}
 Flat = dict[str, Tensor]
 
 
@@ -233,9 +237,6 @@ class Options:
             raise ValueError(
                 "invalid damping_mode for method='ekfac': E-KFAC adds the damping to its scaling ('eigen')"
             )
-        if self.quadratic_fraction != 1 and self.quadratic_curvature != "ggn":
-            raise ValueError("quadratic_fraction applies to quadratic_curvature='ggn' (the Fisher form is built from "
-                             "the statistics' rows: stats_fraction)")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid {name}: {getattr(self, name)!r}")
@@ -269,10 +270,10 @@ def kfac(
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     damping: float = 1e-3,
-    damping_mode: str = "eigen",
+    damping_mode: str | None = None,
     fisher: str = "mc",
     mc_samples: int = 1,
-    factor_period: int = 1,
+    factor_period: int = 5,
     inverse_period: int = 10,
     ema_decay: float = 0.95,
     kl_clip: float | None = 1e-3,
@@ -287,10 +288,10 @@ def kfac(
     coarse_mode: str = "exact",
     combination: str = "additive",
     coarse_weights: tuple[float, float] = (1.0, 1.0),
-    adaptive: str | None = None,
+    adaptive: str | None = "lr_momentum",
     quadratic_curvature: str = "ggn",
     quadratic_fraction: float = 1.0,
-    damping_adaptation: bool = False,
+    damping_adaptation: bool = True,
     damping_interval: int = 5,
     damping_decay: float = 0.95,
     damping_bounds: tuple[float, float] = (1e-8, 1e8),
@@ -313,12 +314,14 @@ def kfac(
     it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"`` (``quadratic_fraction``: the GGN
-    form from the first rows of the batch); ``damping_adaptation`` with
+    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``); ``damping_adaptation`` with
     ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
     ``state.key``). ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
     layer's factor block-diagonal, diagonal or as a multiple of the identity (:mod:`kfac_func.layout`).
     ``communicator`` and ``lazy_factors``: data-parallel training (:mod:`kfac_func.distributed`).
     """
+    if damping_mode is None:  # E-KFAC adds λ to its scaling
+        damping_mode = "eigen" if method == "ekfac" else "factored"
     options = Options(
         as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
@@ -497,7 +500,8 @@ class _Transform:
             batch = summed
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
-        ok = all_finite((total_loss, grads, summed if batch is not None else (cap.a, cap.g)))
+        # (a step without statistics has none: no empty dict is built inside a compiled graph)
+        ok = all_finite((total_loss, grads, summed if batch is not None else ((cap.a, cap.g) if cap.a else ())))
         grads, a, g, parts = _zero_unless(ok, (grads, cap.a, cap.g, cap.low_rank))
         cap = cap._replace(loss=total_loss, a=a, g=g, low_rank=parts)
         new = state._replace(key=key)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
+from kfac_func import FIXED_STEP
 
 
 DT = torch.float64
@@ -437,3 +438,17 @@ class GroupedNet(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).flatten(1) * self.scale)
+
+
+# the quadratic model on the whole batch, λ fixed, eigen damping, statistics every step: the adaptive step's oracles
+EXACT_MODEL = dict(quadratic_fraction=1.0, damping_adaptation=False, damping_mode="eigen", factor_period=1)
+
+
+def fixed_step(**options) -> dict:
+    """:data:`FIXED_STEP` with ``options`` in place of any of its own."""
+    return {**FIXED_STEP, **options}
+
+
+def exact_model(**options) -> dict:
+    """:data:`EXACT_MODEL` with ``options`` in place of any of its own."""
+    return {**EXACT_MODEL, **options}

@@ -15,6 +15,7 @@ from test_optim import METHOD_CONFIGS
 from torch import nn
 
 import kfac_func as kf
+import oracles as O
 from kfac_func.checkpoint import from_plain, to_plain
 
 
@@ -67,16 +68,21 @@ def assert_resumes_bit_identically(kwargs: dict, steps: int, save_after: int) ->
     return resumed_opt
 
 
+# each method in the fixed step (eigen damping unless named, statistics every step unless given); the adaptive step
+# with the quadratic model on the whole batch, eigen damping and statistics every step; and the defaults (the
+# adaptive step, L-M and statistics every 5 steps, factored damping)
 RESUME_CONFIGS = {
-    "kfac_eigen": {"factor_period": 2, "weight_decay": 1e-3},
-    "kfac_factored": {"damping_mode": "factored", "factor_period": 2, "weight_decay": 1e-3},
-    **METHOD_CONFIGS,  # ekfac, two-level nicolaides (additive, factored), spectral (bnn)
-    "two_level_nicolaides_adef2": {"method": "two_level", "combination": "adef2"},
-    "adaptive": {"adaptive": "lr_momentum", "damping_adaptation": True, "damping_interval": 2, "reject_steps": True},
+    "kfac_eigen": O.fixed_step(factor_period=2, weight_decay=1e-3),
+    "kfac_factored": O.fixed_step(damping_mode="factored", factor_period=2, weight_decay=1e-3),
+    # ekfac, two-level nicolaides (additive, factored), spectral (bnn)
+    **{name: O.fixed_step(**config) for name, config in METHOD_CONFIGS.items()},
+    "two_level_nicolaides_adef2": O.fixed_step(method="two_level", combination="adef2"),
+    "adaptive": O.exact_model(adaptive="lr_momentum", damping_adaptation=True, damping_interval=2, reject_steps=True),
     # held sides (blocks of 3 of the first layer's G 8 and A 7, uneven; a diagonal G), both damping modes
-    "held_sides_eigen": {"factor_sides": {"0": {"G": 3, "A": 3}, "2": {"G": "diagonal"}}},
-    "held_sides_ekfac": {"method": "ekfac", "factor_sides": {"0": {"G": 3}, "2": {"A": "identity"}}},
-    "held_sides_factored": {"damping_mode": "factored", "max_factor_dim": 4},
+    "held_sides_eigen": O.fixed_step(factor_sides={"0": {"G": 3, "A": 3}, "2": {"G": "diagonal"}}),
+    "held_sides_ekfac": O.fixed_step(method="ekfac", factor_sides={"0": {"G": 3}, "2": {"A": "identity"}}),
+    "held_sides_factored": O.fixed_step(damping_mode="factored", max_factor_dim=4),
+    "defaults": {},
 }
 
 
@@ -154,8 +160,8 @@ def _assert_unchanged(model: nn.Module, opt: kf.KFAC, snap: tuple) -> None:
     assert len(leaves) == len(state) and all(torch.equal(a, b) for a, b in zip(leaves, state))
 
 
-def _tampered(path: tuple[str, ...], value: torch.Tensor) -> dict[str, Any]:
-    sd = _checkpoint()
+def _tampered(path: tuple[str, ...], value: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+    sd = _checkpoint(**kwargs)
     node = sd["kfac"]["state"]
     for k in path[:-1]:
         node = node[k]
@@ -170,9 +176,12 @@ def _old_format() -> dict[str, Any]:
     return {**opt.state_dict(), "kfac": opt.kfac_state._asdict()}
 
 
+# the method and damping_mode cases differ in that option alone (E-KFAC damps in 'eigen' mode); the state_dtype case
+# tampers with an eigenbasis (eigen damping)
 REFUSED = {
-    "method": (lambda: _checkpoint(), lambda: _target(method="ekfac"), r"method='kfac'.*method='ekfac'"),
-    "damping_mode": (lambda: _checkpoint(), lambda: _target(damping_mode="factored"),
+    "method": (lambda: _checkpoint(damping_mode="eigen"), lambda: _target(method="ekfac"),
+               r"method='kfac'.*method='ekfac'"),
+    "damping_mode": (lambda: _checkpoint(damping_mode="eigen"), lambda: _target(damping_mode="factored"),
                      r"damping_mode='eigen'.*damping_mode='factored'"),
     "decomposition_dtype": (lambda: _checkpoint(), lambda: _target(decomposition_dtype=torch.float32),
                             r"decomposition_dtype='None'.*'torch.float32'"),
@@ -189,7 +198,8 @@ REFUSED = {
     "layer_shape": (lambda: _tampered(("factors", "value", "2", "A"), torch.zeros(1, 7, 7)), _target,
                     (r"state.factors.value\['2'\].A \(layer '2'\): the checkpoint has \(1, 7, 7\) torch.float32, "
                      r"this optimizer \(1, 9, 9\) torch.float32")),
-    "state_dtype": (lambda: _tampered(("eigen", "0", "QG"), torch.zeros(1, 8, 8, dtype=torch.float64)), _target,
+    "state_dtype": (lambda: _tampered(("eigen", "0", "QG"), torch.zeros(1, 8, 8, dtype=torch.float64),
+                                      damping_mode="eigen"), lambda: _target(damping_mode="eigen"),
                     (r"state.eigen\['0'\].QG \(layer '0'\): the checkpoint has \(1, 8, 8\) torch.float64, "
                      r"this optimizer \(1, 8, 8\) torch.float32")),
     "not_kfac": (lambda: torch.optim.SGD(_mlp().parameters(), lr=0.1).state_dict(), _target, "no 'kfac' entry"),

@@ -24,15 +24,19 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import kfac_func as kf
+import oracles as O
 from kfac_func.distributed import Communicator, DataParallel, weight_inputs
 
 DT = torch.float64
 STEPS = 4
-COMMON = dict(fisher="exact", lr=0.1, damping=0.1, inverse_period=2, loss=kf.Loss("cross_entropy", ignore_index=-1))
+# the fixed step (eigen damping, statistics every step) unless a configuration says otherwise
+COMMON = O.fixed_step(fisher="exact", lr=0.1, damping=0.1, inverse_period=2,
+                      loss=kf.Loss("cross_entropy", ignore_index=-1))
 CONFIGS = {
     "kfac-eigen": {},
+    # the quadratic model on the whole batch: a fraction's first rows of each shard are not the global batch's
     "kfac-factored-adaptive": dict(damping_mode="factored", adaptive="lr_momentum", damping_adaptation=True,
-                                   damping_interval=1, reject_steps=True),
+                                   damping_interval=1, reject_steps=True, quadratic_fraction=1.0),
     "kfac-lazy-factors": dict(lazy_factors=True, factor_period=1),
     "kfac-kaisa-half": dict(decomposition_fraction=0.5, damping_mode="factored"),
     # E-KFAC's scaling depends on the basis chosen inside degenerate eigenspaces (the null space of a
@@ -101,7 +105,8 @@ def _preconditioned_sgd(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
     With ``DistributedDataParallel`` each rank's loss is the mean over its shard and DDP averages ``p.grad``:
     the global mean only when no target is ignored, so this run has none."""
     y = torch.where(y < 0, 0, y)
-    precond = kf.Preconditioner(model, fisher="exact", damping=0.1, inverse_period=2, kl_clip=1e-2, lr=0.1)
+    precond = kf.Preconditioner(model, fisher="exact", damping=0.1, inverse_period=2, kl_clip=1e-2, lr=0.1,
+                                damping_mode="eigen", factor_period=1)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(STEPS):
         sgd.zero_grad()

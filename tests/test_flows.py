@@ -12,6 +12,7 @@ against an oracle built directly from :func:`kfac_func.capture`, :func:`kfac_fun
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_func as kf
+import oracles as O
 
 DT = torch.float64
 STEPS = 4
-COMMON = dict(lr=0.1, weight_decay=1e-3, inverse_period=2, kl_clip=1e-2)
+# the fixed step (lr, momentum, KL clip; eigen damping, statistics every step), the same algorithm in every flow
+COMMON = O.fixed_step(lr=0.1, weight_decay=1e-3, inverse_period=2, kl_clip=1e-2)
 
 
 def _mlp() -> nn.Module:
@@ -160,7 +163,8 @@ def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw():
     model = _mlp()
     x, y = _data(model)
     want = _preconditioned_oracle(model, x, y, damping=1e-3)
-    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3)
+    # the oracle's eigen damping, statistics every step
+    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3, damping_mode="eigen", factor_period=1)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
     losses = []
     for step in range(30):
@@ -181,8 +185,9 @@ def test_preconditioner_with_sgd_is_kfac():
     model = _mlp()
     x, y = _data(model)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ref = kf.KFAC(a, lr=0.1, momentum=0.9, kl_clip=1e-2, inverse_period=2)
-    precond = kf.Preconditioner(b, kl_clip=1e-2, lr=lambda: sgd.param_groups[0]["lr"], inverse_period=2)
+    ref = kf.KFAC(a, **O.fixed_step(lr=0.1, momentum=0.9, kl_clip=1e-2, inverse_period=2))
+    precond = kf.Preconditioner(b, kl_clip=1e-2, lr=lambda: sgd.param_groups[0]["lr"], inverse_period=2,
+                                damping_mode="eigen", factor_period=1)  # FIXED_STEP's (SGD owns the step)
     sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for _ in range(STEPS):
         ref.step(x, y)
@@ -290,3 +295,50 @@ def test_a_forward_the_recorder_cannot_take_is_left_alone_and_step_says_why():
     F.cross_entropy(model(x, scale=2.0), y).backward()  # not recordable, but the user's forward works
     with pytest.raises(ValueError, match="need one input"):
         opt.step()
+
+
+def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
+    """``KFAC(model)``'s defaults (the quadratic-model step with Levenberg–Marquardt damping, factored damping,
+    statistics every 5 steps) by flow: ``loss.backward(); opt.step()`` cannot evaluate the model again, so it takes
+    the fixed step (lr, momentum, KL clip) of otherwise the same defaults — ``step(x, y)`` of
+    ``KFAC(adaptive=None, damping_adaptation=False)`` to rounding (the flows' gradients differ in the last bits),
+    and bit for bit the same flow with those options given — across the statistics at step 5 and the
+    decomposition refresh at step 10 that reads them; ``step(x, y)`` takes the pure ``kf.kfac`` defaults' step,
+    whose ``α`` and ``μ`` come from the quadratic model; asking the gradient flow for the quadratic model is an
+    error."""
+    model = _mlp()
+    batches = [_data(model, seed=s) for s in range(11)]
+    fixed_options = {"adaptive": None, "damping_adaptation": False}
+    runs = {kind: copy.deepcopy(model) for kind in ("defaults", "functional", "explicit")}
+    opts = {"defaults": kf.KFAC(runs["defaults"]), "functional": kf.KFAC(runs["functional"], **fixed_options),
+            "explicit": kf.KFAC(runs["explicit"], **fixed_options)}
+    for x, y in batches:
+        _backward_step(opts["defaults"], runs["defaults"], x, y, "mc")  # the default loss (cross-entropy), MC Fisher
+        _backward_step(opts["explicit"], runs["explicit"], x, y, "mc")
+        opts["functional"].step(x, y)
+        info = opts["defaults"].info
+        assert info.alpha <= 1e-2 and (info.mu, info.damping) == (0.9, 1e-3)  # lr (or less: the KL clip), fixed λ
+    assert int(opts["defaults"].kfac_state.step) == 11
+    _close(runs["defaults"], runs["functional"], model)
+    for (name, p), q in zip(runs["defaults"].named_parameters(), runs["explicit"].parameters()):
+        assert torch.equal(p, q), name
+
+    functional = copy.deepcopy(model)
+    opt = kf.KFAC(functional)
+    pure = kf.kfac(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = pure.init(params, batches[0][0])
+    for t, (x, y) in enumerate(batches[:6]):
+        loss = opt.step(x, y)
+        params, state, info = pure.step(params, state, x, y)
+        assert torch.equal(loss, info.loss)
+        assert (opt.info.alpha, opt.info.mu, opt.info.damping) == (float(info.alpha), float(info.mu),
+                                                                     float(info.damping))
+        assert opt.info.alpha != 1e-2 and opt.info.mu != 0.9  # the quadratic model's, not lr and momentum
+        assert math.isnan(opt.info.rho) == (t % 5 != 0)  # Levenberg–Marquardt's ρ at steps 0 and 5
+    for n, p in functional.named_parameters():
+        assert torch.equal(p.detach(), params[n]), n
+
+    adaptive = kf.KFAC(copy.deepcopy(model), adaptive="lr_momentum")
+    with pytest.raises(ValueError, match=r"needs step\(inputs, targets\)"):
+        _backward_step(adaptive, adaptive.model, *batches[0], "mc")

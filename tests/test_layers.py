@@ -41,6 +41,7 @@ from oracles import (
     dense_eigen_solve,
     dense_factored_solve,
     empirical_fisher_block,
+    fixed_step,
     ggn_block,
     kfac_dense,
     layer_vector,
@@ -503,7 +504,8 @@ def test_resnet_and_transformer_train_with_the_optimizer():
         (CharTransformer(len(alphabet), 16, dim=16, heads=2, layers=1), split.x_train[:16], split.y_train[:16]),
     ]
     for model, x, y in cases:
-        opt = kf.KFAC(model, lr=0.1, damping=0.1, damping_mode="factored", kl_clip=1e-2)
+        # the fixed step (lr, KL clip) with factored damping, statistics every step
+        opt = kf.KFAC(model, **fixed_step(lr=0.1, damping=0.1, damping_mode="factored", kl_clip=1e-2))
         first = float(opt.step(x, y))
         for _ in range(14):
             last = float(opt.step(x, y))

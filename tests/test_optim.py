@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_func as kf
+import oracles as O
 from kfac_func import demo
 from kfac_func.data import load_digits
 
@@ -39,7 +40,7 @@ def test_first_step_is_the_functional_composition():
     plan = kf.trace(model, params, x)
     eig = kf.eigendecompose(kf.kronecker_factors(cap))
     delta = kf.precondition(params, cap.grads, eig, layers=plan.layers, damping=0.1)
-    opt = kf.KFAC(model, lr=0.5, momentum=0.0, damping=0.1, fisher="exact", kl_clip=None)
+    opt = kf.KFAC(model, **O.fixed_step(lr=0.5, momentum=0.0, damping=0.1, fisher="exact", kl_clip=None))
     loss = opt.step(x, y)
     assert torch.equal(loss, cap.loss)
     for n, p in model.named_parameters():
@@ -76,7 +77,8 @@ def test_param_groups_and_lr_scheduler():
     """Per-group lr (0 freezes a group) and torch schedulers drive the step size."""
     model = _mlp()
     first = [model[0].weight, model[0].bias]
-    opt = kf.KFAC(model, [{"params": first, "lr": 0.0}, {"params": list(model[2].parameters())}], lr=0.1, damping=1e-2)
+    groups = [{"params": first, "lr": 0.0}, {"params": list(model[2].parameters())}]
+    opt = kf.KFAC(model, groups, **O.fixed_step(lr=0.1, damping=1e-2))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
     before = copy.deepcopy(model.state_dict())
     x, y = _batches(1)[0]
@@ -99,7 +101,7 @@ def test_kl_clip_with_zero_gradient_is_finite():
     x = torch.randn(8, 3)
     with torch.no_grad():
         y = model(x)
-    opt = kf.KFAC(model, loss="mse", lr=1.0, damping=1e-2, kl_clip=1e-3)
+    opt = kf.KFAC(model, **O.fixed_step(loss="mse", lr=1.0, damping=1e-2, kl_clip=1e-3))
     before = copy.deepcopy(model.state_dict())
     opt.step(x, y)
     for k, v in model.state_dict().items():
@@ -114,7 +116,7 @@ def test_kl_clip_bounds_the_step():
     vg = sum(float((delta[n] * cap.grads[n]).sum()) for n in params)
     lr, kappa = 0.5, 1e-4
     assert lr**2 * vg > kappa  # the clip is active
-    opt = kf.KFAC(model, lr=lr, momentum=0.0, damping=1e-3, kl_clip=kappa, fisher="exact")
+    opt = kf.KFAC(model, **O.fixed_step(lr=lr, momentum=0.0, damping=1e-3, kl_clip=kappa, fisher="exact"))
     opt.step(x, y)
     nu = (kappa / (lr**2 * vg)) ** 0.5
     for n, p in model.named_parameters():
@@ -145,7 +147,8 @@ def test_stats_fraction_and_factor_period_still_train():
     """The cheaper-statistics knobs keep the optimizer working (loss decreases on a fixed batch)."""
     model = _mlp()
     x, y = _batches(1, n=64)[0]
-    opt = kf.KFAC(model, lr=0.1, damping=1e-2, stats_fraction=0.25, factor_period=3, damping_mode="factored", kl_clip=1e-2)
+    opt = kf.KFAC(model, **O.fixed_step(lr=0.1, damping=1e-2, stats_fraction=0.25, factor_period=3,
+                                        damping_mode="factored", kl_clip=1e-2))
     first = opt.step(x, y)
     for _ in range(20):
         last = opt.step(x, y)
@@ -165,7 +168,7 @@ def test_ekfac_first_step_is_the_functional_composition():
     eigen = kf.eigendecompose(kf.kronecker_factors(cap))
     factors = kf.ekfac_factors(eigen, kf.ekfac_scaling(cap, eigen))
     delta = kf.precondition(params, cap.grads, factors, layers=kf.trace(model, params, x).layers, damping=0.1)
-    opt = kf.EKFAC(model, lr=0.5, momentum=0.0, damping=0.1, fisher="exact", kl_clip=None)
+    opt = kf.EKFAC(model, **O.fixed_step(lr=0.5, momentum=0.0, damping=0.1, fisher="exact", kl_clip=None))
     opt.step(x, y)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[n] - 0.5 * delta[n], rtol=0, atol=1e-6)
@@ -177,7 +180,7 @@ def test_coarse_matrix_does_not_grow_over_refreshes():
     and 10 refreshes."""
     model = _mlp()
     x, y = _batches(1)[0]
-    opt = kf.KFAC(model, lr=0.0, damping=1e-2, method="two_level", fisher="exact", inverse_period=3)
+    opt = kf.KFAC(model, **O.fixed_step(lr=0.0, damping=1e-2, method="two_level", fisher="exact", inverse_period=3))
     for _ in range(30):
         opt.step(x, y)
     params = {n: p.detach() for n, p in model.named_parameters()}
@@ -192,7 +195,7 @@ def test_two_level_and_ekfac_train():
     x, y = _batches(1, n=64)[0]
     for config in METHOD_CONFIGS.values():
         model = _mlp()
-        opt = kf.KFAC(model, lr=0.3, damping=1e-1, kl_clip=1e-1, **config)
+        opt = kf.KFAC(model, **O.fixed_step(lr=0.3, damping=1e-1, kl_clip=1e-1, **config))
         first = opt.step(x, y)
         for _ in range(20):
             last = opt.step(x, y)

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from torch.func import vmap
 
 import kfac_func as kf
+import oracles as O
 from kfac_func import random
 
 DT = torch.float64
@@ -66,8 +67,8 @@ def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period, sides
     (statistics or not)."""
     lr, mom, wd, lam, beta, kl, period = 0.3, 0.7, 1e-2, 0.05, 0.8, 1e-3, 2
     opt = kf.kfac(mlp, lr=lr, momentum=mom, weight_decay=wd, damping=lam, ema_decay=beta, kl_clip=kl,
-                  inverse_period=period, fisher=fisher, seed=7, damping_mode=mode, factor_period=factor_period,
-                  factor_sides=sides)
+                  inverse_period=period, fisher=fisher, seed=7, factor_sides=sides,
+                  **O.fixed_step(damping_mode=mode, factor_period=factor_period))
     params, data = nested_params(), batches(5)
     got, state, infos = run(opt, params, data)
 
@@ -107,12 +108,14 @@ def test_steps_equal_a_hand_written_reference(fisher, mode, factor_period, sides
     assert optree.tree_structure(got) == optree.tree_structure(params)
 
 
+# the fixed step per method (eigen damping, statistics every step), and the adaptive step with the quadratic model
+# on the whole batch, eigen damping and statistics every step (L-M every 2 steps, rejection)
 METHODS = {
-    "kfac-eigen": dict(),
-    "kfac-factored": dict(damping_mode="factored"),
-    "ekfac": dict(method="ekfac"),
-    "two-level-bnn": dict(method="two_level", combination="bnn"),
-    "adaptive": dict(adaptive="lr_momentum", damping_adaptation=True, damping_interval=2, reject_steps=True),
+    "kfac-eigen": O.fixed_step(),
+    "kfac-factored": O.fixed_step(damping_mode="factored"),
+    "ekfac": O.fixed_step(method="ekfac"),
+    "two-level-bnn": O.fixed_step(method="two_level", combination="bnn"),
+    "adaptive": O.exact_model(adaptive="lr_momentum", damping_adaptation=True, damping_interval=2, reject_steps=True),
 }
 
 
@@ -149,7 +152,7 @@ def test_compiled_step_equals_eager(fisher):
     """``torch.compile(step)`` over six steps (decompositions at steps 0, 2, 4: refreshes inside the
     compiled run; a new batch size at steps 4 and 5) equals the eager run, in one graph per schedule and
     shape kind: (refresh or not) × (first shape, dynamic batch) = 4 graphs at most."""
-    opt = kf.kfac(mlp, fisher=fisher, inverse_period=2, seed=3)
+    opt = kf.kfac(mlp, fisher=fisher, inverse_period=2, seed=3, **O.fixed_step())  # statistics every step
     params = nested_params()
     data = batches(4) + batches(2, n=7, seed=5)
     want, want_state, _ = run(opt, params, data)
@@ -166,11 +169,15 @@ def test_compiled_step_equals_eager(fisher):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+# the schedules of three steps with inverse_period=2: the fixed step (statistics every step) is refreshed or not
+# (2 graphs); the defaults (statistics and L-M every 5 steps) run step 0 with a refresh, statistics and L-M,
+# step 1 with none of them, step 2 with a refresh only (3 graphs)
+@pytest.mark.parametrize("options, graphs", [(O.FIXED_STEP, 2), ({}, 3)], ids=["fixed-step", "defaults"])
 @pytest.mark.parametrize("sides", [None, SIDES])
-def test_update_compiles_with_fullgraph(sides):
+def test_update_compiles_with_fullgraph(sides, options, graphs):
     """``update`` with the host schedule is one graph per schedule: fullgraph=True works (MC Fisher; dense and
-    held sides)."""
-    opt = kf.kfac(mlp, inverse_period=2, seed=3, factor_sides=sides)
+    held sides; the fixed step and the defaults)."""
+    opt = kf.kfac(mlp, inverse_period=2, seed=3, factor_sides=sides, **options)
     params, data = nested_params(), batches(3)
     want, _, _ = run(opt, params, data)
     torch._dynamo.reset()
@@ -180,7 +187,7 @@ def test_update_compiles_with_fullgraph(sides):
     counters.clear()
     for x, y in data:
         got, state, _ = update(got, state, x, y, opt.schedule(state))
-    assert counters["stats"]["unique_graphs"] == 2  # with and without a refresh
+    assert counters["stats"]["unique_graphs"] == graphs  # one per schedule
     for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -210,11 +217,17 @@ def test_vmap_over_an_ensemble_equals_the_loop(sides):
     assert not torch.equal(out.factors.value["l1.w"].G[0], out.factors.value["l1.w"].G[1])
 
 
+# the NaN batch reaches the statistics and a refresh (statistics every step, decompositions every step): in the
+# fixed step, and in the defaults' quadratic-model step with L-M at that step too
+NAN_STEPS = {"fixed-step": O.fixed_step(), "adaptive": dict(factor_period=1, damping_interval=1)}
+
+
+@pytest.mark.parametrize("step_options", list(NAN_STEPS))
 @pytest.mark.parametrize("mode", ["eager", "compile", "vmap"])
-def test_a_nan_batch_changes_nothing(mode):
+def test_a_nan_batch_changes_nothing(mode, step_options):
     """A NaN input leaves parameters and every state tensor (key included) as they were; ``info``
     says so."""
-    opt = kf.kfac(mlp, inverse_period=1)
+    opt = kf.kfac(mlp, inverse_period=1, **NAN_STEPS[step_options])
     params, data = nested_params(), batches(2)
     _, state, _ = run(opt, params, data[:1])
     x, y = data[1]
