@@ -128,7 +128,8 @@ def ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callab
         return run
 
     # lr 0: same work, θ fixed; expand factors like the peers (not the optimizer's reduce="auto")
-    common = {**kf.FIXED_STEP, "lr": 0.0, "inverse_period": PERIOD, "kl_clip": None, "damping": DAMPING, "reduce": False}
+    common = {**kf.FIXED_STEP, "lr": 0.0, "inverse_period": PERIOD, "kl_clip": None, "damping": DAMPING,
+              "reduce": False}
     return {
         "curvature[mc]": curvature("mc"),
         "curvature[exact]": curvature("exact"),

@@ -1,10 +1,10 @@
 """Real-data convergence: steps and wall time to the best first-order result, every optimizer tuned alike.
 
-    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks: 95 min on 2 CPU cores
+    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks: about 2 h on 2 CPU cores
     python benchmarks/convergence.py all --quick --out /tmp/smoke             # a smoke run of the same code: 1 min
     python benchmarks/convergence.py all --plot-only --out benchmarks/results # redraw tables and plots from JSON
     python benchmarks/convergence.py autoencoder | classifier [--dataset mnist] [--seeds K] [--out DIR] [--full]
-    python benchmarks/convergence.py ablation --out benchmarks/results        # the recipe's choices: 12 min
+    python benchmarks/convergence.py ablation --out benchmarks/results        # the recipe's choices: 14 min
 
 * ``autoencoder``: Martens & Grosse's 784-1000-500-250-30 encoder, mirrored, tanh hidden units, a linear
   code layer and a sigmoid output with Bernoulli cross-entropy, on MNIST. The metric is the training loss
@@ -16,9 +16,10 @@
   the target stored in ``--out``'s autoencoder results.
 
 **Tuning, the same for every optimizer**: three trials each, on one grid point per trial. SGD-momentum
-(0.9) and Adam over their learning rate (:data:`FIRST_ORDER`); K-FAC, E-KFAC and two-level K-FAC over the
-initial damping ``λ₀`` (:data:`DAMPINGS`): the :func:`second_order` recipe picks their learning rate and
-momentum by the quadratic model each step and adapts ``λ`` by Levenberg–Marquardt. Every configuration runs
+(0.9) and Adam over their learning rate (:data:`FIRST_ORDER`); K-FAC (with the quadratic model's GGN from the
+whole batch, the default, and from a quarter of it), E-KFAC and two-level K-FAC over the initial damping
+``λ₀`` (:data:`DAMPINGS`): the :func:`second_order` recipe, the library's defaults, picks their learning
+rate and momentum by the quadratic model each step and adapts ``λ`` by Levenberg–Marquardt. Every configuration runs
 with ``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
 
 **The target** is the best first-order configuration's median final metric. Each configuration reports

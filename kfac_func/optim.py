@@ -62,11 +62,15 @@ class KFAC(torch.optim.Optimizer):
     expand when the model output keeps positions, reduce when they are pooled), ``True``/``False`` for
     all layers, or a dict layer name → bool.
 
-    ``adaptive``: ``None`` (``lr``, ``momentum`` and the KL clip as given), ``"lr"`` (``α`` from the
-    quadratic model, ``μ`` = the first group's momentum) or ``"lr_momentum"`` (both; the KL clip and the
-    groups' ``lr`` are then unused). ``quadratic_curvature``: ``"ggn"`` (exact type-2 GGN of the batch
-    through ``jvp``) or ``"fisher"`` (the captured Fisher). ``damping_adaptation`` with
-    ``damping_interval`` ``T₁``, factor ``damping_decay^T₁`` and ``damping_bounds``; ``reject_steps``.
+    ``adaptive``: ``"lr_momentum"`` (the default: ``α`` and ``μ`` from the quadratic model; the KL clip and
+    the groups' ``lr`` and ``momentum`` are then unused), ``"lr"`` (``α`` from the quadratic model, ``μ`` =
+    the first group's momentum) or ``None`` (``lr``, ``momentum`` and the KL clip as given).
+    ``quadratic_curvature``: ``"ggn"`` (exact type-2 GGN of the batch through ``jvp``; ``quadratic_fraction``
+    of its rows) or ``"fisher"`` (the captured Fisher). ``damping_adaptation`` (on by default) with
+    ``damping_interval`` ``T₁``, factor ``damping_decay^T₁`` and ``damping_bounds``; ``reject_steps``. The
+    flows that see only gradients (``loss.backward(); opt.step()``, :class:`kfac_func.Preconditioner`) cannot
+    evaluate the model again: unless ``adaptive`` or ``damping_adaptation`` is given, they take the fixed step
+    (:data:`GRADIENT_FLOW`). :data:`kfac_func.FIXED_STEP` gives the classic fixed step everywhere.
 
     Data-parallel (:mod:`kfac_func.distributed`): ``data_parallel=True`` (implied by a
     ``DistributedDataParallel``-wrapped model, whose module is run functionally) over ``process_group``;

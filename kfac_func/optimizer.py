@@ -32,8 +32,9 @@ Each step, on the flat ``name → tensor`` view of the parameters:
    under ``torch.compile`` and ``vmap``.
 
 Every decision in 3–6 is a tensor operation; the only Python branches are on the schedule and on the
-options, so a compiled step has one graph per schedule that occurs (with the defaults, two: with and
-without a refresh).
+options, so a compiled step has one graph per schedule that occurs (with the defaults, three: statistics,
+a refresh and Levenberg–Marquardt; statistics and Levenberg–Marquardt; neither — with :data:`FIXED_STEP`,
+two: with and without a refresh).
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ ADAPTIVE = (None, "lr", "lr_momentum")
 # The classic fixed step of hook-based K-FAC libraries (and kfac_func's defaults before the quadratic-model
 # step): ``lr``, ``momentum`` and the KL clip, exact (eigen) damping, statistics every step.
 # ``KFAC(model, **FIXED_STEP, lr=...)``; the speed benchmarks time it against the hook baseline and peers.
-FIXED_STEP: dict[str, Any] = {"adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1}
+FIXED_STEP: dict[str, Any] = {"adaptive": None, "damping_adaptation": False, "damping_mode": "eigen",
+                              "factor_period": 1}
 Flat = dict[str, Tensor]
 
 
@@ -314,9 +316,11 @@ def kfac(
     it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"`` (``quadratic_fraction``: the GGN
-    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``); ``damping_adaptation`` with
-    ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``; ``seed`` (of
-    ``state.key``). ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
+    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``);
+    ``damping_adaptation`` with ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``;
+    ``seed`` (of ``state.key``). The defaults are the quadratic-model step (``adaptive="lr_momentum"``,
+    ``damping_adaptation=True``, factored damping — eigen for E-KFAC — and statistics every 5 steps);
+    :data:`FIXED_STEP` gives the fixed one. ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
     layer's factor block-diagonal, diagonal or as a multiple of the identity (:mod:`kfac_func.layout`).
     ``communicator`` and ``lazy_factors``: data-parallel training (:mod:`kfac_func.distributed`).
     """
@@ -326,8 +330,8 @@ def kfac(
         as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
-        quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay, tuple(damping_bounds),
-        reject_steps, lazy_factors and communicator is not None, max_factor_dim,
+        quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay,
+        tuple(damping_bounds), reject_steps, lazy_factors and communicator is not None, max_factor_dim,
         None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()},
     )
     return _Transform(model, options, communicator or Communicator()).functions()
