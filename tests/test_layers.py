@@ -496,7 +496,11 @@ def test_layer_input_that_is_not_batch_first_is_an_error():
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_resnet_and_transformer_train_with_the_optimizer():
+# the fixed step (lr, KL clip) with factored damping, statistics every step; the defaults (the quadratic model's
+# forward-mode products run through the transformer's scaled_dot_product_attention)
+@pytest.mark.parametrize("options", [fixed_step(lr=0.1, damping=0.1, damping_mode="factored", kl_clip=1e-2), {}],
+                         ids=["fixed-step", "defaults"])
+def test_resnet_and_transformer_train_with_the_optimizer(options):
     torch.manual_seed(0)
     split, alphabet = load_text(context=16)
     cases = [
@@ -504,8 +508,7 @@ def test_resnet_and_transformer_train_with_the_optimizer():
         (CharTransformer(len(alphabet), 16, dim=16, heads=2, layers=1), split.x_train[:16], split.y_train[:16]),
     ]
     for model, x, y in cases:
-        # the fixed step (lr, KL clip) with factored damping, statistics every step
-        opt = kf.KFAC(model, **fixed_step(lr=0.1, damping=0.1, damping_mode="factored", kl_clip=1e-2))
+        opt = kf.KFAC(model, **options)
         first = float(opt.step(x, y))
         for _ in range(14):
             last = float(opt.step(x, y))
