@@ -181,16 +181,20 @@ def test_ggn_vector_product_equals_dense_ggn(p):
     torch.testing.assert_close(_flat(got, names), expected, rtol=1e-9, atol=1e-11)
 
 
+def _directions(params, k: int, seed: int):
+    """``k`` random parameter pytrees and their flat vectors as the columns of ``D``."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = [_random_tree(params, gen) for _ in range(k)]
+    return dirs, torch.stack([_flat(d, list(params)) for d in dirs], 1)
+
+
 @settings(max_examples=O.budget(10))
 @given(problems, st.integers(1, 4))
 def test_ggn_quadratic_forms_equal_dense_ggn(p, k):
     """``[dᵢᵀ C dⱼ]`` for ``k`` directions = ``Dᵀ (Jᵀ H J) D``."""
     case, reduction, n, d_in, hidden, d_out, positions, seed = p
     model, params, x, t, loss = _problem(case, reduction, n, d_in, hidden, d_out, positions, seed)
-    gen = torch.Generator().manual_seed(seed + 3)
-    dirs = [_random_tree(params, gen) for _ in range(k)]
-    names = list(params)
-    D = torch.stack([_flat(d, names) for d in dirs], 1)
+    dirs, D = _directions(params, k, seed + 3)
     C = _dense_ggn(model, params, x, t, loss)
     got = ggn_quadratic_forms(model, params, x, t, loss, dirs)
     assert got.shape == (k, k)
@@ -216,10 +220,7 @@ def test_ggn_quadratic_forms_from_a_sub_batch(p, m, k):
     the sub-batch, counted by hand); the whole batch when ``m ≥ N``."""
     case, reduction, n, d_in, hidden, d_out, positions, seed = p
     model, params, x, t, loss = _problem(case, reduction, n, d_in, hidden, d_out, positions, seed)
-    gen = torch.Generator().manual_seed(seed + 4)
-    dirs = [_random_tree(params, gen) for _ in range(k)]
-    names = list(params)
-    D = torch.stack([_flat(d, names) for d in dirs], 1)
+    dirs, D = _directions(params, k, seed + 4)
     rows = min(m, n)
     summed = _dense_ggn(model, params, x[:rows], t[:rows], kf.Loss(case[0], "sum", ignore_index=-7))
     terms, sub_terms = _loss_terms(case, t), max(_loss_terms(case, t[:rows]), 1)
