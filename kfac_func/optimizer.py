@@ -566,9 +566,7 @@ class _Transform:
                 lam = torch.where(worse, raised, lam)
                 update = {n: torch.where(worse, torch.zeros_like(u), u) for n, u in update.items()}
                 velocity = {n: torch.where(worse, state.velocity[n], v) for n, v in velocity.items()}
-            new = new._replace(damping=lam)
-            if factored:  # the cached inverses include λ
-                new = new._replace(inverses=self._inverses(new))
+            new = new._replace(damping=lam)  # factored: the cached inverses take it at their next refresh
         new = new._replace(step=state.step + 1, velocity={**state.velocity, **flush_tree(velocity)})
         update = flush_tree(update)
         moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update

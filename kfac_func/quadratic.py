@@ -6,7 +6,7 @@ and ``η`` the L2 coefficient. All pure functions:
 * :func:`ggn_vector_product` — ``C v`` for the exact type-2 GGN ``Jᵀ H J`` through ``jvp`` of the model
   and the loss Hessian ``H`` in output space (never formed), with a ``vjp`` back;
 * :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode only,
-  optionally estimated from the batch's first rows (a ``jvp`` costs about two forwards per direction);
+  one forward for the model and one per direction, optionally estimated from the batch's first rows;
 * :func:`fisher_quadratic_forms` — the same for the captured MC/empirical Fisher, ``Σₙ,ᵥ (∇ℓ·δᵢ)(∇ℓ·δⱼ)``;
 * :func:`solve_quadratic_model` — the coefficients ``x`` of ``δ = Σ xᵢ dᵢ`` minimising ``M`` (for K-FAC
   ``d = (Δ, δ_prev)``, the learning rate ``α`` and momentum ``μ``), some coefficients optionally fixed;
@@ -23,7 +23,7 @@ from typing import Any
 import optree
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
+from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .capture import Capture, Model, flat_call
@@ -66,7 +66,7 @@ def ggn_quadratic_forms(
     model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree],
     examples: int | None = None,
 ) -> Tensor:
-    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` per direction, no backward.
+    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` vmapped over the directions, no backward.
 
     ``examples``: estimate the forms from the first ``m`` rows of the batch (of ``targets`` and of every
     input leaf whose leading size is the batch's): the sub-batch's sum ``Σₙ₌₁..ₘ (Jₙdᵢ)ᵀHₙ(Jₙdⱼ)`` times
@@ -86,15 +86,16 @@ def ggn_quadratic_forms(
                                  else x, inputs)
         targets = targets[:examples]
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
-    # tangents in the parameters' dtype (jvp requires it), the forms in at least float32
-    tangents = [{n: t.to(flat[n].dtype) for n, t in spec.like(d, "each direction").items()} for d in directions]
+    # tangents in the parameters' dtype (jvp requires it), stacked: one vmapped jvp evaluates the model once
+    # and pushes every direction through it together; the forms in at least float32
+    tangents = [spec.like(d, "each direction") for d in directions]
+    stacked = {n: torch.stack([t[n].to(p.dtype) for t in tangents]) for n, p in flat.items()}
     with sdpa_kernel(SDPBackend.MATH):  # see ggn_vector_product
-        outs = [jvp(f, (flat,), (t,)) for t in tangents]
-    dtype = stat_dtype(outs[0][0].dtype)
-    out = outs[0][0].detach().to(dtype)
-    jds = [jd.to(dtype) for _, jd in outs]
-    hessian = [output_hessian_product(loss, out, targets, jj, scale) for jj in jds]
-    return torch.stack([torch.stack([(ji * hj).sum() for hj in hessian]) for ji in jds])
+        outs, jds = vmap(lambda t: jvp(f, (flat,), (t,)))(stacked)  # the output repeated per direction
+    dtype = stat_dtype(outs.dtype)
+    out, jds = outs[0].detach().to(dtype), jds.to(dtype)
+    hessian = vmap(lambda u: output_hessian_product(loss, out, targets, u, scale))(jds)
+    return (jds.flatten(1) @ hessian.flatten(1).T)
 
 
 @full_precision

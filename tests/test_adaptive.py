@@ -271,20 +271,23 @@ def test_damping_is_clipped_to_its_bounds_in_the_optimizer():
     assert opt.info.damping == 1e-3
 
 
-def test_factored_mode_refreshes_the_inverse_factors_when_damping_changes():
-    """``damping_mode="factored"`` caches π-damped inverses: a new λ must rebuild them at once (here
-    ``inverse_period`` is long, so nothing else would)."""
+def test_factored_inverses_take_the_damping_at_their_refresh():
+    """``damping_mode="factored"`` caches π-damped inverses: they are rebuilt at each refresh
+    (``inverse_period``) from the factors and ``λ`` of that step, and held between refreshes while ``λ``
+    adapts (kfac-jax's cache; rebuilding them at every new ``λ`` cost a Cholesky per adaptation)."""
     model, x, y = _linear_problem(True, seed=8)
-    opt = kf.KFAC(model, loss="mse", fisher="exact", adaptive="lr_momentum", damping=1e-2, inverse_period=100,
+    opt = kf.KFAC(model, loss="mse", fisher="exact", adaptive="lr_momentum", damping=1e-2, inverse_period=2,
                   **O.exact_model(damping_mode="factored", damping_adaptation=True, damping_interval=1))
-    for _ in range(2):
+    want, lams = None, []
+    for t in range(5):
+        lam = float(opt.kfac_state.damping) if t else 1e-2  # the λ this step starts from (a refresh uses it)
         opt.step(x, y)
-        lam = float(opt.kfac_state.damping)
-        want = kf.inverse_factors(kf.averaged(opt.kfac_state.factors), lam)
-        got = opt.kfac_state.inverses
-        for a, b in zip(optree.tree_leaves(got), optree.tree_leaves(want)):
+        lams.append(float(opt.kfac_state.damping))
+        if t % 2 == 0:  # refreshed after this step's factor update
+            want = kf.inverse_factors(kf.averaged(opt.kfac_state.factors), lam)
+        for a, b in zip(optree.tree_leaves(opt.kfac_state.inverses), optree.tree_leaves(want)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-    assert lam == pytest.approx(1e-2 * 0.95**2, rel=1e-12)  # ρ = 1 twice, factor 0.95¹
+    assert lams == pytest.approx([1e-2 * 0.95 ** (t + 1) for t in range(5)], rel=1e-12)  # ρ = 1: λ changed every step
 
 
 # ----------------------------------------------------------------------------------------------------
