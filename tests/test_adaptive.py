@@ -290,6 +290,37 @@ def test_factored_inverses_take_the_damping_at_their_refresh():
     assert lams == pytest.approx([1e-2 * 0.95 ** (t + 1) for t in range(5)], rel=1e-12)  # ρ = 1: λ changed every step
 
 
+@pytest.mark.parametrize("adaptive", ["lr_momentum", "lr"])
+def test_quadratic_period_reuses_the_last_models_coefficients(adaptive):
+    """``quadratic_period=3``: steps 0, 3, 6 solve the quadratic model — the same ``(α, μ)`` as a solve on
+    every step from the same parameters and state —, the steps between reuse the last ``(α, μ)`` exactly
+    (where a solve would differ) in ``θ ← θ − αΔ + μδ_prev``, with ``Δ`` the step's preconditioned gradient."""
+    model = _mlp(3)
+    kw = dict(loss="cross_entropy", fisher="exact", adaptive=adaptive, momentum=0.5, damping=1e-2,
+              damping_adaptation=True, damping_interval=2, factor_period=1, inverse_period=2)
+    every, periodic = kf.kfac(model, **kw), kf.kfac(model, quadratic_period=3, **kw)
+    params = _params(model)
+    batches = _batches(8, seed=4)
+    state = periodic.init(params, batches[0][0])
+    prev = {n: torch.zeros_like(p) for n, p in params.items()}
+    last = None
+    for t, (x, y) in enumerate(batches):
+        new, state_new, info = periodic.step(params, state, x, y)
+        _, _, fresh = every.step(params, state, x, y)
+        got = torch.stack([info.alpha, info.mu])
+        if t % 3 == 0:
+            torch.testing.assert_close(got, torch.stack([fresh.alpha, fresh.mu]), rtol=0, atol=0)
+            last = got
+        else:
+            assert torch.equal(got, last)
+            assert not torch.equal(got, torch.stack([fresh.alpha, fresh.mu]))  # the reuse is not what a solve gives
+        for n in params:
+            want = params[n] - info.alpha * info.direction[n] + info.mu * prev[n]
+            torch.testing.assert_close(new[n], want, rtol=1e-12, atol=1e-14)
+            prev[n] = new[n] - params[n]
+        params, state = new, state_new
+
+
 # ----------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------
@@ -635,23 +666,33 @@ def _ill_conditioned_run(seed: int, kind: str, options: dict, steps: int = 15) -
     return losses
 
 
-@given(st.integers(0, 3), st.sampled_from(["mse", "cross_entropy"]), st.sampled_from(["ggn", "fisher"]),
-       st.sampled_from(["eigen", "factored"]), st.sampled_from([0.25, 1.0]), st.sampled_from([1, 5]),
-       st.sampled_from(["lr", "lr_momentum"]), st.sampled_from([0.25, 1.0]))
+# the options the safety grid varies (after the seed and the loss): quadratic curvature, damping mode, statistics
+# fraction, factor period, adaptive mode, quadratic fraction; tests/safety_grid.py runs all of it
+SAFETY_GRID = (["mse", "cross_entropy"], ["ggn", "fisher"], ["eigen", "factored"], [0.25, 1.0], [1, 5],
+               ["lr", "lr_momentum"], [0.25, 1.0])
+
+
+def safety_options(curvature, mode, fraction, period, adaptive, quadratic) -> dict:
+    return dict(adaptive=adaptive, quadratic_curvature=curvature, damping_mode=mode, stats_fraction=fraction,
+                factor_period=period, damping=0.1 if mode == "factored" else 1e-3, quadratic_fraction=quadratic)
+
+
+@given(st.integers(0, 3), *map(st.sampled_from, SAFETY_GRID))
 # without safe_coefficients these reach a loss 10²²-10²³ times the initial one (the issue's blow-up)
 @example(1, "mse", "fisher", "eigen", 0.25, 1, "lr", 1.0)
 @example(2, "mse", "fisher", "factored", 0.25, 5, "lr", 1.0)
 @example(0, "mse", "fisher", "eigen", 0.25, 5, "lr", 1.0)
 @example(1, "cross_entropy", "ggn", "factored", 0.25, 5, "lr", 1.0)  # an infinite π crashed the Cholesky here
 @example(3, "mse", "fisher", "eigen", 0.25, 5, "lr_momentum", 1.0)  # the grid's worst with the whole batch: 16×
-@example(0, "mse", "ggn", "eigen", 1.0, 1, "lr_momentum", 0.25)  # the grid's worst: 58× (a 4-row GGN model)
+@example(3, "mse", "ggn", "eigen", 0.25, 5, "lr", 0.25)  # the grid's worst: 18× (a 4-row GGN model)
+@example(0, "mse", "ggn", "eigen", 1.0, 1, "lr_momentum", 0.25)  # reached 58× before the jvps were vmapped
 def test_adaptive_step_never_blows_up(seed, kind, curvature, mode, fraction, period, adaptive, quadratic):
     """Every combination of the adaptive step's options on an ill-conditioned, noisy problem: parameters stay
     finite and the full-data loss never exceeds 20× its initial value with the quadratic model on the whole
-    minibatch (the most seen over this grid with 4 seeds is 16×), 100× with its GGN from a quarter of the
-    minibatch (``quadratic_fraction=0.25``: 4 rows; the most seen is 58×, which is why it is not the
-    default). Without the safeguards: 10²³×."""
-    options = dict(adaptive=adaptive, quadratic_curvature=curvature, damping_mode=mode, stats_fraction=fraction,
-                   factor_period=period, damping=0.1 if mode == "factored" else 1e-3, quadratic_fraction=quadratic)
+    minibatch, 100× with its GGN from a quarter of the minibatch (``quadratic_fraction=0.25``: 4 rows). The
+    most seen over this grid with 4 seeds (``python tests/safety_grid.py``): 16× and 18×; before the
+    quadratic model's jvps were vmapped (the same mathematics, other rounding), 58× with a quarter. Without
+    the safeguards: 10²³×."""
+    options = safety_options(curvature, mode, fraction, period, adaptive, quadratic)
     losses = _ill_conditioned_run(seed, kind, options)
     assert max(losses) <= (20 if quadratic == 1 or curvature == "fisher" else 100) * losses[0], losses
