@@ -106,8 +106,7 @@ class KFACState(NamedTuple):
     embedding's identity ``Q_A`` is stored as an empty tensor), the π-damped inverse factors
     (``"factored"``), E-KFAC's moving average of the scaling, the two-level coarse space and the moving
     average of its coarse matrix, and per parameter path the velocity (the momentum buffer, or the
-    previous update of the adaptive step; at least float32, like the statistics), and the adaptive step's
-    ``(α, μ)`` from its last quadratic model (float64, reused between models: ``quadratic_period``)."""
+    previous update of the adaptive step; at least float32, like the statistics)."""
 
     step: Tensor
     key: Tensor
@@ -119,13 +118,11 @@ class KFACState(NamedTuple):
     space: Any
     coarse: Any
     velocity: Flat
-    coefficients: Tensor
 
 
 class Schedule(NamedTuple):
     """The periodic work of one step (host booleans, from the step counter); ``statistics``: whether it
-    reads the Fisher statistics ``(a, g)`` of its batch; ``quadratic``: whether the adaptive step solves its
-    quadratic model (otherwise it reuses the last ``(α, μ)``)."""
+    reads the Fisher statistics ``(a, g)`` of its batch."""
 
     refresh: bool
     factors: bool
@@ -133,7 +130,6 @@ class Schedule(NamedTuple):
     coarse: bool
     adapt: bool
     statistics: bool
-    quadratic: bool = True
 
 
 class StepInfo(NamedTuple):
@@ -197,7 +193,6 @@ class Options:
     adaptive: str | None
     quadratic_curvature: str
     quadratic_fraction: float
-    quadratic_period: int
     damping_adaptation: bool
     damping_interval: int
     damping_decay: float
@@ -233,7 +228,6 @@ class Options:
             "adaptive": self.adaptive in ADAPTIVE,
             "quadratic_curvature": self.quadratic_curvature in ("ggn", "fisher"),
             "quadratic_fraction": 0 < self.quadratic_fraction <= 1,
-            "quadratic_period": self.quadratic_period >= 1,
             "damping_interval": self.damping_interval >= 1,
             "damping_decay": 0 < self.damping_decay < 1,
             "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
@@ -299,7 +293,6 @@ def kfac(
     adaptive: str | None = "lr_momentum",
     quadratic_curvature: str = "ggn",
     quadratic_fraction: float = 1.0,
-    quadratic_period: int = 1,
     damping_adaptation: bool = True,
     damping_interval: int = 5,
     damping_decay: float = 0.95,
@@ -323,8 +316,7 @@ def kfac(
     it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"`` (``quadratic_fraction``: the GGN
-    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``;
-    ``quadratic_period``: the model solved every that many steps, the steps between reusing its ``(α, μ)``);
+    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``);
     ``damping_adaptation`` with ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``;
     ``seed`` (of ``state.key``). The defaults are the quadratic-model step (``adaptive="lr_momentum"``,
     ``damping_adaptation=True``, factored damping — eigen for E-KFAC — and statistics every 5 steps);
@@ -338,7 +330,7 @@ def kfac(
         as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
-        quadratic_curvature, quadratic_fraction, quadratic_period, damping_adaptation, damping_interval, damping_decay,
+        quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay,
         tuple(damping_bounds), reject_steps, lazy_factors and communicator is not None, max_factor_dim,
         None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()},
     )
@@ -427,7 +419,6 @@ class _Transform:
             damping=torch.tensor(float(o.damping), dtype=torch.float64),
             factors=factors, eigen=eigen, inverses=inverses, scale=scale, space=space, coarse=coarse,
             velocity={n: torch.zeros_like(p, dtype=stat_dtype(p.dtype)) for n, p in flat.items()},
-            coefficients=torch.zeros(2, dtype=torch.float64, device=first.device),
         )
 
     def schedule(self, state: KFACState) -> Schedule:
@@ -437,10 +428,8 @@ class _Transform:
         scale = o.method == "ekfac" and (refresh or t % o.scale_period == 0)
         coarse = o.method == "two_level" and (factor_step or refresh or o.combination != "additive")
         adapt = o.damping_adaptation and t % o.damping_interval == 0
-        quadratic = bool(o.adaptive) and t % o.quadratic_period == 0
-        fisher_forms = o.quadratic_curvature == "fisher" and (quadratic or adapt or o.reject_steps)
-        return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or scale or coarse or fisher_forms,
-                        quadratic)
+        fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or adapt or o.reject_steps)
+        return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or scale or coarse or fisher_forms)
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
@@ -558,8 +547,7 @@ class _Transform:
         delta = comm.spread(precondition(flat, objective if o.adaptive else grads, factors, **kwargs), plan.layers)
         if o.adaptive:
             update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
-                                                                cap, plan, damping, loss, hyper, schedule.quadratic)
-            new = new._replace(coefficients=torch.stack([alpha, mu]))
+                                                                cap, plan, damping, loss, hyper)
             direction = delta
         else:
             update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
@@ -616,30 +604,24 @@ class _Transform:
         return update, velocity, alpha, mu, clipped
 
     @phase("update")
-    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper,
-                  quadratic: bool):
+    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
-        parameter's momentum when ``adaptive="lr"``), or the last model's ``(α, μ)`` when ``quadratic`` is
-        false (then no forms are returned)."""
+        parameter's momentum when ``adaptive="lr"``)."""
         names = list(hyper.lr)
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
         directions = [{**{n: -delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
+        forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper)
+        dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
+        gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions])
+        b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
+        fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
+        x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
+        l2 = hyper.weight_decay
+        objective = cap.loss.double() + sum(0.5 * l2.get(n, 0.0) * params[n].double().square().sum() for n in params)
+        x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
         step, prev = directions
-        x, solved = state.coefficients, None
-        if quadratic:
-            forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper)
-            dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
-            gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions]).to(forms.dtype)
-            b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
-            fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
-            x, _ = solve_quadratic_model(forms, gram, b, damping, fixed)
-            l2 = hyper.weight_decay
-            objective = cap.loss.double() + sum(0.5 * l2.get(n, 0.0) * params[n].double().square().sum()
-                                                for n in params)
-            x = safe_coefficients(forms, gram, b, damping, x, objective, fixed is None)
-            solved = (forms, b, x)
         update = {n: x[0].to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
-        return update, dict(update), x[0], x[1], solved
+        return update, dict(update), x[0], x[1], (forms, b, x)
 
     def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper) -> Tensor:
         """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""

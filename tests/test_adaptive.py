@@ -290,37 +290,6 @@ def test_factored_inverses_take_the_damping_at_their_refresh():
     assert lams == pytest.approx([1e-2 * 0.95 ** (t + 1) for t in range(5)], rel=1e-12)  # ρ = 1: λ changed every step
 
 
-@pytest.mark.parametrize("adaptive", ["lr_momentum", "lr"])
-def test_quadratic_period_reuses_the_last_models_coefficients(adaptive):
-    """``quadratic_period=3``: steps 0, 3, 6 solve the quadratic model — the same ``(α, μ)`` as a solve on
-    every step from the same parameters and state —, the steps between reuse the last ``(α, μ)`` exactly
-    (where a solve would differ) in ``θ ← θ − αΔ + μδ_prev``, with ``Δ`` the step's preconditioned gradient."""
-    model = _mlp(3)
-    kw = dict(loss="cross_entropy", fisher="exact", adaptive=adaptive, momentum=0.5, damping=1e-2,
-              damping_adaptation=True, damping_interval=2, factor_period=1, inverse_period=2)
-    every, periodic = kf.kfac(model, **kw), kf.kfac(model, quadratic_period=3, **kw)
-    params = _params(model)
-    batches = _batches(8, seed=4)
-    state = periodic.init(params, batches[0][0])
-    prev = {n: torch.zeros_like(p) for n, p in params.items()}
-    last = None
-    for t, (x, y) in enumerate(batches):
-        new, state_new, info = periodic.step(params, state, x, y)
-        _, _, fresh = every.step(params, state, x, y)
-        got = torch.stack([info.alpha, info.mu])
-        if t % 3 == 0:
-            torch.testing.assert_close(got, torch.stack([fresh.alpha, fresh.mu]), rtol=0, atol=0)
-            last = got
-        else:
-            assert torch.equal(got, last)
-            assert not torch.equal(got, torch.stack([fresh.alpha, fresh.mu]))  # the reuse is not what a solve gives
-        for n in params:
-            want = params[n] - info.alpha * info.direction[n] + info.mu * prev[n]
-            torch.testing.assert_close(new[n], want, rtol=1e-12, atol=1e-14)
-            prev[n] = new[n] - params[n]
-        params, state = new, state_new
-
-
 # ----------------------------------------------------------------------------------------------------
 # the report
 # ----------------------------------------------------------------------------------------------------
