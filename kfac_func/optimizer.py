@@ -24,7 +24,8 @@ Each step, on the flat ``name → tensor`` view of the parameters:
    (``ν = 1`` when ``Σ Δ·∇ = 0``), then per parameter ``d = νΔ + wd·θ``, ``v ← μv + d``, ``θ ← θ − ηv``;
    with ``adaptive``, ``δ = αΔ + μδ_prev`` with ``(α, μ)`` from the quadratic model
    (:mod:`kfac_func.quadratic`; weight decay is its L2 term);
-5. ``damping_adaptation``: the reduction ratio ``ρ`` and the Levenberg–Marquardt rule for ``λ``;
+5. ``damping_adaptation``: the reduction ratio ``ρ`` and the Levenberg–Marquardt rule for ``λ`` (the
+   quadratic model uses it from the next step, the factored inverses from their next refresh);
    ``reject_steps``: a step whose new loss is NaN or higher keeps ``θ`` and the velocity and raises
    ``λ`` once;
 6. the NaN guard: a non-finite loss, gradient or statistic leaves parameters and state exactly as they
