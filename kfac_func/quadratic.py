@@ -95,7 +95,7 @@ def ggn_quadratic_forms(
     dtype = stat_dtype(outs.dtype)
     out, jds = outs[0].detach().to(dtype), jds.to(dtype)
     hessian = vmap(lambda u: output_hessian_product(loss, out, targets, u, scale))(jds)
-    return (jds.flatten(1) @ hessian.flatten(1).T)
+    return jds.flatten(1) @ hessian.flatten(1).T
 
 
 @full_precision
