@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Collection, NamedTuple, Sequence
 
 import optree
 import torch
@@ -53,6 +53,7 @@ from .layers import (
     Rows,
     bind_arguments,
     conv_call,
+    input_patch_means,
     input_patches,
     output_grads,
     parameter_grads,
@@ -116,7 +117,8 @@ class Capture(NamedTuple):
     * ``grads``: ``∂loss/∂params`` for every parameter, a pytree shaped like ``params``;
     * ``a``: per layer, homogeneous inputs ``(N, B, S, d_a)``;
     * ``g``: per layer, scaled output gradients ``(V, N, B, S, d_g)`` of the curvature vectors, such that
-      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ``;
+      the exact curvature block is ``Σ_{v,n} vec(Σₛ g āᵀ) vec(Σₛ g āᵀ)ᵀ`` (a ``pooled`` layer's: ``â``
+      and ``ĝ`` with ``S = 1``);
     * ``low_rank`` (with ``capture(..., low_rank=True)``): for each dense layer called once on ``(N, d)``
       inputs, ``(g, ā)`` ``(N, d_g)``, ``(N, d_a)`` — the true output gradients and homogeneous inputs of
       the whole batch — whose product ``gᵀā`` is that layer's gradient matrix ``[∇W, ∇b]`` (for
@@ -520,6 +522,7 @@ def capture(
     stats_examples: int | None = None,
     plan: Plan | None = None,
     low_rank: bool = False,
+    pooled: Collection[str] = (),
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and the backwards of its cotangents.
 
@@ -528,8 +531,11 @@ def capture(
     tensor), ``"exact"``, ``"empirical"`` or ``None`` (gradients only). ``stats_examples``: keep
     ``(a, g)`` of the first rows only, a cheaper estimate of the same curvature (``g`` is rescaled by
     ``√(N/m)``); gradients always use the whole batch. ``plan``: the model's :func:`trace` on these
-    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. Pure: no input
-    is modified.
+    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. ``pooled``: layers
+    whose ``(a, g)`` are pooled over positions (:func:`layer_statistics`) — enough for the reduce
+    convention's factors, which then skip building a convolution's patches; not for consumers of the
+    per-position statistics (E-KFAC's scaling, the two-level coarse matrix, the Fisher quadratic forms).
+    Pure: no input is modified.
     """
     loss = as_loss(loss)
     params, structure = flatten(params)
@@ -596,28 +602,46 @@ def capture(
         return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored)
     # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)
     curvature = [true_g.unsqueeze(0) / scale**0.5 if fisher == "empirical" else curv_g for true_g, curv_g in probe_grads]
-    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches)
+    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches, pooled)
     return Capture(value, structure.unflatten(grads), a, g, buffers, factored)
 
 
 def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],
-                     examples: int | None = None, patches: Sequence[Tensor | None] | None = None
-                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                     examples: int | None = None, patches: Sequence[Tensor | None] | None = None,
+                     pooled: Collection[str] = ()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per layer ``(a, g)`` of :class:`Capture` from each tracked call's recorded input and the output
     gradients ``(V, N, *out)`` of the curvature vectors. ``examples``: keep the first rows only, with ``g``
     rescaled by ``√(N/m)`` so that factors from ``m`` rows estimate the full-batch curvature. ``patches``:
-    per call, the whole batch's homogeneous inputs when already built (``None`` where not)."""
+    per call, the whole batch's homogeneous inputs when already built (``None`` where not). ``pooled``:
+    layers whose statistics are pooled over positions, as the reduce convention takes them: ``a`` is the mean
+    ``â`` over all positions of all calls, ``(N, B, 1, d_a)``, ``g`` the sum ``ĝ``, ``(V, N, B, 1, d_g)``."""
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
+    positions: dict[str, list[int]] = {name: [] for name in plan.layers}
     for k, (call, x, gs) in enumerate(zip(plan.calls, inputs, grads)):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
         n = x.shape[0]
         m = n if examples is None else min(examples, n)
         whole = patches[k] if patches is not None and m == n else None
-        gs = gs[:, :m]
-        a[call.layer].append(whole if whole is not None else input_patches(call, x[:m], has_bias,
-                                                                           params[spec.weight].dtype))
-        g[call.layer].append(output_grads(call, gs * (n / m) ** 0.5 if m != n else gs, x[:m], has_bias))
-    cat = lambda parts, dim: torch.cat(parts, dim) if len(parts) > 1 else parts[0]  # noqa: E731
-    return {name: cat(parts, 2) for name, parts in a.items()}, {name: cat(parts, 3) for name, parts in g.items()}
+        gs = output_grads(call, gs[:, :m] * (n / m) ** 0.5 if m != n else gs[:, :m], x[:m], has_bias)
+        dtype = params[spec.weight].dtype
+        if call.layer in pooled:
+            positions[call.layer].append(gs.shape[3])
+            means = whole if whole is not None and whole.shape[2] == 1 else input_patch_means(call, x[:m], has_bias,
+                                                                                                dtype)
+            a[call.layer].append(means)
+            g[call.layer].append(gs.sum(3, keepdim=True))
+        else:
+            a[call.layer].append(whole if whole is not None else input_patches(call, x[:m], has_bias, dtype))
+            g[call.layer].append(gs)
+    out_a, out_g = {}, {}
+    for name in plan.layers:
+        if name in pooled:  # the calls' means weighted by their positions; their sums add
+            total = sum(positions[name])
+            out_a[name] = sum(part * (s / total) for part, s in zip(a[name], positions[name]))
+            out_g[name] = sum(g[name][1:], g[name][0])
+        else:
+            out_a[name] = torch.cat(a[name], 2) if len(a[name]) > 1 else a[name][0]
+            out_g[name] = torch.cat(g[name], 3) if len(g[name]) > 1 else g[name][0]
+    return out_a, out_g

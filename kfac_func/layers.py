@@ -129,6 +129,12 @@ def _check_input(call: LayerCall, a: Tensor) -> None:
         raise ValueError(f"layer {call.layer!r}: embedding indices of shape {tuple(a.shape)} have no batch dimension")
 
 
+def _padded(call: LayerCall, a: Tensor) -> Tensor:
+    """A convolution's input with its padding applied."""
+    a, pads = _explicit_padding(call, a)
+    return F.pad(a, [p for pad in reversed(pads) for p in (pad, pad)]) if any(pads) else a
+
+
 def input_patches(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype) -> Tensor:
     """Layer input of one call → ``(N, B, S, d_a)``, with the ones column when ``bias``; ``dtype`` (the
     weight's) sets the dtype of the constructed inputs of norms (ones) and embeddings (one-hot).
@@ -153,10 +159,7 @@ def input_patches(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype) ->
         out[..., :-1] = rows
     else:
         d = len(call.kernel)
-        a, pads = _explicit_padding(call, a)
-        if any(pads):
-            a = F.pad(a, [p for pad in reversed(pads) for p in (pad, pad)])
-        windows = a
+        windows = a = _padded(call, a)
         for i, (k, dil, s) in enumerate(zip(call.kernel, call.dilation, call.stride)):
             windows = windows.unfold(2 + i, dil * (k - 1) + 1, s)
         windows = windows[(...,) + tuple(slice(None, None, dil) for dil in call.dilation)]
@@ -172,6 +175,23 @@ def input_patches(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype) ->
     if bias:
         out[..., -1] = 1
     return out
+
+
+def input_patch_means(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype) -> Tensor:
+    """The position mean ``â = 1/S Σₛ ā`` of :func:`input_patches`, ``(N, B, 1, d_a)``: all that the reduce
+    convention's ``A`` needs. A convolution's is taken one spatial dim at a time from strided windows of the
+    padded input (the mean over output positions of each kernel offset), never building the ``S`` patches —
+    whose copy costs ``S`` times the memory traffic of this."""
+    if call.kind not in CONVS.values():
+        return input_patches(call, a, bias, dtype).mean(2, keepdim=True)
+    _check_input(call, a)
+    n = a.shape[0]
+    a = _padded(call, a.to(stat_dtype(a.dtype)))
+    for k, dil, s in zip(call.kernel, call.dilation, call.stride):
+        # (N, C, out_i, *later dims, *earlier kernel dims, window) → mean over out_i: kernel dim i goes last
+        a = a.unfold(2, dil * (k - 1) + 1, s)[..., ::dil].mean(2)
+    means = a.reshape(n, call.groups, 1, -1)  # (N, C, *kernel), channel-major like the weight's rows
+    return torch.cat([means, means.new_ones(n, call.groups, 1, 1)], -1) if bias else means
 
 
 def _norm_grads(call: LayerCall, g: Tensor, xhat: Tensor, bias: bool) -> Tensor:

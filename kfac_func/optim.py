@@ -289,7 +289,8 @@ class KFAC(torch.optim.Optimizer):
         value = torch.zeros(()) if loss is None else loss.detach()
         scale = 1.0 if self._grad_scaler is None else float(self._grad_scaler.get_scale())
         cap, plan = recorder.capture(grads, value, statistics=schedule.statistics,
-                                     stats_fraction=pure.options.stats_fraction, grad_scale=scale, share=share)
+                                     stats_fraction=pure.options.stats_fraction, grad_scale=scale, share=share,
+                                     pooled=pure.pooled(recorder.require_forward(), schedule))
         new, new_state, info = pure.apply(params, state, cap, plan, schedule, self._hyper(), share=share,
                                                 reduced=self._ddp)
         self._commit(new, new_state, info, state.step)

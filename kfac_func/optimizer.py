@@ -17,7 +17,8 @@ Each step, on the flat ``name → tensor`` view of the parameters:
    every ``damping_interval``. It is the only host read of a step; :meth:`Optimizer.update` takes it
    explicitly, so that ``torch.compile(opt.update, fullgraph=True)`` sees no data-dependent branch;
 2. :func:`~kfac_func.capture` — loss, gradients and, when the schedule needs them, the statistics of
-   ``fisher`` (``mc`` samples with a key split from ``state.key``);
+   ``fisher`` (``mc`` samples with a key split from ``state.key``); pooled over positions for the reduce
+   layers when only the factors read them (:meth:`Optimizer.pooled`: no convolution patches are built);
 3. the moving averages (``ema_decay``, bias-corrected), decompositions (eigen, or π-damped inverses
    from Cholesky factors for ``damping_mode="factored"``), E-KFAC scalings, coarse spaces and matrices;
 4. ``Δ = precondition(∇)``; with a fixed learning rate, KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))``
@@ -123,7 +124,9 @@ class KFACState(NamedTuple):
 
 class Schedule(NamedTuple):
     """The periodic work of one step (host booleans, from the step counter); ``statistics``: whether it
-    reads the Fisher statistics ``(a, g)`` of its batch."""
+    reads the Fisher statistics ``(a, g)`` of its batch; ``positions``: whether it reads them per position
+    (E-KFAC's scaling, the coarse matrix, the Fisher quadratic forms) — if not, the layers of the reduce
+    convention capture them pooled over positions (:func:`~kfac_func.capture.layer_statistics`)."""
 
     refresh: bool
     factors: bool
@@ -131,6 +134,7 @@ class Schedule(NamedTuple):
     coarse: bool
     adapt: bool
     statistics: bool
+    positions: bool
 
 
 class StepInfo(NamedTuple):
@@ -262,6 +266,7 @@ class Optimizer(NamedTuple):
     update: Callable[..., tuple[Any, KFACState, StepInfo]]
     apply: Callable[..., tuple[Any, KFACState, StepInfo]]
     schedule: Callable[[KFACState], Schedule]
+    pooled: Callable[[Plan, Schedule], frozenset[str]]
     options: Options
 
 
@@ -379,7 +384,7 @@ class _Transform:
         self.model, self.o, self.comm = model, options, comm
 
     def functions(self) -> Optimizer:
-        return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.o)
+        return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.pooled, self.o)
 
     # ----------------------------------------------------------------------------------------- state
     def init(self, params: Any, inputs: Any, key: Tensor | None = None) -> KFACState:
@@ -430,7 +435,19 @@ class _Transform:
         coarse = o.method == "two_level" and (factor_step or refresh or o.combination != "additive")
         adapt = o.damping_adaptation and t % o.damping_interval == 0
         fisher_forms = o.quadratic_curvature == "fisher" and bool(o.adaptive or adapt or o.reject_steps)
-        return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or scale or coarse or fisher_forms)
+        positions = scale or coarse or fisher_forms
+        return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or positions, positions)
+
+    def _reduce(self, plan: Plan) -> bool | dict[str, bool]:
+        return default_reduce(plan) if self.o.reduce == "auto" else self.o.reduce
+
+    def pooled(self, plan: Plan, schedule: Schedule) -> frozenset[str]:
+        """The layers whose statistics a step with ``schedule`` captures pooled over positions: those of the
+        reduce convention, when nothing reads the statistics per position (``schedule.positions``)."""
+        reduce = self._reduce(plan)
+        if not schedule.statistics or schedule.positions:
+            return frozenset()
+        return frozenset(n for n in plan.layers if (reduce.get(n, False) if isinstance(reduce, dict) else reduce))
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
@@ -456,7 +473,7 @@ class _Transform:
         with torch.enable_grad():
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
                           mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
-                          low_rank=low_rank)
+                          low_rank=low_rank, pooled=self.pooled(plan, schedule))
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
         return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets)
 
@@ -490,8 +507,7 @@ class _Transform:
                reduced: bool = False) -> tuple[Any, KFACState, StepInfo]:
         """The step after the capture: averages, decompositions, preconditioning, the update, the guard."""
         o, comm = self.o, self.comm
-        reduce = default_reduce(plan) if o.reduce == "auto" else o.reduce
-        batch = kronecker_factors(cap, reduce=reduce, layers=plan.layers, max_factor_dim=o.max_factor_dim,
+        batch = kronecker_factors(cap, reduce=self._reduce(plan), layers=plan.layers, max_factor_dim=o.max_factor_dim,
                                   factor_sides=o.factor_sides) if schedule.factors else None
         if batch is not None:
             batch = weight_inputs(batch, share)

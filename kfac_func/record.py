@@ -26,7 +26,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import Tensor, nn
@@ -184,9 +184,10 @@ class Recorder:
         rec.scale = float(scale)
 
     def capture(self, grads: dict[str, Tensor], loss: Tensor, *, statistics: bool, stats_fraction: float = 1.0,
-                grad_scale: float = 1.0, share: float = 1.0) -> tuple[Capture, Plan]:
+                grad_scale: float = 1.0, share: float = 1.0, pooled: Collection[str] = ()) -> tuple[Capture, Plan]:
         """The :class:`Capture` of the forwards since the last step (then forgotten), with ``grads`` and
-        ``loss`` as given; ``g`` carries ``√share`` (this rank's weight in a data-parallel sum)."""
+        ``loss`` as given; ``g`` carries ``√share`` (this rank's weight in a data-parallel sum); ``pooled``
+        layers' statistics are pooled over positions (:func:`~kfac_func.capture.layer_statistics`)."""
         records, self.records = self.records, []
         if self._open is not None:
             raise RuntimeError("kfac_func: step() was called inside the model's forward")
@@ -216,7 +217,7 @@ class Recorder:
                 weight = (total_scale / r.scale) ** 0.5  # this forward's share of the whole batch's R
                 vectors = [v * weight for v in r.curvature]
             examples = math.ceil(stats_fraction * r.examples) if stats_fraction < 1 else None
-            parts.append(layer_statistics(r.plan, params, r.mode.inputs, vectors, examples))
+            parts.append(layer_statistics(r.plan, params, r.mode.inputs, vectors, examples, pooled=pooled))
         a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
         g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
         return Capture(loss, grads, a, g), plan

@@ -159,8 +159,11 @@ def _preconditioned_oracle(model: nn.Module, x, y, damping: float) -> dict[str, 
     return kf.precondition(params, cap.grads, factors, layers=kf.trace(model, params, x).layers, damping=damping)
 
 
-def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw():
-    model = _mlp()
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw(make):
+    """The oracle's factors come from the per-position capture; the flow's, for the CNN's reduce layers, are
+    captured pooled over positions."""
+    model = make()
     x, y = _data(model)
     want = _preconditioned_oracle(model, x, y, damping=1e-3)
     # the oracle's eigen damping, statistics every step

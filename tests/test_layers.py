@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -103,6 +103,59 @@ def test_single_conv_nd_per_pixel_mse_expand_is_exact(dims, data, seed, n, bias,
     oracle = ggn_block(conv, params, x, y, "mse", reduction, Layer("weight", "bias" if bias else None, cfg["groups"]))
     assert_close(_dense(kf.kronecker_factors(cap), name), oracle)
     _grads_match(cap, conv, params, x, y, "mse", reduction)
+
+
+class ConvPool(nn.Module):
+    """A conv, its output averaged over positions, a linear head. ``shared``: the conv runs a second time, on
+    the zero-padded input (more positions), and the two pooled outputs add."""
+
+    def __init__(self, conv: nn.Module, classes: int, shared: bool):
+        super().__init__()
+        self.conv, self.head, self.shared = conv, nn.Linear(conv.out_channels, classes), shared
+
+    def forward(self, x):
+        dims = tuple(range(2, x.dim()))
+        h = self.conv(x).mean(dims)
+        if self.shared:
+            h = h + self.conv(F.pad(x, (1,) * 2 * len(dims))).mean(dims)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@given(cfg=st.sampled_from([1, 2, 3]).flatmap(conv_nd), seed=seeds, n=st.integers(1, 3), bias=st.booleans(),
+       examples=st.sampled_from([None, 1, 2]))
+@example(cfg=dict(groups=2, cin=2, cout=4, kernel=(2, 2), dilation=(2, 1), padding=1, stride=2, size=(5, 4)),
+         seed=0, n=3, bias=True, examples=2)
+@example(cfg=dict(groups=1, cin=2, cout=2, kernel=(3,), dilation=(2,), padding="same", stride=1, size=(7,)),
+         seed=1, n=3, bias=True, examples=None)
+@settings(max_examples=budget(8))
+def test_pooled_statistics_are_the_reduce_convention(shared, cfg, seed, n, bias, examples):
+    """``capture(..., pooled=...)`` takes a layer's ``(a, g)`` pooled over positions without building a
+    convolution's patches: the reduce factors equal those of the per-position capture (any conv, a conv
+    called twice with different numbers of positions, statistics from the first rows), and — one ungrouped
+    conv before a linear pooling and head, MSE — the exact GGN blocks (Eschenhagen et al.'s exact case)."""
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(cfg["kernel"]) - 1](
+        cfg["cin"], cfg["cout"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
+        dilation=cfg["dilation"], groups=cfg["groups"], bias=bias)
+    model = ConvPool(conv, 2, shared).to(DT)
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg["cin"], *cfg["size"], generator=gen, dtype=DT)
+    y = torch.randn(n, 2, generator=gen, dtype=DT)
+    layers = set(kf.trace(model, params, x).layers)
+    caps = [kf.capture(model, params, x, y, "mse", fisher="exact", stats_examples=examples, pooled=pooled)
+            for pooled in ((), layers)]
+    assert all(a.shape[2] == 1 for a in caps[1].a.values())
+    assert caps[0].a["conv"].shape[2] > 1
+    full, pooled = (kf.kronecker_factors(cap, reduce=True) for cap in caps)
+    for name in layers:
+        for got, want in zip(pooled[name], full[name]):
+            assert_close(got, want, atol=1e-12, rtol=1e-10)
+    if not shared and examples is None and cfg["groups"] == 1:
+        for name, layer in {"conv": Layer("conv.weight", "conv.bias" if bias else None, cfg["groups"]),
+                            "head": Layer("head.weight", "head.bias")}.items():
+            assert_close(_dense(pooled, name), ggn_block(model, params, x, y, "mse", "mean", layer))
 
 
 # ----------------------------------------------------------------------------------------------------

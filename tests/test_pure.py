@@ -119,6 +119,35 @@ METHODS = {
 }
 
 
+def conv_net(params, x):
+    h = torch.tanh(F.conv2d(x, params["conv"]["w"], params["conv"]["b"], stride=2, padding=1, dilation=2))
+    return F.linear(h.flatten(1), params["head"]["w"], params["head"]["b"])
+
+
+@pytest.mark.parametrize("options, pooled", [
+    ({}, True), (dict(method="ekfac"), False), (dict(method="two_level"), False),
+    (dict(quadratic_curvature="fisher"), False)])
+def test_reduce_layers_capture_pooled_statistics(options, pooled):
+    """With only the factors reading the statistics (K-FAC, the GGN quadratic model), the reduce layers (an
+    ``(N, C)`` output) capture them pooled over positions; E-KFAC's scaling, the coarse matrix and the Fisher
+    quadratic forms read them per position. Either way the first step's factors are the batch's reduce
+    factors from the per-position capture."""
+    g = torch.Generator().manual_seed(0)
+    params = {"conv": {"w": torch.randn(4, 2, 3, 3, generator=g, dtype=DT), "b": torch.randn(4, generator=g, dtype=DT)},
+              "head": {"w": torch.randn(3, 36, generator=g, dtype=DT), "b": torch.randn(3, generator=g, dtype=DT)}}
+    x, y = torch.randn(6, 2, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    opt = kf.kfac(conv_net, fisher="exact", **options)
+    state = opt.init(params, x)
+    plan = kf.trace(conv_net, params, x)
+    assert opt.pooled(plan, opt.schedule(state)) == (set(plan.layers) if pooled else set())
+    _, state, _ = opt.step(params, state, x, y)
+    want = kf.kronecker_factors(kf.capture(conv_net, params, x, y, "cross_entropy", fisher="exact"), reduce=True)
+    got = kf.averaged(state.factors)
+    for name in plan.layers:
+        for a, b in zip(got[name], want[name]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_nested_pytrees_equal_flat_dicts(name):
     """The same function on nested, tuple and flat parameters: identical results, structure kept."""
