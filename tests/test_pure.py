@@ -1,8 +1,9 @@
 """The pure optimizer ``kfac(model).init/step``: a hand-written reference of the orchestration (refresh
 periods, moving averages, KL clip, momentum, weight decay, key splitting) over several steps; nested
 pytrees equal flat dicts; ``torch.compile`` equals eager for every Fisher type with refreshes inside the
-compiled run; ``vmap`` over an ensemble equals the loop; a NaN batch changes nothing; ``KFAC`` is the pure
-step."""
+compiled run; ``vmap`` over an ensemble equals the loop (an MLP; a CNN with pooled statistics); the reduce
+layers' pooled statistics give the per-position capture's factors; a NaN batch changes nothing; ``KFAC`` is
+the pure step."""
 
 from __future__ import annotations
 
@@ -124,6 +125,17 @@ def conv_net(params, x):
     return F.linear(h.flatten(1), params["head"]["w"], params["head"]["b"])
 
 
+def conv_params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    return {"conv": {"w": r(4, 2, 3, 3), "b": r(4)}, "head": {"w": r(3, 36), "b": r(3)}}
+
+
+def conv_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 2, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+
+
 @pytest.mark.parametrize("options, pooled", [
     ({}, True), (dict(method="ekfac"), False), (dict(method="two_level"), False),
     (dict(quadratic_curvature="fisher"), False)])
@@ -132,10 +144,7 @@ def test_reduce_layers_capture_pooled_statistics(options, pooled):
     ``(N, C)`` output) capture them pooled over positions; E-KFAC's scaling, the coarse matrix and the Fisher
     quadratic forms read them per position. Either way the first step's factors are the batch's reduce
     factors from the per-position capture."""
-    g = torch.Generator().manual_seed(0)
-    params = {"conv": {"w": torch.randn(4, 2, 3, 3, generator=g, dtype=DT), "b": torch.randn(4, generator=g, dtype=DT)},
-              "head": {"w": torch.randn(3, 36, generator=g, dtype=DT), "b": torch.randn(3, generator=g, dtype=DT)}}
-    x, y = torch.randn(6, 2, 8, 8, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)
+    params, (x, y) = conv_params(), conv_batch()
     opt = kf.kfac(conv_net, fisher="exact", **options)
     state = opt.init(params, x)
     plan = kf.trace(conv_net, params, x)
@@ -244,6 +253,23 @@ def test_vmap_over_an_ensemble_equals_the_loop(sides):
     one = stack([opt.init(members[0], data[0][0], key=random.key(k)) for k in (1, 2)])
     _, out, _ = vmap(opt.step, in_dims=(0, 0, None, None))(same, one, *data[0])
     assert not torch.equal(out.factors.value["l1.w"].G[0], out.factors.value["l1.w"].G[1])
+
+
+def test_vmap_over_a_conv_ensemble_equals_the_loop():
+    """The defaults (pooled statistics of the conv: strided windows averaged under ``vmap``) over two stacked
+    members equal stepping each alone."""
+    opt = kf.kfac(conv_net)
+    members = [conv_params(seed) for seed in range(2)]
+    x, y = conv_batch()
+    stack = lambda trees: optree.tree_map(lambda *t: torch.stack(t), *trees)  # noqa: E731
+    params, state = stack(members), stack([opt.init(p, x) for p in members])
+    loops = [(p, opt.init(p, x)) for p in members]
+    for _ in range(2):
+        params, state, _ = vmap(opt.step, in_dims=(0, 0, None, None))(params, state, x, y)
+        loops = [opt.step(p, s, x, y)[:2] for p, s in loops]
+    for i, (p, s) in enumerate(loops):
+        for a, b in zip(optree.tree_leaves((p, s)), optree.tree_leaves((params, state))):
+            torch.testing.assert_close(a, b[i], rtol=1e-10, atol=1e-12)
 
 
 # the NaN batch reaches the statistics and a refresh (statistics every step, decompositions every step): in the
