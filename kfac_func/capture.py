@@ -628,16 +628,15 @@ def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Ten
         dtype = params[spec.weight].dtype
         if call.layer in pooled:
             positions[call.layer].append(gs.shape[3])
-            means = whole if whole is not None and whole.shape[2] == 1 else input_patch_means(call, x[:m], has_bias,
-                                                                                                dtype)
-            a[call.layer].append(means)
+            # a dense layer's whole-batch inputs have one position: their mean
+            a[call.layer].append(whole if whole is not None else input_patch_means(call, x[:m], has_bias, dtype))
             g[call.layer].append(gs.sum(3, keepdim=True))
         else:
             a[call.layer].append(whole if whole is not None else input_patches(call, x[:m], has_bias, dtype))
             g[call.layer].append(gs)
     out_a, out_g = {}, {}
     for name in plan.layers:
-        if name in pooled:  # the calls' means weighted by their positions; their sums add
+        if name in pooled and len(a[name]) > 1:  # the calls' means weighted by their positions; their sums add
             total = sum(positions[name])
             out_a[name] = sum(part * (s / total) for part, s in zip(a[name], positions[name]))
             out_g[name] = sum(g[name][1:], g[name][0])

@@ -439,6 +439,7 @@ class _Transform:
         return Schedule(refresh, factor_step, scale, coarse, adapt, factor_step or positions, positions)
 
     def _reduce(self, plan: Plan) -> bool | dict[str, bool]:
+        """The ``reduce`` option resolved for ``plan`` (``"auto"``: :func:`default_reduce`)."""
         return default_reduce(plan) if self.o.reduce == "auto" else self.o.reduce
 
     def pooled(self, plan: Plan, schedule: Schedule) -> frozenset[str]:
