@@ -99,12 +99,17 @@ def kronecker_factors(
         g = cap.g[name]
         side_a, side_g = layout[name]
         n, positions = a.shape[0], a.shape[2]
-        if reduce.get(name, False) if isinstance(reduce, Mapping) else reduce:
+        if reduces(reduce, name):
             a, g, count = a.mean(2), g.sum(3), n
         else:
             count = n * positions
         out[name] = KroneckerFactors(_gram(a, 1, side_a) / count, _gram(g, 2, side_g))
     return out
+
+
+def reduces(reduce: bool | Mapping[str, bool], name: str) -> bool:
+    """Whether layer ``name`` takes the reduce convention under ``reduce`` (one flag, or per layer)."""
+    return reduce.get(name, False) if isinstance(reduce, Mapping) else reduce
 
 
 def default_reduce(plan) -> dict[str, bool]:

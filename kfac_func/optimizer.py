@@ -63,6 +63,7 @@ from .factors import (
     factor_dims,
     inverse_factors,
     kronecker_factors,
+    reduces,
     traced,
 )
 from . import sides
@@ -445,10 +446,10 @@ class _Transform:
     def pooled(self, plan: Plan, schedule: Schedule) -> frozenset[str]:
         """The layers whose statistics a step with ``schedule`` captures pooled over positions: those of the
         reduce convention, when nothing reads the statistics per position (``schedule.positions``)."""
-        reduce = self._reduce(plan)
         if not schedule.statistics or schedule.positions:
             return frozenset()
-        return frozenset(n for n in plan.layers if (reduce.get(n, False) if isinstance(reduce, dict) else reduce))
+        reduce = self._reduce(plan)
+        return frozenset(n for n in plan.layers if reduces(reduce, n))
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
