@@ -3,6 +3,7 @@
 __version__ = "0.1.0"  # the package's version: pyproject.toml reads it from here
 
 from . import checkpoint, distributed, random, tree
+from .calls import Args
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
 from .describe import Registration, describe
@@ -32,6 +33,7 @@ from .two_level import (
 )
 
 __all__ = [
+    "Args",
     "Capture",
     "CoarseCorrection",
     "CoarseSpace",

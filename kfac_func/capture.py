@@ -44,6 +44,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from . import attention
+from .batching import Layout, batch_first, batch_first_loss, batched_shape, infer, unbatch_first
+from .calls import Args, ModelIO, batch_leaves, batch_size, call as call_with, doubled, model_io, positional, select
 from .layers import (
     EMBEDDING,
     LINEAR,
@@ -63,11 +65,12 @@ from .phases import phase
 from .subnormal import flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
-Model = nn.Module | Callable[[PyTree, Any], Tensor]
+Model = nn.Module | Callable[..., Any] | ModelIO
 # up to this many backward cotangents (1 + V) run as a loop of vjps, more as one vmap: batched conv and
 # pooling backwards copy their saved tensors per cotangent (benchmarks/bench_peers.py, CNN exact Fisher:
 # 299 ms vmapped, 242 ms looped)
 LOOP_COTANGENTS = 32
+NOT_USED = "not used by the model"  # the reason of a parameter the forward never reads
 
 _CONV = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _SIGNATURES = {
@@ -83,6 +86,18 @@ _SIGNATURES = {
 _DEFAULTS = {"weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_idx": None,
              "max_norm": None, "scale_grad_by_freq": False, "sparse": False, "eps": 1e-5, "training": False,
              "momentum": 0.1}
+# dense layers written as matrix products with a parameter (in, out) as the second operand: name → operands
+_MATMULS = {torch.matmul: ("input", "other"), torch.Tensor.matmul: ("input", "other"),
+            torch.Tensor.__matmul__: ("input", "other"), torch.mm: ("input", "mat2"), torch.Tensor.mm: ("input", "mat2"),
+            torch.addmm: ("bias", "input", "weight", "beta", "alpha")}
+# random layers the trace runs as the identity, so that the batch and the doubled batch see the same values
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_SDPA_OPTIONS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# calls on a parameter whose result does not depend on its values (a tensor made like it, its shape)
+_METADATA = {torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty, torch.Tensor.new_full,
+             torch.Tensor.new_tensor, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+             torch.rand_like, torch.randn_like, torch.randint_like, torch.Tensor.size, torch.Tensor.dim,
+             torch.Tensor.numel, torch.Tensor.is_floating_point, torch.Tensor.element_size, torch.Tensor.get_device}
 # views of a parameter that a layer call may use as its weight (row slices are attributed to their rows)
 _SLICING = {torch.Tensor.split, torch.Tensor.chunk, torch.Tensor.narrow, torch.Tensor.__getitem__, torch.split,
             torch.chunk, torch.narrow}
@@ -91,8 +106,9 @@ _SLICING = {torch.Tensor.split, torch.Tensor.chunk, torch.Tensor.narrow, torch.T
 @dataclass(frozen=True)
 class Plan:
     """Static structure of a model on inputs of one shape up to the batch size: tracked layers (in call
-    order of their first use), every tracked call, untracked parameters with the reason for each, the
-    probe shapes without their leading batch dim and the number of dims of the model output."""
+    order of their first use), every tracked call with the layout of its examples (:mod:`kfac_func.batching`)
+    and its output's shape on the traced batch (the probe's, resized by :func:`~kfac_func.batching.batched_shape`),
+    untracked parameters with the reason for each, and the model output's number of dims and layout."""
 
     layers: dict[str, LayerSpec]
     calls: tuple[LayerCall, ...]
@@ -101,7 +117,16 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     output_dims: int = 2
     slicings: tuple[tuple[str, tuple[Rows, ...]], ...] = ()
-    batch_leaf: int | None = None  # the input leaf whose leading dim is the batch (sizes the probes)
+    layouts: tuple[Layout, ...] = ()
+    output_layout: Layout = Layout()
+
+    def inputs_first(self, n: int, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """Each call's recorded input on ``n`` examples, batch-first (:func:`~kfac_func.batching.batch_first`)."""
+        return [batch_first(x, lay, n) for x, lay in zip(inputs, self.layouts)]
+
+    def grads_first(self, n: int, grads: Sequence[Tensor | None], lead: int = 1) -> list[Tensor | None]:
+        """Each call's output gradients (``lead`` leading vector dims) on ``n`` examples, batch-first."""
+        return [g if g is None else batch_first(g, lay, n, lead, grad=True) for g, lay in zip(grads, self.layouts)]
 
     @property
     def tracked(self) -> tuple[str, ...]:
@@ -160,34 +185,51 @@ def require_layers(plan: Plan) -> None:
 
 
 def as_function(model: Model) -> Callable[[PyTree, Any], Tensor]:
-    """An ``nn.Module`` becomes ``f(params, x) = functional_call(model, params, (x,))`` (``params`` any
-    pytree whose path names are the module's), run on copies of its buffers: a pure function that never
-    changes the module (see :func:`module_call`)."""
-    if isinstance(model, nn.Module):
-        return lambda params, x: module_call(model, flatten(params)[0], x)[0]
-    if not callable(model):
-        raise TypeError(f"model must be an nn.Module or a function f(params, x), got {type(model).__name__}")
-    return model
+    """``f(params, inputs)``: the tensor the loss reads (:func:`kfac_func.calls.select`) of ``model`` on any
+    parameter pytree whose path names are the model's; an ``nn.Module`` runs through ``functional_call`` on
+    copies of its buffers, a pure function that never changes the module (see :func:`module_call`).
+    ``inputs`` may be :class:`~kfac_func.calls.Args`."""
+    io = model_io(model)
+    if not (isinstance(io.model, nn.Module) or callable(io.model)):
+        raise TypeError(f"model must be an nn.Module or a function f(params, x), got {type(io.model).__name__}")
+    return lambda params, x: flat_call(io, *reversed(flatten(params)), x)[0]
 
 
 def flat_call(model: Model, spec: Spec, flat: dict[str, Tensor], x: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(output, buffers after the call)`` of ``model`` on the flat parameters ``flat`` of structure
-    ``spec``: a module through :func:`module_call`, a function on ``spec.unflatten(flat)`` (no buffers)."""
-    if isinstance(model, nn.Module):
-        return module_call(model, flat, x)
-    return as_function(model)(spec.unflatten(flat), x), {}
+    """``(output the loss reads, buffers after the call)`` of ``model`` on the flat parameters ``flat`` of
+    structure ``spec``: a module through :func:`module_call`, a function on ``spec.unflatten(flat)`` (no
+    buffers)."""
+    io = model_io(model)
+    if isinstance(io.model, nn.Module):
+        out, buffers = module_call(io.model, flat, x)
+    else:
+        out, buffers = call_with(io.model, spec.unflatten(flat), x), {}
+    return select(out, io.output), buffers
 
 
-def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    """``(output, buffers after the call)``: the module runs with ``params`` and fresh copies of its buffers
-    (made inside any enclosing transform, so that BatchNorm may update its running statistics under
-    ``vjp``/``jvp``); the module's own buffers are left as they are."""
+def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[Any, dict[str, Tensor]]:
+    """``(output, buffers after the call)``: the module runs on ``x`` (one argument, or
+    :class:`~kfac_func.calls.Args`) with ``params`` and fresh copies of its buffers (made inside any enclosing
+    transform, so that BatchNorm may update its running statistics under ``vjp``/``jvp``); the module's own
+    buffers are left as they are."""
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    return functional_call(model, {**params, **buffers}, (x,)), buffers
+    args, kwargs = positional(x)
+    return functional_call(model, {**params, **buffers}, args, kwargs), buffers
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if func in _MATMULS:
+        bound = {"beta": 1, "alpha": 1, **bind_arguments(_MATMULS[func], {"beta": 1, "alpha": 1}, args, kwargs)}
+        return {**bound, "weight": bound.get("weight", bound.get("other", bound.get("mat2")))}
     return bind_arguments(_SIGNATURES[func], _DEFAULTS, args, kwargs)
+
+
+def _dense_product(bound: dict[str, Any]) -> bool:
+    """Whether a matrix product is a dense layer ``x @ W (+ b)``: ``x`` floating with at least 2 dims, ``W``
+    2-D, ``addmm``'s ``beta`` and ``alpha`` 1."""
+    x, w = bound["input"], bound["weight"]
+    return (isinstance(x, Tensor) and isinstance(w, Tensor) and x.dim() >= 2 and w.dim() == 2
+            and x.is_floating_point() and bound["beta"] == 1 and bound["alpha"] == 1)
 
 
 def _layer_name(weight: str, rows: Rows) -> str:
@@ -199,12 +241,14 @@ def _make_call(func: Callable, layer: str, bound: dict[str, Any]) -> LayerCall:
     weight, x = bound["weight"], bound["input"]
     if func is F.linear:
         return LayerCall(layer, LINEAR)
+    if func in _MATMULS:
+        return LayerCall(layer, LINEAR, transposed=True)
     if func is F.embedding:
         pad = bound["padding_idx"]
         return LayerCall(layer, EMBEDDING, padding_idx=None if pad is None else pad % weight.shape[0], vocab=weight.shape[0])
     if func is F.layer_norm:
         k = len(tuple(bound["normalized_shape"]))
-        return LayerCall(layer, "layer_norm", param_dims=tuple(range(x.dim() - k, x.dim())))
+        return LayerCall(layer, "layer_norm", param_dims=tuple(range(-k, 0)))
     if func in (F.group_norm, F.batch_norm):
         return LayerCall(layer, func.__name__, param_dims=(1,))
     return conv_call(layer, weight.shape[2:], bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
@@ -284,20 +328,25 @@ class _LayerMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
-            reason = attention.unsupported(attention.bind(args, kwargs))
+            bound = attention.bind(args, kwargs)
+            reason = attention.unsupported(bound)
+            self.attention(bound)
             if reason is None:
                 with self:
                     return attention.multi_head_attention(*args, **kwargs)
             return self.other(func, args, kwargs, reason)
-        if func in _SIGNATURES:
+        if func in _SIGNATURES or func in _MATMULS:
             bound = _bind(func, args, kwargs)
-            owner = self.owner(bound["weight"])
+            owner = self.owner(bound["weight"]) if func in _SIGNATURES or _dense_product(bound) else None
             if owner is not None and (owner[1] is None or (func is F.linear and owner[1] != "other")):
                 return self.layer(func, args, kwargs, bound, owner)
         return self.other(func, args, kwargs, None)
 
     def layer(self, func, args, kwargs, bound, owner):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attention(self, bound: dict[str, Any]) -> None:
+        """Sees each ``F.multi_head_attention_forward`` call's arguments (the trace checks its batch dim)."""
 
     def other(self, func, args, kwargs, reason):
         return func(*args, **kwargs)
@@ -306,15 +355,20 @@ class _LayerMode(TorchFunctionMode):
 class _TraceMode(_LayerMode):
     """Records tracked calls, and every other use of a parameter with the reason it cannot be tracked."""
 
-    def __init__(self, params: dict[str, Tensor]):
+    def __init__(self, params: dict[str, Tensor], expand: dict[int, tuple[int, ...]] | None = None):
         super().__init__(params)
         self.params = params
         self.storages = {ptr: n for n, p in params.items() if (ptr := _storage(p)) is not None}
         self.calls: list[tuple[LayerCall, str, str | None, Rows]] = []
         self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self.batch: list[tuple[str, int]] = []
+        self.seen: list[tuple[Tensor, Tensor]] = []  # each call's input and output
+        self.queries: list[Tensor] = []  # each F.multi_head_attention_forward call's query
+        self.expand = expand or {}  # call index → the shape its (broadcast) output is given
         self.other_uses: dict[str, str] = {}
         self.slicings: list[tuple[str, tuple[Rows, ...]]] = []
+
+    def attention(self, bound: dict[str, Any]) -> None:
+        self.queries.append(bound["query"])
 
     def owner(self, t: Any) -> tuple[str, Rows | str] | None:
         """Also any view of a parameter, found by its storage."""
@@ -354,16 +408,23 @@ class _TraceMode(_LayerMode):
             if bias_owner is not None:
                 self.used(bias_owner[0], f"bias of {layer!r} does not match the rows of its weight")
             bias_owner = None
+        k = len(self.calls)
         self.calls.append((call, weight_name, bias_owner and bias_owner[0], rows))
-        self.probes.append((out.shape[1:], out.dtype, out.device))
-        self.batch.append((layer, recorded.shape[0] if recorded.dim() else 0))
-        return out
+        self.probes.append((out.shape, out.dtype, out.device))
+        self.seen.append((x, out))
+        return out.expand(self.expand[k]) if k in self.expand else out
 
     def other(self, func, args, kwargs, reason):
         if getattr(func, "__name__", "") == "__get__":  # attribute reads: metadata is no use; views are followed
             out = func(*args, **kwargs)
             if not isinstance(out, Tensor):
                 return out
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:
+            args, kwargs = args[:4], {**kwargs, **dict(zip(_SDPA_OPTIONS, args[4:])), "dropout_p": 0.0}
+        if func in _METADATA and args and self.owner(args[0]) is not None:  # reads only its dtype, device or shape
+            return func(*args, **kwargs)
         slicing = self.slices(func, args)
         for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
             seen = self.owner(leaf)
@@ -383,59 +444,117 @@ class _TraceMode(_LayerMode):
 _PLANS: "weakref.WeakKeyDictionary[Any, dict[tuple, Plan]]" = weakref.WeakKeyDictionary()
 
 
-def _signature(params: dict[str, Tensor], inputs: Any) -> tuple:
-    """The cache key of a plan: everything but the inputs' leading (batch) dims, so that a new batch size
-    reuses the plan (and a compiled step finds it without tracing the model again)."""
-    leaves = optree.tree_leaves(inputs)
-    shapes = tuple((tuple(t.shape[1:]), t.dtype, t.device) if isinstance(t, Tensor) else repr(t) for t in leaves)
+def _signature(params: dict[str, Tensor], inputs: Any, io: ModelIO) -> tuple:
+    """The cache key of a plan: everything but the inputs' batch dims, so that a new batch size reuses the
+    plan (and a compiled step finds it without tracing the model again)."""
+    leaves = optree.tree_leaves(inputs, none_is_leaf=True)
+    dims = batch_leaves(inputs, io.batch_dims)
+    shapes = tuple((tuple(s for i, s in enumerate(t.shape) if i != d), t.dtype, t.device)
+                   if isinstance(t, Tensor) else repr(t) for t, d in zip(leaves, dims))
     autocast = tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
-    return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), autocast
+    reading = () if io.output is None and io.batch_dims == 0 else (io.output, repr(io.batch_dims))
+    return shapes, tuple((n, tuple(p.shape), p.dtype) for n, p in params.items()), autocast, reading
 
 
-def trace(model: Model, params: PyTree, inputs: Any) -> Plan:
-    """Run ``model`` once (no grad, on copies of its buffers) to find its tracked layers; cached per model
-    and input signature."""
-    return _trace(model, *flatten(params), inputs)
+def trace(model: Model, params: PyTree, inputs: Any, *, output: Any = None, batch_dims: Any = 0) -> Plan:
+    """Run ``model`` (no grad, on copies of its buffers) to find its tracked layers and where each layer's
+    input holds the examples (on the batch and on the batch doubled: :mod:`kfac_func.batching`); cached per
+    model and input signature. ``output`` and ``batch_dims``: see :mod:`kfac_func.calls`."""
+    return _trace(model_io(model, output, batch_dims), *flatten(params), inputs)
 
 
-def _trace(model: Model, params: dict[str, Tensor], spec: Spec, inputs: Any) -> Plan:
-    key = _signature(params, inputs)
+def _run(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any,
+         expand: dict[int, tuple[int, ...]] | None = None) -> tuple[_TraceMode, Tensor]:
+    mode = _TraceMode(params, expand)
+    with torch.no_grad(), mode:
+        out = flat_call(io, spec, params, inputs)[0]
+    return mode, out
+
+
+def _trace(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> Plan:
+    key = _signature(params, inputs, io)
     try:
-        cache = _PLANS.setdefault(model, {})
+        cache = _PLANS.setdefault(io.model, {})
     except TypeError:  # not weak-referenceable: no caching
         cache = {}
     if key in cache:
         return cache[key]
-    mode = _TraceMode(params)
-    with torch.no_grad(), mode:
-        out = flat_call(model, spec, params, inputs)[0]
-    if not isinstance(out, Tensor):
-        raise TypeError(f"the model must return one tensor (the loss's input), got {type(out).__name__}")
-    plan = _make_plan(params, mode, out.dim())
-    examples = out.shape[0] if out.dim() else 0
-    for layer, n in mode.batch:
-        if layer in plan.layers and n != examples:
+    with torch.random.fork_rng(devices=[]):  # the model's random ops leave the caller's RNG as it was
+        return cache.setdefault(key, _traced(io, params, spec, inputs))
+
+
+def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> Plan:
+    n = batch_size(inputs, io.batch_dims)
+    first, out = _run(io, params, spec, inputs)
+    try:
+        second, out2 = _run(io, params, spec, doubled(inputs, io.batch_dims))
+    except Exception as err:
+        raise ValueError(
+            f"kfac_func finds which dim of each layer's input holds the examples by running the model once more on "
+            f"the batch concatenated with itself along batch_dims={io.batch_dims!r} ({2 * n} examples); that call "
+            f"failed ({type(err).__name__}: {err}). Pass batch_dims= with the examples' dim of each input (None for "
+            "an input shared by all examples, e.g. a mask)"
+        ) from err
+    if [c[0] for c in first.calls] != [c[0] for c in second.calls]:
+        raise ValueError(f"the model's tracked layer calls differ between a batch of {n} and of {2 * n} examples; "
+                         "kfac_func needs the same layer calls for every batch size")
+    output_layout = infer(out, out2, n, out)
+    if isinstance(output_layout, str) or output_layout.dim is None:
+        raise ValueError(f"the model output (shape {tuple(out.shape)}) {output_layout if isinstance(output_layout, str) else 'does not depend on the batch'}: "
+                         "kfac_func needs an output whose rows are the examples' (check batch_dims)")
+    for q1, q2 in zip(first.queries, second.queries):  # F.multi_head_attention_forward's query is (L, N, E)
+        lay = infer(q1, q2, n, q1)
+        if isinstance(lay, Layout) and lay.dim not in (1, None):
             raise ValueError(
-                f"layer {layer!r}: its input's first dim ({n}) is not the model output's batch dim ({examples}); "
-                "kfac_func needs batch-first layer inputs whose first dim indexes the loss's examples (for a "
-                "sequence loss return (N, C, L) logits rather than (N·L, C))"
+                f"nn.MultiheadAttention takes dim 1 of its (L, N, E) input as the batch (batch_first=False), but the "
+                f"examples of batch_dims={io.batch_dims!r} are at dim {lay.dim} there: for a sequence-first model "
+                "pass batch_dims=1 (the (T, N) inputs' batch dim), or build it with batch_first=True"
             )
-    leaves = optree.tree_leaves(inputs)
-    batched = (i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == examples)
-    batch_leaf = next(batched, None)
-    plan = dataclasses.replace(plan, batch_leaf=batch_leaf)
-    cache[key] = plan
-    return plan
+    layouts = [_layout(call, infer(x1, x2, n, o1)) for (call, *_), (x1, o1), (x2, _) in
+               zip(first.calls, first.seen, second.seen)]
+    broadcast = {k: batched_shape(first.probes[k][0], lay, n) for k, lay in enumerate(layouts)
+                 if isinstance(lay, Layout) and lay.dim is None}
+    if broadcast:  # the batch must pass through such an output as broadcasting passes it
+        try:
+            ok = _run(io, params, spec, inputs, broadcast)[1].shape == out.shape
+        except Exception:
+            ok = False
+        if not ok:
+            for k in broadcast:
+                layouts[k] = ("its input has no batch dim (it is shared by all examples) and its output does not "
+                              "broadcast against the batch as x + f(...) does, so the examples' gradients cannot be "
+                              "told apart")
+    return dataclasses.replace(_make_plan(params, first, out.dim(), layouts), output_layout=output_layout)
 
 
-def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int) -> Plan:
+def _layout(call: LayerCall, lay: Layout | str) -> Layout | str:
+    """``lay``, or why a call of this kind cannot take it."""
+    if isinstance(lay, str) or lay.plain or call.kind in (LINEAR, EMBEDDING):
+        return lay
+    if call.kind == "layer_norm" and lay.dim is not None:
+        return lay
+    return f"a {call.kind} layer needs its input's dim 0 to hold the examples, one row each (found {lay})"
+
+
+def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int, layouts: list[Layout | str]) -> Plan:
     reasons = dict(mode.other_uses)
     specs: dict[str, LayerSpec] = {}
     roles: dict[str, set[tuple[str, str]]] = {}
-    for call, weight, bias, rows in mode.calls:
-        spec = LayerSpec(call.layer, call.kind, weight, bias, call.groups, rows)
-        if specs.setdefault(call.layer, spec) != spec:
-            for n in (weight, bias, specs[call.layer].bias):
+    for (call, weight, bias, rows), lay in zip(mode.calls, layouts):
+        if isinstance(lay, str):
+            for n in (weight, bias):
+                if n is not None:
+                    reasons.setdefault(n, f"layer {call.layer!r}: {lay}")
+        spec = LayerSpec(call.layer, call.kind, weight, bias, call.groups, rows, call.transposed)
+        first = specs.setdefault(call.layer, spec)
+        if first.kind != spec.kind or first.transposed != spec.transposed:  # an embedding tied to a head, say
+            uses = " and of ".join(f"an {s.kind} call" if s.kind == EMBEDDING else
+                                   f"a {s.kind} call{' (x @ W, a matmul)' if s.transposed else ''}" for s in (first, spec))
+            reasons.setdefault(weight, f"tied: the weight of {uses} (e.g. the token embedding shared with the LM "
+                                       "head); the sum of their curvatures has no Kronecker factors here, so it takes "
+                                       "a plain gradient step")
+        if first != spec:
+            for n in (weight, bias, first.bias):
                 if n is not None:
                     reasons.setdefault(n, f"used by calls of {call.layer!r} with different structures")
         roles.setdefault(weight, set()).add((call.layer, "weight"))
@@ -464,7 +583,8 @@ def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int) ->
         calls=tuple(mode.calls[i][0] for i in keep),
         untracked=untracked,
         probes=tuple(mode.probes[i] for i in keep),
-        reasons={n: reasons.get(n, "not used by the model") for n in untracked},
+        layouts=tuple(layouts[i] for i in keep),
+        reasons={n: reasons.get(n, NOT_USED) for n in untracked},
         output_dims=output_dims,
         slicings=tuple(s for s in mode.slicings if s[0] in owned),
     )
@@ -523,6 +643,8 @@ def capture(
     plan: Plan | None = None,
     low_rank: bool = False,
     pooled: Collection[str] = (),
+    output: Any = None,
+    batch_dims: Any = 0,
 ) -> Capture:
     """Loss, gradients and per-layer ``(a, g)`` from one forward and the backwards of its cotangents.
 
@@ -535,9 +657,12 @@ def capture(
     whose ``(a, g)`` are pooled over positions (:func:`layer_statistics`) — enough for the reduce
     convention's factors, which then skip building a convolution's patches; not for consumers of the
     per-position statistics (E-KFAC's scaling, the two-level coarse matrix, the Fisher quadratic forms).
-    Pure: no input is modified.
+    ``inputs`` may be :class:`~kfac_func.calls.Args` (several arguments); ``output`` picks the tensor the loss
+    reads and ``batch_dims`` says where the inputs' examples are (:mod:`kfac_func.calls`). Pure: no input is
+    modified.
     """
     loss = as_loss(loss)
+    model = model_io(model, output, batch_dims)
     params, structure = flatten(params)
     if plan is None:
         plan = _trace(model, params, structure, inputs)
@@ -545,10 +670,9 @@ def capture(
         require_names({*plan.tracked, *plan.untracked}, structure.names, "the plan")
     tracked = {n: params[n] for n in plan.tracked}
     free = {n: params[n] for n in plan.untracked}
-    # the examples: every tracked layer's batch dim (checked by the trace)
-    n = targets.shape[0] if plan.batch_leaf is None else optree.tree_leaves(inputs)[plan.batch_leaf].shape[0]
-    probes = tuple(torch.zeros((), dtype=dtype, device=device).expand((n,) + tuple(shape))
-                   for shape, dtype, device in plan.probes)
+    n = batch_size(inputs, model.batch_dims)  # the examples (each layer's are found by the trace)
+    probes = tuple(torch.zeros((), dtype=dtype, device=device).expand(batched_shape(shape, lay, n))
+                   for (shape, dtype, device), lay in zip(plan.probes, plan.layouts))
 
     def forward(free: dict[str, Tensor], probes: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         merged = {n: tracked[n] if n in tracked else free[n] for n in params}
@@ -560,7 +684,12 @@ def capture(
         return out, (tuple(mode.inputs), buffers)
 
     out, vjp_fn, (inputs_seen, buffers) = vjp(forward, free, probes, has_aux=True)
-    value, true_ct, curv_ct, scale = cotangents(loss, out, targets, fisher, mc_samples, key)
+    # the loss on the output with its examples first (the exact Fisher's columns then never couple two rows of
+    # one example), its cotangents back in the output's layout
+    value, true_ct, curv_ct, scale = cotangents(*batch_first_loss(loss, out, targets, plan.output_layout, n), fisher,
+                                                mc_samples, key)
+    true_ct = unbatch_first(true_ct, plan.output_layout)
+    curv_ct = None if curv_ct is None else unbatch_first(curv_ct, plan.output_layout, 1)
     if curv_ct is None or fisher == "empirical":
         free_grads, probe_grads = vjp_fn(true_ct)
         probe_grads = tuple((p, None) for p in probe_grads)  # per call: (true, curvature vectors)
@@ -577,6 +706,10 @@ def capture(
             probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
     # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
     free_grads, probe_grads = flush_tree((free_grads, probe_grads))
+    # every call's input and output gradients batch-first, examples at dim 0
+    inputs_seen = plan.inputs_first(n, inputs_seen)
+    probe_grads = tuple(zip(plan.grads_first(n, [t for t, _ in probe_grads], lead=0),
+                            plan.grads_first(n, [c for _, c in probe_grads])))
 
     grads = dict(free_grads)
     calls = collections.Counter(call.layer for call in plan.calls)

@@ -91,16 +91,17 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
              max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM, factor_sides: Overrides | None = None,
-             state: Any = None) -> Registration:
+             state: Any = None, output: Any = None, batch_dims: Any = 0) -> Registration:
     """The registration table of ``model`` on ``inputs`` (``params``, any pytree, default to a module's
     parameters); parameters are named by their paths. Each factor side is shown as the size policy
     (``max_factor_dim``, ``factor_sides``: those of the optimizer) holds it; with ``state`` (a
-    :class:`~kfac_func.KFACState`, e.g. ``KFAC.kfac_state``) the bytes it holds per layer and in total."""
+    :class:`~kfac_func.KFACState`, e.g. ``KFAC.kfac_state``) the bytes it holds per layer and in total.
+    ``inputs`` may be :class:`~kfac_func.Args`; ``output`` and ``batch_dims`` as the optimizer's."""
     if params is None:
         if not isinstance(model, nn.Module):
             raise TypeError("describe(f, inputs) of a function model needs params")
         params = {n: p.detach() for n, p in model.named_parameters()}
-    plan = trace(model, params, inputs)
+    plan = trace(model, params, inputs, output=output, batch_dims=batch_dims)
     params = flatten(params)[0]
     dims = layer_dims(plan.layers, params)
     layout = side_layout(dims, plan.layers, max_factor_dim, factor_sides)

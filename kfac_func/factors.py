@@ -114,9 +114,10 @@ def reduces(reduce: bool | Mapping[str, bool], name: str) -> bool:
 
 def default_reduce(plan) -> dict[str, bool]:
     """Eschenhagen et al. (2023)'s choice per layer: *expand* when the loss is taken per position (the
-    model output keeps positions: more than 2 dims, e.g. ``(N, C, L)`` logits of a sequence loss),
+    model output keeps positions: more than 2 dims, e.g. ``(N, C, L)`` logits of a sequence loss, or several
+    rows per example, e.g. the ``(N·L, C)`` logits of a language model),
     *reduce* when positions are pooled before the loss (``(N, C)`` output)."""
-    return {name: plan.output_dims <= 2 for name in plan.layers}
+    return {name: plan.output_dims <= 2 and plan.output_layout.rows == 1 for name in plan.layers}
 
 
 def _gram(x: Tensor, block_dim: int, side: Side) -> Tensor:

@@ -13,7 +13,9 @@ per-example gradients, preconditioning) is written once:
 
 The kinds:
 
-* ``linear`` (``F.linear``; every dim between the first and the last is a position);
+* ``linear`` (``F.linear``; every dim between the first and the last is a position); also a 2-D parameter
+  applied as ``x @ W`` / ``torch.matmul`` / ``torch.mm`` or ``torch.addmm(b, x, W)`` — Hugging Face's
+  ``Conv1D`` — whose weight is stored ``(in, out)`` (*transposed*: ``W̄ = [Wᵀ, b]``);
 * ``conv1d``/``conv2d``/``conv3d`` (patches honour stride, padding, dilation and groups);
 * ``embedding`` (``F.embedding``): a linear layer on one-hot inputs, ``W̄ = weightᵀ`` (``d_a`` = the
   vocabulary); ``a`` is the one-hot matrix (zero for ``padding_idx``), whose factor ``A`` is diagonal
@@ -56,6 +58,7 @@ class LayerSpec:
     bias: str | None
     groups: int = 1
     rows: Rows = None
+    transposed: bool = False  # a linear weight stored (in, out), applied as x @ W
 
     @property
     def diagonal_a(self) -> bool:
@@ -77,6 +80,7 @@ class LayerCall:
     padding_idx: int | None = None  # embedding
     vocab: int = 0  # embedding
     param_dims: tuple[int, ...] = ()  # norms: the input dims that γ and β span
+    transposed: bool = False  # linear: the weight is (in, out), applied as x @ W
 
 
 def bind_arguments(names: tuple[str, ...], defaults: dict, args: tuple, kwargs: dict) -> dict:
@@ -196,7 +200,7 @@ def input_patch_means(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype
 
 def _norm_grads(call: LayerCall, g: Tensor, xhat: Tensor, bias: bool) -> Tensor:
     """Per-example ``ψ = [Σ g ⊙ x̂; Σ g]`` of a norm layer: ``g`` ``(V, N, *x)`` → ``(V, N, |γ|+|β|)``."""
-    dims = [1 + d for d in call.param_dims]
+    dims = [d if d < 0 else 1 + d for d in call.param_dims]  # layer_norm's trailing dims are negative
     last = list(range(g.dim() - len(dims), g.dim()))
 
     def per_example(t: Tensor) -> Tensor:
@@ -225,9 +229,9 @@ def parameter_grads(call: LayerCall, a: Tensor, g: Tensor, weight: Tensor, bias:
         return rows.new_zeros((call.vocab, rows.shape[-1])).index_add(0, idx, rows).to(weight.dtype), None
     a = a.to(dtype)
     if call.kind == LINEAR:
-        g2 = g.reshape(-1, g.shape[-1])
+        g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
         grad_b = g2.sum(0).to(weight.dtype) if bias else None
-        return (g2.T @ a.reshape(-1, a.shape[-1])).to(weight.dtype), grad_b
+        return (a2.T @ g2 if call.transposed else g2.T @ a2).to(weight.dtype), grad_b
     a, padding = _explicit_padding(call, a)
     _, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g, a, weight.to(dtype), [weight.shape[0]] if bias else None, list(call.stride), list(padding),
@@ -256,8 +260,10 @@ def weight_matrix(spec: LayerSpec, weight: Tensor, bias: Tensor | None) -> Tenso
     if spec.kind in NORMS:
         parts = [weight.reshape(-1)] + ([bias.reshape(-1)] if bias is not None else [])
         return torch.cat(parts).reshape(1, -1, 1)
+    if spec.kind == EMBEDDING or spec.transposed:
+        weight = weight.T
     if spec.kind == EMBEDDING:
-        return weight.T.unsqueeze(0)
+        return weight.unsqueeze(0)
     out = weight.reshape(spec.groups, weight.shape[0] // spec.groups, -1)
     if bias is not None:
         out = torch.cat([out, bias.reshape(spec.groups, -1, 1)], dim=-1)
@@ -277,6 +283,10 @@ def split_weight_matrix(spec: LayerSpec, mat: Tensor, into: dict[str, Tensor]) -
             parts[spec.bias] = flat[n_w:].reshape(into[spec.bias].shape)
     elif spec.kind == EMBEDDING:
         parts = {spec.weight: mat[0].T}
+    elif spec.transposed:
+        parts = {spec.weight: mat[0, :, : shape[0]].T}
+        if spec.bias is not None:
+            parts[spec.bias] = mat[0, :, -1]
     elif spec.bias is None:
         parts = {spec.weight: mat.reshape(shape)}
     else:

@@ -16,6 +16,13 @@ The curvature is ``C = R Σₙ Σᵥ ∇ℓₙ,ᵥ ∇ℓₙ,ᵥᵀ``; :func:`co
   ``S Sᵀ = ∇²ℓ``; for softmax cross-entropy ``S = diag(√p) − p √pᵀ``, for squared error ``√2 I``, for
   BCE ``diag(√(p(1−p)))``. One column per output element of an example.
 * ``"empirical"``: the gradient of ``ℓₙ`` at the true targets, scaled by ``√R``.
+
+Cross-entropy logits carry their classes in dim ``c`` (``Loss.class_dim``): ``1`` is torch's
+``(N, C, d₁, …)``, ``-1`` the class-last ``(N, d₁, …, C)`` of language models; on 2-D ``(N, C)`` both
+coincide. ``None`` resolves ``c`` from the targets (:meth:`Loss.resolve`): class indices have the logits'
+shape without dim ``c``; when both dims fit (``(B, T, T)`` logits, ``(B, T)`` targets), for class
+probabilities on ≥3 dims and without targets it is an error, never a guess. Every returned tensor keeps
+the logits' own layout.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import random
 from .subnormal import flush
 
 FISHER_TYPES = ("mc", "exact", "empirical")
 _KINDS = ("cross_entropy", "mse", "bce_with_logits")
+_PASS_CLASS_DIM = ('pass Loss("cross_entropy", class_dim=-1) for class-last (N, d1, ..., C) logits (language '
+                   "models) or class_dim=1 for torch's (N, C, d1, ...) layout")
 
 
 @dataclass(frozen=True)
@@ -40,18 +49,73 @@ class Loss:
 
     ``reduction_scale`` fixes ``R`` from outside instead of from the batch: the value becomes
     ``R · Σ ℓ``. Data-parallel training sets it to the *global* batch's ``R`` on every rank, so that the
-    ranks' losses, gradients and curvature statistics simply add up (:mod:`kfac_func.distributed`)."""
+    ranks' losses, gradients and curvature statistics simply add up (:mod:`kfac_func.distributed`).
+
+    ``class_dim`` (cross-entropy only): the logits' class dim, ``1`` (torch's ``(N, C, d₁, …)``), ``-1``
+    (class-last ``(N, d₁, …, C)``) or ``None``: resolved from the targets (:meth:`resolve`)."""
 
     kind: str
     reduction: str = "mean"
     ignore_index: int = -100
     reduction_scale: float | None = None
+    class_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"unsupported loss {self.kind!r}; expected one of {_KINDS}")
         if self.reduction not in ("mean", "sum"):
             raise ValueError(f"unsupported reduction {self.reduction!r}; expected 'mean' or 'sum'")
+        if not (self.class_dim is None or type(self.class_dim) is int and self.class_dim in (1, -1)):
+            raise ValueError(f"class_dim must be None, 1 or -1, got {self.class_dim!r}")
+        if self.class_dim is not None and self.kind != "cross_entropy":
+            raise ValueError(f"class_dim applies to cross_entropy only, not {self.kind!r}")
+
+    def resolve(self, out: Tensor, target: Tensor | None = None) -> int:
+        """The class dim ``c ≥ 0`` of cross-entropy logits ``out``: ``1`` on ≤2 dims; else from ``class_dim``,
+        or with ``class_dim=None`` the one dim (``1`` or the last) whose removal from ``out.shape`` gives
+        class-index targets' shape. Raises when both fit, for class probabilities or without ``target``
+        (≥3 dims, ``class_dim=None``), and when class-index targets fit no layout."""
+        if self.kind != "cross_entropy":
+            raise ValueError(f"{self.kind}: only cross_entropy has a class dim")
+        shape = tuple(out.shape)
+        if len(shape) < 2:
+            raise ValueError(f"cross_entropy: logits must be (N, C, ...), got {shape}")
+        last = len(shape) - 1
+        dim = 1 if last == 1 else {1: 1, -1: last, None: None}[self.class_dim]
+        if target is None:
+            if dim is None:
+                raise ValueError(
+                    f"cross_entropy: without targets the class dim of logits {shape} is unknown; pass "
+                    'loss=kf.Loss("cross_entropy", class_dim=-1) for (B, T, V) logits or class_dim=1 for (B, V, T)'
+                )
+            return dim
+        if target.is_floating_point():
+            if dim is None:
+                raise ValueError(
+                    f"cross_entropy: class-probability targets on {len(shape)}-dim logits {shape} do not tell which "
+                    f"dim holds the classes; {_PASS_CLASS_DIM}"
+                )
+            return dim
+        without = {c: shape[:c] + shape[c + 1:] for c in (1, last)}
+        got = tuple(target.shape)
+        if dim is not None:
+            if got != without[dim]:
+                raise ValueError(f"cross_entropy: class-index targets for logits {shape} with class dim {dim} must "
+                                 f"have shape {without[dim]}, got {got}")
+            return dim
+        fits = [c for c in (1, last) if got == without[c]]
+        if len(fits) == 2:
+            raise ValueError(
+                f"cross_entropy: logits {shape} with class-index targets {got} fit both layouts (dim 1 and the last "
+                f"dim have the same size); {_PASS_CLASS_DIM}"
+            )
+        if not fits:
+            raise ValueError(
+                f"cross_entropy: class-index targets must have shape {without[1]} for torch's (N, C, d1, ...) logits "
+                f"{shape} (class_dim=1) or {without[last]} for class-last (N, d1, ..., C) ones (class_dim=-1), "
+                f"got {got}"
+            )
+        return fits[0]
 
     def value(self, out: Tensor, target: Tensor) -> Tensor:
         """The loss exactly as torch computes it (``R · Σ ℓ`` with a fixed ``reduction_scale``)."""
@@ -59,7 +123,10 @@ class Loss:
         target = self.class_indices(target)
         reduction = "sum" if self.reduction_scale is not None else self.reduction
         if self.kind == "cross_entropy":
-            value = F.cross_entropy(out, target, reduction=reduction, ignore_index=self.ignore_index)
+            c = self.resolve(out, target)
+            if target.is_floating_point():
+                target = target.movedim(c, 1)
+            value = F.cross_entropy(out.movedim(c, 1), target, reduction=reduction, ignore_index=self.ignore_index)
         elif self.kind == "mse":
             value = F.mse_loss(out, target, reduction=reduction)
         else:
@@ -71,8 +138,22 @@ class Loss:
         positions for class probabilities, elements for MSE and BCE (ints: known from the shape)."""
         if self.kind == "cross_entropy" and not target.is_floating_point():
             return self.kept(target).sum()
-        per_term = target.shape[1] if self.kind == "cross_entropy" else 1
+        per_term = target.shape[self.resolve(target, target)] if self.kind == "cross_entropy" else 1
         return target.numel() // per_term
+
+    def terms_of(self, out: Tensor) -> int:
+        """The terms of :meth:`terms` on output ``out`` with every target counted: positions for
+        cross-entropy (raises where :meth:`resolve` needs targets), elements for MSE and BCE."""
+        return out.numel() // (out.shape[self.resolve(out)] if self.kind == "cross_entropy" else 1)
+
+    def stand_in_targets(self, out: Tensor) -> Tensor:
+        """Targets that count every term of ``out``, for curvature without the true targets (they set only
+        ``R`` and the class weights): class indices ``0`` of ``out``'s shape without its class dim for
+        cross-entropy (raises where :meth:`resolve` needs targets), ``out`` itself for MSE and BCE."""
+        if self.kind != "cross_entropy":
+            return out
+        c = self.resolve(out)
+        return out.new_zeros(out.shape[:c] + out.shape[c + 1:], dtype=torch.int64)
 
     def scale(self, out: Tensor, target: Tensor) -> Tensor | float:
         """The reduction scale ``R``: ``reduction_scale`` if set, else ``1/terms`` (mean) or ``1`` (sum)."""
@@ -84,18 +165,19 @@ class Loss:
         return 1.0 / (terms.to(out.dtype) if isinstance(terms, Tensor) else terms)
 
     def grad(self, out: Tensor, target: Tensor) -> Tensor:
-        """``∂(Σₙ ℓₙ)/∂out`` at the true targets (no reduction scale)."""
+        """``∂(Σₙ ℓₙ)/∂out`` at the true targets (no reduction scale), in ``out``'s layout."""
         if self.kind == "mse":
             return 2 * (out - target)
         if self.kind == "bce_with_logits":
             return torch.sigmoid(out) - target
-        p = _class_last(out).softmax(-1)
+        c = self.resolve(out, target)
+        p = out.movedim(c, -1).softmax(-1)
         if target.is_floating_point():
-            t = _class_last(target)
-            return _class_second(t.sum(-1, keepdim=True) * p - t)
+            t = target.movedim(c, -1)
+            return (t.sum(-1, keepdim=True) * p - t).movedim(-1, c)
         mask = self.kept(target)
         onehot = F.one_hot(torch.where(mask, self.class_indices(target), 0), p.shape[-1]).to(p.dtype)
-        return _class_second((p - onehot) * mask.unsqueeze(-1))
+        return ((p - onehot) * mask.unsqueeze(-1)).movedim(-1, c)
 
     def sampled_grads(self, out: Tensor, target: Tensor, samples: int, key: Tensor) -> Tensor:
         """``(M, *out.shape)``: ``∂ℓₙ/∂out`` at targets sampled from the predictive distribution with the
@@ -106,10 +188,11 @@ class Loss:
         if self.kind == "bce_with_logits":
             p = torch.sigmoid(out)
             return p - random.bernoulli(key, _finite_probs(p).expand(shape))
-        p = _class_last(out).softmax(-1)
+        c = self.resolve(out, target)
+        p = out.movedim(c, -1).softmax(-1)  # (N, *pos, C)
         idx = random.categorical(key, _finite_probs(p), samples)
         onehot = F.one_hot(idx, p.shape[-1]).to(p.dtype)
-        return _class_second((p - onehot) * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1), batch_dims=2)
+        return ((p - onehot) * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1)).movedim(-1, c + 1)
 
     def hessian_sqrt(self, out: Tensor, target: Tensor) -> Tensor:
         """``(V, *out.shape)``: columns of ``S`` with ``S Sᵀ = ∇²ℓₙ`` in output space, V = elements per example."""
@@ -118,7 +201,8 @@ class Loss:
         if self.kind == "bce_with_logits":
             p = torch.sigmoid(out)
             return _diagonal_columns((p * (1 - p)).sqrt())
-        p = _class_last(out).softmax(-1)  # (N, *pos, C)
+        c = self.resolve(out, target)
+        p = out.movedim(c, -1).softmax(-1)  # (N, *pos, C)
         n, classes = p.shape[0], p.shape[-1]
         pos = p.shape[1:-1]
         eye = torch.eye(classes, dtype=p.dtype, device=p.device)
@@ -130,7 +214,7 @@ class Loss:
         if positions > 1:  # one column per (class, position): positions do not couple
             onehot_pos = torch.eye(positions, dtype=p.dtype, device=p.device).reshape((positions, 1) + tuple(pos) + (1,))
             cols = (cols.unsqueeze(1) * onehot_pos).reshape((classes * positions, n) + tuple(pos) + (classes,))
-        return _class_second(cols, batch_dims=2)
+        return cols.movedim(-1, c + 1)
 
     def class_indices(self, target: Tensor) -> Tensor:
         """Cross-entropy class indices of any integer dtype as ``int64`` (what torch's ``cross_entropy`` and
@@ -144,9 +228,10 @@ class Loss:
         return self.class_indices(target) != self.ignore_index
 
     def class_weight(self, target: Tensor, dtype: torch.dtype) -> Tensor:
-        """Per-position multiplier of the softmax Hessian: the target mass, or the ignore mask."""
+        """Per-position multiplier of the softmax Hessian, shaped like the logits without their class dim:
+        the target mass, or the ignore mask."""
         if target.is_floating_point():
-            return _class_last(target).sum(-1)
+            return target.sum(self.resolve(target, target))
         return self.kept(target).to(dtype)
 
     def _check(self, out: Tensor, target: Tensor) -> None:
@@ -158,19 +243,49 @@ class Loss:
                     f"cross_entropy: targets must be class indices (an integer tensor) or class probabilities (a "
                     f"floating tensor of the output's shape and dtype), got {target.dtype}"
                 )
-            expected = (out.shape[0],) + tuple(out.shape[2:])
-            if tuple(target.shape) != expected:
-                raise ValueError(f"cross_entropy: class-index targets must have shape {expected}, got {tuple(target.shape)}")
+            self.resolve(out, target)
             return
         if target.shape != out.shape:
             raise ValueError(f"{self.kind}: target shape {tuple(target.shape)} must equal output shape {tuple(out.shape)}")
         if target.dtype != out.dtype:
             raise ValueError(f"{self.kind}: target dtype {target.dtype} must equal output dtype {out.dtype}")
+        if self.kind == "cross_entropy":
+            self.resolve(out, target)
 
 
-def as_loss(loss: Loss | str) -> Loss:
-    """Accept a :class:`Loss` or its kind name (mean reduction)."""
-    return loss if isinstance(loss, Loss) else Loss(loss)
+def as_loss(loss: Loss | str | nn.Module) -> Loss:
+    """A :class:`Loss` from a :class:`Loss`, its kind name (mean reduction), or torch's loss module
+    ``nn.CrossEntropyLoss`` (``class_dim=None``), ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` with its
+    ``reduction`` (``mean`` or ``sum``) and ``ignore_index``; class weights, label smoothing and
+    ``pos_weight`` are refused (their curvature is not modelled)."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        return Loss(loss)
+    modules = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}
+    kind = next((k for cls, k in modules.items() if isinstance(loss, cls)), None)
+    if kind is None:
+        raise TypeError(
+            "loss must be a kfac_func Loss, one of the names " + ", ".join(map(repr, _KINDS)) + ", or an "
+            f"nn.CrossEntropyLoss, nn.MSELoss or nn.BCEWithLogitsLoss; got {type(loss).__name__}"
+        )
+    name = type(loss).__name__
+    unsupported = [
+        option for option, present in (
+            ("weight", getattr(loss, "weight", None) is not None),
+            ("pos_weight", getattr(loss, "pos_weight", None) is not None),
+            (f"label_smoothing={getattr(loss, 'label_smoothing', 0.0)}", getattr(loss, "label_smoothing", 0.0) != 0),
+        ) if present
+    ]
+    if unsupported:
+        raise ValueError(f"{name} with {', '.join(unsupported)} is not supported: use it without (the loss "
+                         "curvature models the plain loss)")
+    if loss.reduction not in ("mean", "sum"):
+        raise ValueError(f"{name}(reduction={loss.reduction!r}) is not supported: K-FAC needs the scalar "
+                         "objective, use reduction='mean' or 'sum'")
+    if kind == "cross_entropy":
+        return Loss(kind, loss.reduction, loss.ignore_index)
+    return Loss(kind, loss.reduction)
 
 
 def cotangents(
@@ -205,15 +320,6 @@ def cotangents(
 def _finite_probs(p: Tensor) -> Tensor:
     """Probabilities safe to sample from: a non-finite output (whose step is skipped anyway) samples 1/2."""
     return torch.where(torch.isfinite(p), p, 0.5)
-
-
-def _class_last(t: Tensor) -> Tensor:
-    return t.movedim(1, -1) if t.dim() > 2 else t
-
-
-def _class_second(t: Tensor, batch_dims: int = 1) -> Tensor:
-    """Undo :func:`_class_last` for a tensor with ``batch_dims`` leading dims before the class-last layout."""
-    return t.movedim(-1, batch_dims) if t.dim() > batch_dims + 1 else t
 
 
 def _diagonal_columns(diag: Tensor) -> Tensor:

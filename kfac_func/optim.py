@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import checkpoint, random
-from .capture import Model, Plan, trace
+from .capture import NOT_USED, Model, Plan, trace
 from .distributed import Communicator, DataParallel
 from .optimizer import Hyper, KFACState, StepInfo, kfac
 from .record import Recorder
@@ -140,7 +140,7 @@ class KFAC(torch.optim.Optimizer):
         self._grad_scaler = grad_scaler
         self._recorder = None
         if isinstance(model, nn.Module):
-            self._recorder = Recorder(model, o.loss, o.fisher, o.mc_samples, self._sample_key)
+            self._recorder = Recorder(model, o.loss, o.fisher, o.mc_samples, self._sample_key, o.output, o.batch_dims)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim``'s: a group of the module's parameters not yet in any group, named from the model and
@@ -170,11 +170,12 @@ class KFAC(torch.optim.Optimizer):
         torch.optim skips it (a function model's plain tensors never required grad and always train)."""
         return p in self._required and not p.requires_grad
 
-    def _hyper(self) -> Hyper:
-        """The parameter groups' hyperparameters per parameter name, in group order, frozen parameters left
-        out (held fixed). A non-finite value (set by a scheduler or by hand) is an error before anything
-        changes."""
-        pairs = [(self._names[p], g) for g in self.param_groups for p in g["params"] if not self._frozen(p)]
+    def _hyper(self, fixed: Collection[str] = ()) -> Hyper:
+        """The parameter groups' hyperparameters per parameter name, in group order, frozen parameters and
+        ``fixed`` ones (without a gradient: no update, no weight decay, as in ``torch.optim``) left out (held
+        fixed). A non-finite value (set by a scheduler or by hand) is an error before anything changes."""
+        pairs = [(self._names[p], g) for g in self.param_groups for p in g["params"]
+                 if not self._frozen(p) and self._names[p] not in fixed]
         keys = ("lr", "momentum", "weight_decay")
         for name, group in pairs:
             bad = [k for k in keys if not math.isfinite(group[k])]
@@ -203,14 +204,16 @@ class KFAC(torch.optim.Optimizer):
         if inputs is None:
             return self._recorded_step(closure)
         params = self._all_params()
-        plan = trace(self.model, params, inputs)
+        o = self._pure.options
+        plan = trace(self.model, params, inputs, output=o.output, batch_dims=o.batch_dims)
         self._warn_untracked(plan)
         if self._unchecked:
             self._check_loaded(params, inputs)
         state = self._pure.init(params, inputs) if self.kfac_state is None else self.kfac_state
         if self._recorder is not None:  # forwards the user ran since the last step are superseded by this batch
             self._recorder.records.clear()
-        new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper())
+        unused = [n for n, why in plan.reasons.items() if why == NOT_USED]  # no gradient: held fixed
+        new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper(unused))
         loss = self._commit(new, new_state, info, state.step)
         self._write(new, info.grads)
         return loss
@@ -229,10 +232,11 @@ class KFAC(torch.optim.Optimizer):
         return self._recorder
 
     def _warn_untracked(self, plan: Plan) -> None:
-        if plan.untracked and plan.layers and not self._warned_untracked:  # no layer at all: the step's error
+        used = [n for n in plan.untracked if plan.reasons[n] != NOT_USED]  # unused ones get no gradient: fixed
+        if used and plan.layers and not self._warned_untracked:  # no layer at all: the step's error
             warnings.warn(
-                f"kfac_func: parameters {list(plan.untracked)} belong to no supported layer; they get identity "
-                "preconditioning (a plain gradient step)",
+                f"kfac_func: parameters {used} belong to no supported layer; they get identity preconditioning (a "
+                "plain gradient step). kfac_func.describe(model, inputs) says why for each",
                 stacklevel=3,
             )
             self._warned_untracked = True
@@ -281,9 +285,11 @@ class KFAC(torch.optim.Optimizer):
             counts = self._comm.sum(torch.tensor([float(recorder.examples)], dtype=torch.float64))
             share = recorder.examples / float(counts[0])
         live = {n: p for p, n in self._names.items()}
-        grads = {}
+        grads, missing = {}, []
         for name, p in flatten(params)[0].items():
             g = live[name].grad if name in live else None
+            if g is None:
+                missing.append(name)
             g = torch.zeros_like(p) if g is None else g.detach()
             grads[name] = g if self._ddp else g * share  # DDP's backward already averaged the ranks' gradients
         value = torch.zeros(()) if loss is None else loss.detach()
@@ -291,8 +297,8 @@ class KFAC(torch.optim.Optimizer):
         cap, plan = recorder.capture(grads, value, statistics=schedule.statistics,
                                      stats_fraction=pure.options.stats_fraction, grad_scale=scale, share=share,
                                      pooled=pure.pooled(recorder.require_forward(), schedule))
-        new, new_state, info = pure.apply(params, state, cap, plan, schedule, self._hyper(), share=share,
-                                                reduced=self._ddp)
+        new, new_state, info = pure.apply(params, state, cap, plan, schedule, self._hyper(missing), share=share,
+                                          reduced=self._ddp)
         self._commit(new, new_state, info, state.step)
         recorder.wanted = pure.schedule(self.kfac_state).statistics
         if loss is None and self.info is not None:

@@ -51,6 +51,7 @@ from torch import Tensor
 
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
+from .calls import BatchDims, Selector, batch_size, model_io
 from .capture import Capture, Model, Plan, as_function, capture, require_layers, trace
 from .distributed import Communicator, weight_inputs
 from .ekfac import ekfac_factors, ekfac_scaling
@@ -207,6 +208,8 @@ class Options:
     lazy_factors: bool
     max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM
     factor_sides: Any = None
+    output: Any = None
+    batch_dims: Any = 0
 
     def __post_init__(self) -> None:
         checks = {
@@ -308,6 +311,8 @@ def kfac(
     lazy_factors: bool = False,
     max_factor_dim: int = DEFAULT_MAX_FACTOR_DIM,
     factor_sides: Overrides | None = None,
+    output: Selector = None,
+    batch_dims: BatchDims = 0,
     communicator: Communicator | None = None,
 ) -> Optimizer:
     """K-FAC, E-KFAC or two-level K-FAC as pure ``init``/``step`` functions for an ``nn.Module`` (run
@@ -330,6 +335,8 @@ def kfac(
     :data:`FIXED_STEP` gives the fixed one. ``max_factor_dim`` and ``factor_sides``: the size policy, which holds each side of a wide
     layer's factor block-diagonal, diagonal or as a multiple of the identity (:mod:`kfac_func.layout`).
     ``communicator`` and ``lazy_factors``: data-parallel training (:mod:`kfac_func.distributed`).
+    ``output`` (which tensor of the model's return value the loss reads) and ``batch_dims`` (which dim of each
+    input holds the examples): :mod:`kfac_func.calls`; ``inputs`` may be :class:`~kfac_func.calls.Args`.
     """
     if damping_mode is None:  # E-KFAC adds λ to its scaling
         damping_mode = "eigen" if method == "ekfac" else "factored"
@@ -339,7 +346,7 @@ def kfac(
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
         quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay,
         tuple(damping_bounds), reject_steps, lazy_factors and communicator is not None, max_factor_dim,
-        None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()},
+        None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()}, output, batch_dims,
     )
     return _Transform(model, options, communicator or Communicator()).functions()
 
@@ -382,7 +389,7 @@ class _Transform:
     """The closure of :func:`kfac`: model, options, communicator and the traced plans."""
 
     def __init__(self, model: Model, options: Options, comm: Communicator):
-        self.model, self.o, self.comm = model, options, comm
+        self.model, self.o, self.comm = model_io(model, options.output, options.batch_dims), options, comm
 
     def functions(self) -> Optimizer:
         return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.pooled, self.o)
@@ -466,18 +473,23 @@ class _Transform:
         hyper = hyper or Hyper(*({n: v for n in flat} for v in (o.lr, o.momentum, o.weight_decay)))
         plan = trace(self.model, params, inputs)
         require_layers(plan)
-        n = targets.shape[0]
+        n = batch_size(inputs, o.batch_dims)
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
         loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
         key, sample_key = random.split(state.key)
+        # torch's RNG (dropout, noise) for every evaluation of the model in this step: forked and seeded from a
+        # third key (split(k, 3)[:2] is split(k)), so that the gradient's forward, the quadratic model's and the
+        # reduction ratio's draw the same masks; a host read of the key (none under torch.compile or vmap,
+        # where the RNG is neither forked nor seeded)
+        seed = random.torch_seed(random.split(state.key, 3)[2]) if not traced(state.key) else None
         # Γ = gᵀā for the preconditioner when the gradient it preconditions is the local batch's own
         low_rank = comm.world == 1 and not (o.adaptive and any(hyper.weight_decay.values()))
-        with torch.enable_grad():
+        with torch.enable_grad(), random.seeded(seed, flat.values()):
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
                           mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
                           low_rank=low_rank, pooled=self.pooled(plan, schedule))
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
-        return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets)
+        return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets, seed=seed)
 
     def apply(self, params: Any, state: KFACState, cap: Capture, plan: Plan, schedule: Schedule,
               hyper: Hyper | None = None, *, share: float = 1.0, reduced: bool = False
@@ -506,8 +518,9 @@ class _Transform:
 
     def _apply(self, flat: Flat, spec: Any, state: KFACState, key: Tensor, cap: Capture, plan: Plan,
                schedule: Schedule, hyper: Hyper, share: float, loss: Loss, inputs: Any, targets: Tensor | None,
-               reduced: bool = False) -> tuple[Any, KFACState, StepInfo]:
-        """The step after the capture: averages, decompositions, preconditioning, the update, the guard."""
+               reduced: bool = False, seed: int | None = None) -> tuple[Any, KFACState, StepInfo]:
+        """The step after the capture: averages, decompositions, preconditioning, the update, the guard;
+        ``seed``: torch's RNG for the model's evaluations (:func:`kfac_func.random.seeded`)."""
         o, comm = self.o, self.comm
         batch = kronecker_factors(cap, reduce=self._reduce(plan), layers=plan.layers, max_factor_dim=o.max_factor_dim,
                                   factor_sides=o.factor_sides) if schedule.factors else None
@@ -566,7 +579,7 @@ class _Transform:
         delta = comm.spread(precondition(flat, objective if o.adaptive else grads, factors, **kwargs), plan.layers)
         if o.adaptive:
             update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
-                                                                cap, plan, damping, loss, hyper)
+                                                                cap, plan, damping, loss, hyper, seed)
             direction = delta
         else:
             update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
@@ -575,7 +588,7 @@ class _Transform:
         rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
         if schedule.adapt or o.reject_steps:
             rho, worse = self._reduction_ratio(update, objective, flat, spec, inputs, targets, cap, plan, forms, loss,
-                                               hyper)
+                                               hyper, seed)
             if schedule.adapt:
                 lam = levenberg_marquardt(damping, rho, factor=o.damping_factor, min_damping=o.damping_bounds[0],
                                           max_damping=o.damping_bounds[1])
@@ -623,13 +636,13 @@ class _Transform:
         return update, velocity, alpha, mu, clipped
 
     @phase("update")
-    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper):
+    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper, seed=None):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
         parameter's momentum when ``adaptive="lr"``)."""
         names = list(hyper.lr)
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
         directions = [{**{n: -delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
-        forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper)
+        forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed)
         dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
         gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions])
         b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
@@ -642,14 +655,15 @@ class _Transform:
         update = {n: x[0].to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
         return update, dict(update), x[0], x[1], (forms, b, x)
 
-    def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper) -> Tensor:
-        """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``) or the captured Fisher."""
+    def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed=None) -> Tensor:
+        """``[dᵢᵀ (C + ηI) dⱼ]`` with ``C`` the exact GGN (``quadratic_curvature="ggn"``, the model run with
+        torch's RNG seeded by ``seed``) or the captured Fisher."""
         with torch.enable_grad():
             if self.o.quadratic_curvature == "ggn":
                 fraction, n = self.o.quadratic_fraction, targets.shape[0]
                 forms = ggn_quadratic_forms(self.model, spec.unflatten(params), inputs, targets, loss,
                                             [spec.unflatten(d) for d in directions],
-                                            max(1, math.ceil(fraction * n)) if fraction < 1 else None)
+                                            max(1, math.ceil(fraction * n)) if fraction < 1 else None, seed=seed)
             else:
                 forms = fisher_quadratic_forms(cap, directions, plan.layers)
         forms = self.comm.sum(forms)
@@ -658,11 +672,12 @@ class _Transform:
                            for a in directions])
         return (forms + reg.to(forms.dtype)).double()
 
-    def _reduction_ratio(self, update, grads, params, spec, inputs, targets, cap, plan, forms, loss, hyper):
-        """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher."""
+    def _reduction_ratio(self, update, grads, params, spec, inputs, targets, cap, plan, forms, loss, hyper, seed=None):
+        """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher; the model
+        runs with torch's RNG seeded by ``seed`` (the gradient's masks)."""
         if forms is None:
             d = {n: update.get(n, torch.zeros_like(params[n])) for n in params}
-            quad = self._quadratic_forms([d], params, spec, inputs, targets, cap, plan, loss, hyper)[0, 0]
+            quad = self._quadratic_forms([d], params, spec, inputs, targets, cap, plan, loss, hyper, seed)[0, 0]
             change = 0.5 * quad + sum((grads[n] * d[n]).sum() for n in update)
         else:
             k, b, x = forms
@@ -670,7 +685,8 @@ class _Transform:
         moved = {n: (params[n] + update[n]).to(params[n].dtype) if n in update else params[n] for n in params}
         l2 = hyper.weight_decay
         penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
-        out = as_function(self.model)(spec.unflatten(moved), inputs)
+        with random.seeded(seed, moved.values()):
+            out = as_function(self.model)(spec.unflatten(moved), inputs)
         after = (self.comm.sum(loss.value(out, targets)) + penalty(moved)).double()
         before = (cap.loss + penalty(params)).double()
         return reduction_ratio(before, after, change), ~(after <= before)

@@ -71,7 +71,7 @@ class Preconditioner:
         loss, _, info = opt._recorded(closure)
         if bool(info.finite):
             for p, name in opt._names.items():
-                if name in info.direction:
+                if name in info.direction and p.grad is not None:  # no gradient: left to the optimizer to skip
                     p.grad = info.direction[name].to(p.dtype)
         return loss
 

@@ -5,8 +5,13 @@ and ``η`` the L2 coefficient. All pure functions:
 
 * :func:`ggn_vector_product` — ``C v`` for the exact type-2 GGN ``Jᵀ H J`` through ``jvp`` of the model
   and the loss Hessian ``H`` in output space (never formed), with a ``vjp`` back;
-* :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode only,
-  one forward for the model and one per direction, optionally estimated from the batch's first rows;
+* :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode, no
+  backward, one forward for the model and one per direction, optionally estimated from the batch's first rows;
+* both in reverse mode where the model has no forward-mode derivative (``nn.LSTM`` on the CPU, cuDNN's
+  RNNs): ``u ↦ Jᵀu`` is linear, so ``J d`` is its ``vjp`` with the cotangent ``d`` — exactly the ``jvp``;
+* ``seed``: every evaluation of the model runs with torch's RNG forked and seeded with it
+  (:func:`kfac_func.random.seeded`), so that dropout and noise draw the same numbers in each (and in the
+  caller's own evaluations with that seed); the directions of one vmapped ``jvp`` share them;
 * :func:`fisher_quadratic_forms` — the same for the captured MC/empirical Fisher, ``Σₙ,ᵥ (∇ℓ·δᵢ)(∇ℓ·δⱼ)``;
 * :func:`solve_quadratic_model` — the coefficients ``x`` of ``δ = Σ xᵢ dᵢ`` minimising ``M`` (for K-FAC
   ``d = (Δ, δ_prev)``, the learning rate ``α`` and momentum ``μ``), some coefficients optionally fixed;
@@ -18,7 +23,9 @@ and ``η`` the L2 coefficient. All pure functions:
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import weakref
+from typing import Any, Callable, Iterable, Iterator
 
 import optree
 import torch
@@ -30,43 +37,66 @@ from .capture import Capture, Model, flat_call
 from .factors import full_precision
 from .layers import LayerSpec, stat_dtype, weight_matrix
 from .losses import Loss, as_loss
+from .random import seeded
 from .tree import PyTree, flatten
+
+MODES = (None, "forward", "reverse")
+# models whose evaluation lacked a forward-mode derivative: their products run in reverse mode from then on
+_REVERSE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def output_hessian_product(loss: Loss, out: Tensor, target: Tensor, u: Tensor,
                            scale: Tensor | float | None = None) -> Tensor:
     """``∇²_out L · u`` for the reduced loss (``R`` included, or ``scale`` in its place), per position,
-    without forming the Hessian."""
+    without forming the Hessian; cross-entropy's classes lie along ``loss.resolve(out, target)``."""
     scale = loss.scale(out, target) if scale is None else scale
     if loss.kind == "mse":
         return scale * 2 * u
     if loss.kind == "bce_with_logits":
         p = torch.sigmoid(out)
         return scale * p * (1 - p) * u
-    p = out.softmax(1)
-    weight = loss.class_weight(target, p.dtype).unsqueeze(1)
-    return scale * weight * p * (u - (p * u).sum(1, keepdim=True))
+    c = loss.resolve(out, target)
+    p = out.softmax(c)
+    weight = loss.class_weight(target, p.dtype).unsqueeze(c)
+    return scale * weight * p * (u - (p * u).sum(c, keepdim=True))
 
 
 def ggn_vector_product(
-    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, v: PyTree
+    model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, v: PyTree, *,
+    seed: int | None = None, mode: str | None = None,
 ) -> PyTree:
     """``C v`` for the exact GGN (= type-2 Fisher) of the batch loss, every parameter included; ``v`` has
-    the parameters' names, the result their structure."""
+    the parameters' names, the result their structure. ``seed`` and ``mode`` as in :func:`ggn_quadratic_forms`."""
     loss = as_loss(loss)
     flat, spec = flatten(params)
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
-    with sdpa_kernel(SDPBackend.MATH):  # torch's fused CPU attention kernels have no forward-mode derivative
-        out, jv = jvp(f, (flat,), (spec.like(v, "v"),))
-    _, pullback = vjp(f, flat)
+    tangent = spec.like(v, "v")
+
+    def forward() -> tuple[Tensor, Tensor, Callable]:
+        # torch's fused CPU attention kernels have no forward-mode derivative
+        with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH):
+            out, jv = jvp(f, (flat,), (tangent,))
+        with seeded(seed, flat.values()):
+            return out, jv, vjp(f, flat)[1]
+
+    def reverse() -> tuple[Tensor, Tensor, Callable]:
+        out, pullback, push = _linearised(f, flat, seed)
+        return out, push((tangent,))[0], pullback
+
+    out, jv, pullback = _forward_or_reverse(model, mode, forward, reverse)
     return spec.unflatten(pullback(output_hessian_product(loss, out.detach(), targets, jv))[0])
 
 
 def ggn_quadratic_forms(
     model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree],
-    examples: int | None = None,
+    examples: int | None = None, *, seed: int | None = None, mode: str | None = None,
 ) -> Tensor:
     """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` vmapped over the directions, no backward.
+
+    ``mode``: ``"forward"`` (the ``jvp``), ``"reverse"`` (one forward and backward, then ``J dᵢ`` as the
+    ``vjp`` of ``u ↦ Jᵀu``: the same forms, exactly) or ``None``: forward, and reverse from then on for a
+    model found to lack a forward-mode derivative. ``seed``: torch's RNG forked and seeded with it for the
+    model's evaluation (see the module's docstring).
 
     ``examples``: estimate the forms from the first ``m`` rows of the batch (of ``targets`` and of every
     input leaf whose leading size is the batch's): the sub-batch's sum ``Σₙ₌₁..ₘ (Jₙdᵢ)ᵀHₙ(Jₙdⱼ)`` times
@@ -90,12 +120,70 @@ def ggn_quadratic_forms(
     # and pushes every direction through it together; the forms in at least float32
     tangents = [spec.like(d, "each direction") for d in directions]
     stacked = {n: torch.stack([t[n].to(p.dtype) for t in tangents]) for n, p in flat.items()}
-    with sdpa_kernel(SDPBackend.MATH):  # see ggn_vector_product
-        outs, jds = vmap(lambda t: jvp(f, (flat,), (t,)))(stacked)  # the output repeated per direction
-    dtype = stat_dtype(outs.dtype)
-    out, jds = outs[0].detach().to(dtype), jds.to(dtype)
+
+    def forward() -> tuple[Tensor, Tensor]:
+        # one mask for every direction (randomness="same"): the output repeated per direction
+        with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH):  # see ggn_vector_product
+            outs, jds = vmap(lambda t: jvp(f, (flat,), (t,)), randomness="same")(stacked)
+        return outs[0], jds
+
+    def reverse() -> tuple[Tensor, Tensor]:
+        out, _, push = _linearised(f, flat, seed)
+        return out, vmap(lambda t: push((t,))[0])(stacked)
+
+    out, jds = _forward_or_reverse(model, mode, forward, reverse)
+    dtype = stat_dtype(out.dtype)
+    out, jds = out.detach().to(dtype), jds.to(dtype)
     hessian = vmap(lambda u: output_hessian_product(loss, out, targets, u, scale))(jds)
     return jds.flatten(1) @ hessian.flatten(1).T
+
+
+def _linearised(f: Callable, flat: dict[str, Tensor], seed: int | None) -> tuple[Tensor, Callable, Callable]:
+    """``(f(θ), u ↦ Jᵀu, d ↦ J d)`` in reverse mode: one forward and its backward; ``J d`` is the ``vjp`` of the
+    linear map ``u ↦ Jᵀu`` (at ``u = 0``) with the cotangent ``d``. cuDNN's RNNs have no double backward:
+    the forward runs without cuDNN on a CUDA device."""
+    with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH), _without_cudnn(flat.values()):
+        out, pullback = vjp(f, flat)
+        _, push = vjp(pullback, torch.zeros_like(out))
+    return out, pullback, push
+
+
+@contextlib.contextmanager
+def _without_cudnn(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """cuDNN disabled for the block when any of ``tensors`` is on a CUDA device."""
+    enabled = torch.backends.cudnn.enabled
+    cuda = any(t.device.type == "cuda" for t in tensors)
+    if cuda:
+        torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.backends.cudnn.enabled = enabled
+
+
+def _forward_or_reverse(model: Model, mode: str | None, forward: Callable, reverse: Callable) -> Any:
+    """``forward()`` or, for ``mode="reverse"`` or a model without a forward-mode derivative, ``reverse()``:
+    with ``mode=None`` the first ``NotImplementedError`` of a missing forward-mode formula is remembered for
+    the model (any other error propagates)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    try:  # not read while compiling: a guard on the weak set would fail once a model in it is collected
+        known = mode is None and not torch.compiler.is_compiling() and model in _REVERSE
+    except TypeError:  # not hashable: nothing remembered
+        known = False
+    if mode == "reverse" or known:
+        return reverse()
+    try:
+        return forward()
+    except NotImplementedError as error:  # "Trying to use forward AD with <op> that does not support it"
+        if mode == "forward" or "forward AD" not in str(error):
+            raise
+    try:
+        _REVERSE.add(model)
+    except TypeError:  # neither hashable nor weakly referenceable: found again at each call
+        pass
+    return reverse()
 
 
 @full_precision

@@ -7,9 +7,16 @@ A key is an ``int64`` tensor of shape ``(2,)`` holding two 32-bit words. Bits ar
 index; every multiply is split into 16-bit halves so that no ``int64`` product overflows. :func:`split`
 derives independent keys, :func:`uniform` / :func:`normal` / :func:`categorical` / :func:`bernoulli`
 draw from one. A key must not be reused for two draws that should be independent: split it first.
+
+Models that draw from torch's own RNG (dropout, ``randn_like``) are run by :func:`seeded`: torch's RNG
+forked and seeded from :func:`torch_seed` of a key, so that every evaluation with the same key draws the
+same numbers and the caller's RNG state is left as it was.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -82,3 +89,29 @@ def categorical(k: Tensor, p: Tensor, samples: int) -> Tensor:
 def draw_key() -> Tensor:
     """A key drawn from torch's global RNG (for callers that pass none)."""
     return torch.randint(0, _MASK + 1, (2,), dtype=torch.int64)
+
+
+def torch_seed(k: Tensor) -> int | None:
+    """A seed for torch's own RNG from the key ``k`` (its two words as one 64-bit integer; one host read), or
+    ``None`` where ``k`` cannot be read on the host: under ``torch.compile`` or batched by ``vmap``."""
+    if torch.compiler.is_compiling() or torch._C._functorch.is_batchedtensor(k):
+        return None
+    high, low = (int(w) for w in k.tolist())
+    return (high << 32) | low
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, tensors: Iterable[Tensor] = ()) -> Iterator[None]:
+    """torch's global RNG, of the CPU and of the CUDA devices that hold ``tensors``, forked for the block
+    (restored on exit) and seeded with ``seed``: the random ops in the block draw the same numbers at every
+    entry with the same seed, and the caller's RNG is left as it was. ``None``: neither forked nor seeded."""
+    if seed is None:
+        yield
+        return
+    cuda = sorted({t.device.index for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield

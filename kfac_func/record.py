@@ -9,11 +9,18 @@ output; nothing in the forward changes. The output gradients of the curvature ve
   the loss ``L = R Σₙ ℓₙ`` as it was backpropagated, rescaled to ``√R ∇ℓₙ`` (``R`` of the loss option over
   every example recorded since the last step, all counted: class-index targets are not seen, so
   ``ignore_index`` cannot be honoured; and divided by the ``GradScaler`` scale when one is given);
-* ``"mc"`` / ``"exact"``: :meth:`Recorder.curvature_backward` on the model output, after the forward and
-  before ``loss.backward()`` frees the graph: one ``autograd.grad`` per curvature vector of
-  :func:`kfac_func.losses.cotangents` (MC targets drawn with the optimizer's key) from the output to the
+* ``"mc"`` / ``"exact"``: :meth:`Recorder.curvature_backward` on the tensor the loss reads (the model output,
+  or whatever the user computed from it: ``logits.view(-1, V)``), after the forward and before
+  ``loss.backward()`` frees the graph: one ``autograd.grad`` per curvature vector of
+  :func:`kfac_func.losses.cotangents` (MC targets drawn with the optimizer's key) from that tensor to the
   recorded layer outputs only — the input-gradient half of a backward, as the hook-based K-FAC libraries
-  do it. In ``step(closure)`` it runs by itself when the forward ends.
+  do it. In ``step(closure)`` it runs by itself when the forward ends, on the output ``output=`` picks.
+
+The model may be called with any arguments (``model(x, hidden)``, ``model(input_ids=..., attention_mask=...)``)
+and return any structure; the examples of each layer are found as for the functional step
+(:mod:`kfac_func.batching`, with the optimizer's ``batch_dims``). A layer whose input is shared by all examples
+(a position embedding of ``arange(T)``) has its output expanded to the batch — a view, the forward's values
+unchanged — so that each example's output gradient is seen.
 
 Several forwards before one step (gradient accumulation over micro-batches) are one batch: their rows are
 concatenated, each forward's curvature weighted by its share of the examples (``R_total / R_k``), which is
@@ -31,6 +38,8 @@ from typing import Any, Collection
 import torch
 from torch import Tensor, nn
 
+from .batching import Layout, batch_first_loss, batched_shape, unbatch_first
+from .calls import Args, ModelIO, batch_size, select
 from .capture import Capture, Plan, _CaptureMode, layer_statistics, trace
 from .losses import Loss, cotangents
 
@@ -62,13 +71,16 @@ class _RecordMode(_CaptureMode):
     """The capture's layer mode on the live parameters: records each tracked call's output (no probe) and
     hooks its gradient in the user's backward."""
 
-    def __init__(self, plan: Plan, params: dict[str, Tensor], hook: bool):
+    def __init__(self, plan: Plan, params: dict[str, Tensor], hook: bool, examples: int):
         super().__init__(plan, params, ())
         self.outputs: list[Tensor] = []
         self.grads: dict[int, Tensor] = {}
-        self.hook, self.listening = hook, True
+        self.hook, self.listening, self.examples = hook, True, examples
 
     def recorded(self, k: int, out: Tensor) -> Tensor:
+        layout = self.plan.layouts[k]
+        if layout.dim is None:  # shared by all examples: each example's gradient is seen on its own rows
+            out = out.expand(batched_shape(self.plan.probes[k][0], layout, self.examples))
         self.outputs.append(out)
         if self.hook and out.requires_grad:
             out.register_hook(lambda g, k=k: self._store(k, g))
@@ -81,18 +93,21 @@ class _RecordMode(_CaptureMode):
 
 @dataclass
 class _Forward:
-    """One recorded forward: its plan, layer mode (inputs, outputs, hooked gradients), output and the
-    curvature vectors' output gradients with their reduction scale (``mc``/``exact``)."""
+    """One recorded forward: its plan, layer mode (inputs, outputs, hooked gradients), the output the loss
+    reads (``None`` with the reason in ``unreadable`` when ``output=`` could not pick it), the curvature
+    vectors' output gradients with their reduction scale and the tensor they started from (``mc``/``exact``)."""
 
     plan: Plan
     mode: _RecordMode
-    output: Tensor
+    output: Tensor | None
+    unreadable: str = ""
     curvature: list[Tensor] | None = None
     scale: float = 1.0
+    read: Tensor | None = None
 
     @property
     def examples(self) -> int:
-        return self.output.shape[0]
+        return self.mode.examples
 
 
 class Recorder:
@@ -101,14 +116,14 @@ class Recorder:
     statistics (when it does not, forwards are not recorded and the curvature backward is skipped)."""
 
     def __init__(self, model: nn.Module, loss: Loss, fisher: str, mc_samples: int,
-                 key: Callable[[Any, int], Tensor]):
+                 key: Callable[[Any, int], Tensor], output: Any = None, batch_dims: Any = 0):
         self.model, self.loss, self.fisher, self.mc_samples, self.key = model, loss, fisher, mc_samples, key
+        self.io = ModelIO(model, output, batch_dims)
         self.records: list[_Forward] = []
         self.wanted = True
         self.auto = False  # step(closure): the curvature backward runs when the forward ends
         self.inputs: Any = None  # the last forward's input and plan
         self.plan: Plan | None = None
-        self.unsupported = ""  # why the last forward could not be recorded
         self._open: tuple[_RecordMode, Plan] | None = None
         self._first = next(model.parameters(), None)  # swapped out while the module runs functionally
         self._register()
@@ -131,17 +146,14 @@ class Recorder:
             return
         if next(module.parameters(), None) is not self._first:
             return  # a functional call (torch.func.functional_call, any optimizer's pure step): not the user's forward
-        if kwargs or len(args) != 1:  # not recordable; the user's forward itself goes on (step() says why)
-            self.unsupported = (f"the model was called with {len(args)} positional and keyword arguments "
-                                f"{sorted(kwargs)}; the recorded flows need one input (a tensor or any pytree)")
-            return
-        self.unsupported = ""
+        inputs = args[0] if len(args) == 1 and not kwargs else Args(*args, **kwargs)
         params = dict(module.named_parameters())
-        plan = trace(module, {n: p.detach() for n, p in params.items()}, args[0])
-        self.plan, self.inputs = plan, args[0]
+        plan = trace(self.io, {n: p.detach() for n, p in params.items()}, inputs)
+        self.plan, self.inputs = plan, inputs
         if not self.wanted:
             return
-        mode = _RecordMode(plan, {n: params[n] for n in plan.tracked}, hook=self.fisher == "empirical")
+        mode = _RecordMode(plan, {n: params[n] for n in plan.tracked}, self.fisher == "empirical",
+                           batch_size(inputs, self.io.batch_dims))
         mode.__enter__()
         self._open = (mode, plan)
 
@@ -151,37 +163,59 @@ class Recorder:
         mode, plan = self._open
         mode.__exit__(None, None, None)
         self._open = None
-        if not isinstance(output, Tensor) or len(mode.inputs) != len(plan.calls):
-            return  # the forward failed (its error is the user's), or returned no tensor: nothing to record
-        self.records.append(_Forward(plan, mode, output))
+        if len(mode.inputs) != len(plan.calls):
+            return  # the forward failed: its error is the user's, nothing to record
+        try:
+            picked, unreadable = select(output, self.io.output), ""
+        except ValueError as err:  # the user's forward goes on; a step that needs the output says why
+            picked, unreadable = None, str(err)
+        self.records.append(_Forward(plan, mode, picked, unreadable))
         if self.auto and self.fisher != "empirical":
-            self.curvature_backward(output)
+            self.curvature_backward(self._readable(self.records[-1]))
+
+    @staticmethod
+    def _readable(rec: _Forward) -> Tensor:
+        if rec.output is None:
+            raise ValueError(f"kfac_func: {rec.unreadable}")
+        return rec.output
 
     def curvature_backward(self, output: Tensor) -> None:
-        """The Fisher's backward passes from the model ``output`` of the last forward to its layer outputs."""
-        if not self.records or self.records[-1].output is not output:
+        """The Fisher's backward passes from ``output`` — the tensor the loss reads, computed from the last
+        forward (its logits, or ``logits.view(-1, V)``) — to the recorded layer outputs."""
+        if not self.records:
             if not self.wanted:
                 return  # this step reads no statistics: nothing was recorded, nothing to do
-            raise ValueError("curvature_backward needs the output of the model's last forward (with gradients on)")
+            raise ValueError("curvature_backward needs a tensor computed by the model's last forward (run with "
+                             "gradients on)")
         rec = self.records[-1]
         if self.fisher == "empirical" or rec.curvature is not None:
             return
+        if not isinstance(output, Tensor) or output.grad_fn is None:
+            raise ValueError(f"curvature_backward needs the tensor the loss reads, computed by the model's last forward "
+                             f"with gradients on; got {type(output).__name__}"
+                             + (" without a graph" if isinstance(output, Tensor) else ""))
         out = output.detach()
+        # the output's layout is the trace's; a tensor computed from it is taken as its rows in order
+        layout = rec.plan.output_layout if output is rec.output else _rows(out, rec.examples)
         # the targets only set the scale R (all counted) and the class weights (none ignored): stand-ins
-        classes = self.loss.kind == "cross_entropy"
-        dummy = out.new_zeros((out.shape[0],) + tuple(out.shape[2:]), dtype=torch.int64) if classes else out
-        _, _, vectors, scale = cotangents(self.loss, out, dummy, self.fisher, self.mc_samples,
+        loss, first, stand_in = batch_first_loss(self.loss, out, self.loss.stand_in_targets(out), layout,
+                                                 rec.examples)
+        _, _, vectors, scale = cotangents(loss, first, stand_in, self.fisher, self.mc_samples,
                                           self.key(self.inputs, len(self._used(self.records))))
+        vectors = unbatch_first(vectors, layout, 1)
         outs = [o for o in rec.mode.outputs if o.requires_grad]
         rec.mode.listening = False
         try:
-            grads = [torch.autograd.grad(output, outs, v, retain_graph=True) for v in vectors]
+            grads = [torch.autograd.grad(output, outs, v, retain_graph=True, allow_unused=True) for v in vectors]
         finally:
             rec.mode.listening = True
+        if outs and all(g is None for g in grads[0]):
+            raise ValueError("curvature_backward: the tensor passed does not depend on the model's last forward")
+        grads = [[torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs)] for gs in grads]
         stacked = iter(torch.stack(gs).detach() for gs in zip(*grads)) if grads else iter(())
         rec.curvature = [next(stacked) if o.requires_grad else torch.zeros((len(vectors),) + o.shape, dtype=o.dtype)
                          for o in rec.mode.outputs]
-        rec.scale = float(scale)
+        rec.scale, rec.read = float(scale), out
 
     def capture(self, grads: dict[str, Tensor], loss: Tensor, *, statistics: bool, stats_fraction: float = 1.0,
                 grad_scale: float = 1.0, share: float = 1.0, pooled: Collection[str] = ()) -> tuple[Capture, Plan]:
@@ -204,7 +238,7 @@ class Recorder:
                 "opt.curvature_backward(output) after the forward and before loss.backward() (or use "
                 "step(closure), step(inputs, targets), or fisher='empirical')"
             )
-        total = sum(_terms(self.loss, r.output) for r in records)
+        total = sum(_terms(self.loss, r.read if r.read is not None else self._readable(r)) for r in records)
         total_scale = 1.0 if self.loss.reduction == "sum" else 1.0 / total
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         parts = []
@@ -217,7 +251,8 @@ class Recorder:
                 weight = (total_scale / r.scale) ** 0.5  # this forward's share of the whole batch's R
                 vectors = [v * weight for v in r.curvature]
             examples = math.ceil(stats_fraction * r.examples) if stats_fraction < 1 else None
-            parts.append(layer_statistics(r.plan, params, r.mode.inputs, vectors, examples, pooled=pooled))
+            inputs, vectors = r.plan.inputs_first(r.examples, r.mode.inputs), r.plan.grads_first(r.examples, vectors)
+            parts.append(layer_statistics(r.plan, params, inputs, vectors, examples, pooled=pooled))
         a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
         g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
         return Capture(loss, grads, a, g), plan
@@ -228,7 +263,6 @@ class Recorder:
             raise ValueError(
                 "kfac_func: no forward of the model was recorded since the last step: run the forward and "
                 "backward with gradients enabled before step() (or pass step(inputs, targets))"
-                + (f"; {self.unsupported}" if self.unsupported else "")
             )
         return self.plan
 
@@ -245,7 +279,17 @@ class Recorder:
         return sum(r.examples for r in self._used(self.records))
 
 
+def _rows(out: Tensor, examples: int) -> Layout:
+    """The layout of a tensor the loss reads whose leading dim holds ``examples`` examples' rows, example-major
+    (``logits.view(-1, V)`` of batch-first logits)."""
+    rows = out.shape[0] // examples if out.dim() else 0
+    if rows * examples != (out.shape[0] if out.dim() else -1):
+        raise ValueError(f"curvature_backward: the tensor's leading dim ({tuple(out.shape)}) does not hold the "
+                         f"{examples} examples of the last forward; pass the model's output or a view of it whose "
+                         "leading dim is its rows (logits.view(-1, V))")
+    return Layout(0, rows)
+
+
 def _terms(loss: Loss, output: Tensor) -> int:
     """How many terms a mean of ``loss`` runs over on ``output``, every target counted."""
-    per_term = output.shape[1] if loss.kind == "cross_entropy" and output.dim() > 1 else 1
-    return output.numel() // per_term
+    return loss.terms_of(output)

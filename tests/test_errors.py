@@ -116,7 +116,7 @@ def test_mismatched_input_dtype_names_the_layer():
     [
         ("mse", torch.zeros(2, 4), "target shape"),
         ("mse", torch.zeros(2, 3, dtype=torch.float64), "target dtype"),
-        ("cross_entropy", torch.zeros(3, dtype=torch.long), "class-index targets must have shape"),
+        ("cross_entropy", torch.zeros(3, dtype=torch.long), "class-index targets for logits .* must have shape"),
         ("bce_with_logits", torch.zeros(2, 3, 1), "target shape"),
     ],
 )
@@ -175,9 +175,14 @@ def test_data_dependent_layer_calls_are_detected():
         kf.capture(f, params, -x_pos, torch.zeros(2, 4), "mse", fisher=None)
 
 
-def test_model_must_return_a_tensor():
-    with pytest.raises(TypeError, match="one tensor"):
-        kf.trace(lambda p, x: (F.linear(x, p["w"]), x), {"w": torch.randn(2, 3)}, torch.randn(1, 3))
+def test_model_output_must_name_a_tensor():
+    w = {"w": torch.randn(2, 3)}
+    with pytest.raises(ValueError, match="without a 'logits' entry: pass output="):
+        kf.trace(lambda p, x: {"h": F.linear(x, p["w"])}, w, torch.randn(1, 3))
+    with pytest.raises(ValueError, match="picked a NoneType .* not a tensor"):
+        kf.trace(lambda p, x: (None, F.linear(x, p["w"])), w, torch.randn(1, 3))
+    with pytest.raises(ValueError, match="output='h2': the model's output a dict with keys \\['h'\\] has no such entry"):
+        kf.trace(lambda p, x: {"h": F.linear(x, p["w"])}, w, torch.randn(1, 3), output="h2")
     with pytest.raises(TypeError, match=r"parameter '0\.1' .* must be a tensor, got int"):
         kf.trace(lambda p, x: x, [(torch.randn(2), 3)], torch.randn(1, 3))
 
@@ -251,17 +256,19 @@ def test_a_parameter_that_stops_requiring_grad_is_held_fixed():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the probe table of issue 14: models without layers, added groups, meta tensors, integer targets, damping
+# models without layers, added groups, meta tensors, integer targets, damping
 # ----------------------------------------------------------------------------------------------------
 
 
 class FreeParameters(nn.Module):
+    """A free scale, used elementwise (no layer)."""
+
     def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(4, 3))
+        self.w = nn.Parameter(torch.randn(4))
 
     def forward(self, x):
-        return x @ self.w
+        return (x * self.w)[:, :3]
 
 
 @pytest.mark.parametrize("make", [FreeParameters, lambda: nn.PReLU(3)], ids=["free", "prelu"])

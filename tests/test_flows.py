@@ -224,8 +224,11 @@ def test_flow_errors_are_clear_and_change_nothing():
         kf.KFAC(lambda p, v: v @ p["w"], {"w": torch.zeros(6, 3, requires_grad=True)}).step()
     with pytest.raises(TypeError, match="owns the step"):
         kf.Preconditioner(model, momentum=0.9)
-    with pytest.raises(ValueError, match="output of the model's last forward"):
+    with pytest.raises(ValueError, match="computed by the model's last forward with gradients on"):
         opt.curvature_backward(torch.zeros(16, 3, requires_grad=True))
+    model(x)
+    with pytest.raises(ValueError, match="does not depend on the model's last forward"):
+        opt.curvature_backward(torch.zeros(16, 3, requires_grad=True) * 2)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "mc"])
@@ -281,8 +284,9 @@ def test_functional_calls_of_the_model_are_not_recorded():
         assert torch.equal(p, q)
 
 
-def test_a_forward_the_recorder_cannot_take_is_left_alone_and_step_says_why():
-    """A model called with two arguments runs as usual under a KFAC; ``step()`` then names the reason."""
+def test_a_forward_with_several_arguments_is_recorded():
+    """A model called with a keyword argument and returning a tuple is recorded as written: its steps equal
+    ``step(kf.Args(x, scale=2.0), y)``'s on the same batches and key."""
 
     class Two(nn.Module):
         def __init__(self):
@@ -290,14 +294,22 @@ def test_a_forward_the_recorder_cannot_take_is_left_alone_and_step_says_why():
             self.lin = nn.Linear(6, 3).to(DT)
 
         def forward(self, x, scale=1.0):
-            return self.lin(x) * scale
+            out = self.lin(x) * scale
+            return out, out.sum()
 
+    torch.manual_seed(0)
     model = Two()
-    x, y = _data(_mlp())
-    opt = kf.KFAC(model, fisher="empirical")
-    F.cross_entropy(model(x, scale=2.0), y).backward()  # not recordable, but the user's forward works
-    with pytest.raises(ValueError, match="need one input"):
+    twin = copy.deepcopy(model)
+    opt = kf.KFAC(model, fisher="empirical", **COMMON)
+    ref = kf.KFAC(twin, fisher="empirical", **COMMON)
+    for seed in range(2):
+        x, y = _data(_mlp(), seed=seed)
+        opt.zero_grad()
+        F.cross_entropy(model(x, scale=2.0)[0], y).backward()
         opt.step()
+        ref.step(kf.Args(x, scale=2.0), y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():

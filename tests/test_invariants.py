@@ -55,7 +55,8 @@ def gen(seed):
 
 
 def capture(model, params, x, y, kind, reduction, fisher, seed=123, ignore_index=-100, **kw):
-    return kf.capture(model, params, x, y, kf.Loss(kind, reduction, ignore_index), fisher=fisher,
+    loss = kf.Loss(kind, reduction, ignore_index, class_dim=1 if kind == "cross_entropy" else None)  # (N, C, ...)
+    return kf.capture(model, params, x, y, loss, fisher=fisher,
                       mc_samples=kw.pop("mc_samples", 3), key=kf.random.key(seed), **kw)
 
 

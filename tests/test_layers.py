@@ -236,7 +236,8 @@ def test_embedding_preconditioning_keeps_a_diagonal():
     x = torch.randint(0, vocab, (5, 4), generator=gen)
     y = torch.randint(0, 4, (5, 4), generator=gen)
     plan = kf.trace(model, params, x)
-    cap = kf.capture(model, params, x, y, "cross_entropy", fisher="mc", key=kf.random.key(0))
+    ce = kf.Loss("cross_entropy", class_dim=1)  # (N, C, T) logits with C == T: the layout is named
+    cap = kf.capture(model, params, x, y, ce, fisher="mc", key=kf.random.key(0))
     factors = kf.kronecker_factors(cap, layers=plan.layers)
     eigen = kf.eigendecompose(factors)
     inverse = kf.inverse_factors(factors, 0.1)
@@ -248,17 +249,17 @@ def test_embedding_preconditioning_keeps_a_diagonal():
         out = kf.precondition(params, cap.grads, fs, layers=plan.layers, damping=damping, mode=mode)
         assert_close(layer_vector(out, EMB), dense(torch.diag_embed(A), G, vec, 0.1))
     twin = copy.deepcopy(model)
-    opt = kf.KFAC(model, method="ekfac", damping=0.1)  # E-KFAC and the optimizer state with Q_A = None
+    opt = kf.KFAC(model, loss=ce, method="ekfac", damping=0.1)  # E-KFAC and the optimizer state with Q_A = None
     opt.step(x, y)
     assert opt.kfac_state.eigen["emb"].QA.numel() == 0  # the identity, stored as an empty tensor
-    resumed = kf.KFAC(twin, method="ekfac", damping=0.1)
+    resumed = kf.KFAC(twin, loss=ce, method="ekfac", damping=0.1)
     twin.load_state_dict(model.state_dict())
     resumed.load_state_dict(opt.state_dict())
     opt.step(x, y)
     resumed.step(x, y)
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p, q), n
-    spectral = kf.KFAC(model, method="two_level", coarse_space="spectral", coarse_vectors=2, damping=0.1)
+    spectral = kf.KFAC(model, loss=ce, method="two_level", coarse_space="spectral", coarse_vectors=2, damping=0.1)
     spectral.step(x, y)
     assert spectral.kfac_state.space.UA["emb"].shape == (2, 1, vocab)
     assert all(p.isfinite().all() for p in model.parameters())
@@ -532,16 +533,6 @@ def test_bfloat16_activations_give_float32_factors(model_kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         kf.KFAC(model, lr=0.1).step(x, y)
     assert all(p.isfinite().all() for p in model.parameters())
-
-
-def test_layer_input_that_is_not_batch_first_is_an_error():
-    lin = nn.Linear(3, 2)
-
-    def flattened(p, x):  # (N, L, 3) → rows are positions, not examples
-        return torch.func.functional_call(lin, p, (x.reshape(-1, 3),)).reshape(x.shape[0], -1)
-
-    with pytest.raises(ValueError, match=r"layer 'weight': its input's first dim \(8\) is not the model output's batch dim \(2\)"):
-        kf.trace(flattened, params_of(lin), torch.randn(2, 4, 3))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def _problem(case, reduction, n, d_in, hidden, d_out, positions, seed):
     params = O.params_of(model)
     out_shape = tuple(model(x).shape)
     ignore = -7
-    loss = kf.Loss(kind, reduction, ignore_index=ignore)
+    # _Net returns (N, C, P): torch's layout, given (C = P with class indices, or class probabilities, is ambiguous)
+    loss = kf.Loss(kind, reduction, ignore_index=ignore, class_dim=1 if kind == "cross_entropy" and positions else None)
     if targets == "prob":
         t = torch.randn(out_shape, generator=gen, dtype=DT).softmax(1)
     else:

@@ -1,0 +1,256 @@
+"""Models as their codebases write them (:mod:`real_models`) train through every route — ``step(x, y)``, the
+ordinary loop with ``curvature_backward``, the empirical Fisher, ``Preconditioner`` + AdamW — with their own
+calls and outputs, and their captured ``(a, g)`` rebuild the dense float64 oracle's exact curvature blocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kfac_func as kf
+from oracles import DT, Layer, assert_close, captured_block, ggn_block, params_of
+from real_models import GPT, VAE, Conv1DNet, RNNModel, TransformerModel, vae_loss
+
+V, N, T = 11, 4, 4  # vocabulary, batch, sequence (batch == sequence length: no layout guessed from sizes)
+LAST = kf.Loss("cross_entropy", class_dim=-1)
+FIXED = dict(**kf.FIXED_STEP, lr=0.05, damping=0.1, inverse_period=1)
+
+
+def _tokens(seed: int, shape=(N, T)) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=gen), torch.randint(0, V, shape, generator=gen)
+
+
+def _assert_blocks(model_fn, params, x, y, cap, layers: dict[str, Layer]):
+    """Each captured block against the exact GGN of ``model_fn`` (batch-first, torch's ``(N, V, T)`` logits)."""
+    for name, layer in layers.items():
+        oracle = ggn_block(model_fn, params, x, y, "cross_entropy", "mean", layer)
+        assert_close(captured_block(cap.a[name], cap.g[name]), oracle)
+
+
+def test_minimal_gpt_as_written():
+    """``wpe(arange(T))`` with no batch dim, ``(logits, loss)`` out, the loss on ``logits.view(-1, V)``: the
+    captured blocks are the exact GGN's, and the ordinary loop (MC and exact Fisher, ``curvature_backward`` on
+    the flattened logits; the empirical Fisher) takes exactly ``step(x, y)``'s steps."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=V, block_size=T, tie=False).to(DT)
+    params = params_of(model)
+    x, y = _tokens(0)
+    flat = lambda out: out[0].view(-1, V)  # noqa: E731
+    cap = kf.capture(model, params, x, y.view(-1), "cross_entropy", fisher="exact", output=flat)
+    batch_first = lambda p, v: torch.func.functional_call(model, p, (v,))[0].transpose(1, 2)  # noqa: E731
+    _assert_blocks(batch_first, params, x, y, cap, {
+        "transformer.wpe": Layer("transformer.wpe.weight", kind="embedding"),
+        "transformer.h.0.attn.c_attn": Layer("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"),
+        "lm_head": Layer("lm_head.weight"),
+    })
+    for fisher in ("mc", "exact", "empirical"):
+        loop, ref = copy.deepcopy(model), copy.deepcopy(model)
+        opt = kf.KFAC(loop, loss=LAST, fisher=fisher, **FIXED)  # its R counts the (B, T, V) logits' rows
+        functional = kf.KFAC(ref, loss="cross_entropy", fisher=fisher, output=flat, **FIXED)
+        for seed in range(3):
+            x, y = _tokens(seed)
+            opt.zero_grad()
+            logits, loss = loop(x, y)
+            if fisher != "empirical":
+                opt.curvature_backward(logits.view(-1, logits.size(-1)))
+            loss.backward()
+            opt.step()
+            functional.step(x, y.view(-1))
+        for p, q in zip(loop.parameters(), ref.parameters()):
+            assert_close(p, q, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_minimal_gpt_trains_with_the_defaults_and_with_a_preconditioned_adamw(dropout):
+    torch.manual_seed(1)
+    model = GPT(vocab_size=V, block_size=T, dropout=dropout, tie=False).to(DT)
+    twin = copy.deepcopy(model)
+    x, y = _tokens(1)
+    opt = kf.KFAC(model, loss=LAST, output=0)  # the (B, T, V) logits of (logits, loss), class-last
+    first = opt.step(x, y)
+    for _ in range(4):
+        last = opt.step(x, y)
+    assert last < first
+    precond = kf.Preconditioner(twin, loss="cross_entropy", damping=0.1)
+    adamw = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        adamw.zero_grad()
+        logits, loss = twin(x, y)
+        precond.curvature_backward(logits.view(-1, V))
+        loss.backward()
+        precond.step()
+        adamw.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_word_language_model_transformer_sequence_first():
+    """PyTorch's ``TransformerModel``: ``(T, N)`` ids, ``nn.TransformerEncoder`` with ``batch_first=False``,
+    ``log_softmax`` out ``(T, N, V)`` (cross-entropy of log-probabilities is the same loss). With
+    ``batch_dims=1`` its decoder's and attention's blocks are the exact GGN's, and both routes train."""
+    torch.manual_seed(2)
+    model = TransformerModel(ntoken=V).to(DT)
+    model.eval()  # dropout 0; the mask is built in the forward
+    params = params_of(model)
+    x, y = _tokens(2)
+    cap = kf.capture(model, params, x.T, y.T, LAST, fisher="exact", batch_dims=1)
+    batch_first = lambda p, v: torch.func.functional_call(model, p, (v.T,)).permute(1, 2, 0)  # noqa: E731
+    _assert_blocks(batch_first, params, x, y, cap, {
+        "decoder": Layer("decoder.weight", "decoder.bias"),
+        "encoder.layers.0.self_attn.in_proj": Layer("encoder.layers.0.self_attn.in_proj_weight",
+                                                    "encoder.layers.0.self_attn.in_proj_bias"),
+    })
+    with pytest.raises(ValueError, match="pass batch_dims=1"):
+        kf.KFAC(copy.deepcopy(model), loss=LAST).step(x.T, y.T)
+    opt = kf.KFAC(model, loss=LAST, batch_dims=1)
+    first = opt.step(x.T, y.T)
+    loop = kf.KFAC(twin := copy.deepcopy(model), loss=LAST, batch_dims=1, **FIXED)
+    for _ in range(3):
+        last = opt.step(x.T, y.T)
+        loop.zero_grad()
+        out = twin(x.T)
+        loop.curvature_backward(out)
+        F.nll_loss(out.view(-1, V), y.T.reshape(-1)).backward()
+        loop.step()
+    assert last < first
+
+
+def test_lstm_language_model_with_its_hidden_state():
+    """PyTorch's ``RNNModel``: ``model(input, hidden)`` sequence-first, ``(decoded.view(-1, V), hidden)`` out
+    (rows example-minor); the LSTM's weights are reported and take plain gradient steps, the embedding and
+    decoder are K-FAC layers whose blocks are the exact GGN's."""
+    torch.manual_seed(3)
+    model = RNNModel(ntoken=V).to(DT)
+    params = params_of(model)
+    x, y = _tokens(3)
+    hidden = model.init_hidden(N)
+    inputs = kf.Args(x.T, hidden)
+    table = kf.describe(model, inputs, batch_dims=1)
+    assert set(table.fallbacks) == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    plan = kf.trace(model, params, inputs, batch_dims=1)
+    assert plan.output_layout == (0, T, False, False)  # T·N rows, example-minor
+    cap = kf.capture(model, params, inputs, y.T.reshape(-1), "cross_entropy", fisher="exact", batch_dims=1)
+    h = model.init_hidden(N)
+    batch_first = lambda p, v: torch.func.functional_call(model, p, (v.T, h))[0].view(T, N, V).permute(1, 2, 0)  # noqa: E731
+    _assert_blocks(batch_first, params, x, y, cap, {"decoder": Layer("decoder.weight", "decoder.bias"),
+                                                    "encoder": Layer("encoder.weight", kind="embedding")})
+    opt = kf.KFAC(model, loss="cross_entropy", batch_dims=1, **FIXED)
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        output, _ = model(x.T, model.init_hidden(N))
+        opt.curvature_backward(output)
+        loss = F.nll_loss(output, y.T.reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_conv1d_dense_layers_equal_their_linear_twin():
+    """Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)`` weight) is a dense layer: its statistics and
+    gradients equal those of the same network written with ``nn.Linear`` (weights transposed), and the
+    preconditioned update is the twin's, transposed."""
+    torch.manual_seed(4)
+    model = Conv1DNet(vocab=V).to(DT)
+    twin = Conv1DNet(vocab=V).to(DT)
+    twin.load_state_dict(model.state_dict())
+    linears = {}
+    for name in ("c_fc", "c_proj"):
+        conv = getattr(model, name)
+        lin = nn.Linear(conv.weight.shape[0], conv.weight.shape[1]).to(DT)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.T)
+            lin.bias.copy_(conv.bias)
+        setattr(twin, name, lin)
+        linears[name] = lin
+    x, y = _tokens(4)
+    key = kf.random.key(0)
+    cap = kf.capture(model, params_of(model), x, y, LAST, fisher="mc", key=key)
+    ref = kf.capture(twin, params_of(twin), x, y, LAST, fisher="mc", key=key)
+    for name in ref.a:
+        assert_close(cap.a[name], ref.a[name])
+        assert_close(cap.g[name], ref.g[name])
+    for name in ("c_fc.weight", "c_proj.weight"):
+        assert_close(cap.grads[name], ref.grads[name].T)
+    assert not kf.describe(model, x).fallbacks
+    opt, opt_twin = kf.KFAC(model, loss=LAST, **FIXED), kf.KFAC(twin, loss=LAST, **FIXED)
+    for seed in range(2):
+        x, y = _tokens(seed)
+        opt.step(x, y)
+        opt_twin.step(x, y)
+    for name in ("c_fc", "c_proj"):
+        assert_close(getattr(model, name).weight, linears[name].weight.T, atol=1e-12, rtol=1e-10)
+
+
+def test_vae_with_its_own_loss_through_the_empirical_fisher():
+    """A VAE (``randn_like`` in the forward, ``(recon, mu, logvar)`` out, its own summed loss of three outputs)
+    in the ordinary loop with the empirical Fisher: ``loss=`` only says the reduction (a sum: ``R = 1``). On one
+    example the factors are the exact empirical Fisher blocks of the user's loss (same noise)."""
+    torch.manual_seed(5)
+    model = VAE().to(DT)
+    x = torch.rand(1, 12, dtype=DT)
+    opt = kf.KFAC(model, loss=kf.Loss("mse", reduction="sum"), fisher="empirical", **FIXED)
+    rng = torch.get_rng_state()
+    opt.zero_grad()
+    recon, mu, logvar = model(x)
+    vae_loss(recon, x, mu, logvar).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    factors = opt.kfac_state.factors
+    for name in ("fc4", "fc1"):
+        A, G = kf.averaged(factors)[name]
+        block = torch.kron(G[0], A[0])
+        vec = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"][:, None]], 1).reshape(-1)
+        assert_close(block, torch.outer(vec, vec))  # N = 1: the empirical Fisher block, R = 1
+    torch.set_rng_state(rng)
+    for _ in range(3):
+        opt.zero_grad()
+        recon, mu, logvar = model(x)
+        vae_loss(recon, x, mu, logvar).backward()
+        opt.step()
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_parameters_without_gradients_are_left_alone_and_metadata_reads_keep_curvature():
+    """torch.optim's rule: a parameter whose ``grad`` is ``None`` gets no update and no weight decay (KFAC's
+    flows, and Preconditioner before AdamW); a parameter read only for its dtype/device (``new_zeros``) in
+    the forward stays a K-FAC layer."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+            self.unused = nn.Linear(5, 3)
+
+        def forward(self, x):
+            start = next(self.parameters()).new_zeros(x.shape[0], 3)  # fc.weight read for its dtype only
+            return start + self.fc(x)
+
+    torch.manual_seed(6)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    model = Net()
+    assert set(kf.describe(model, x).fallbacks) == {"unused.weight", "unused.bias"}
+    before = copy.deepcopy(model.unused.state_dict())
+    decayed = {**FIXED, "weight_decay": 0.1}
+    kf.KFAC(model, loss="cross_entropy", **decayed).step(x, y)
+    opt = kf.KFAC(model, loss="cross_entropy", fisher="empirical", **decayed)
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert model.unused.weight.grad is None
+    precond = kf.Preconditioner(model, loss="cross_entropy", fisher="empirical", damping=0.1)
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    adamw.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    precond.step()
+    assert model.unused.weight.grad is None
+    adamw.step()
+    for k, v in model.unused.state_dict().items():
+        assert torch.equal(v, before[k]), k
