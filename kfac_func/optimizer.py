@@ -660,7 +660,7 @@ class _Transform:
         torch's RNG seeded by ``seed``) or the captured Fisher."""
         with torch.enable_grad():
             if self.o.quadratic_curvature == "ggn":
-                fraction, n = self.o.quadratic_fraction, targets.shape[0]
+                fraction, n = self.o.quadratic_fraction, batch_size(inputs, self.o.batch_dims)
                 forms = ggn_quadratic_forms(self.model, spec.unflatten(params), inputs, targets, loss,
                                             [spec.unflatten(d) for d in directions],
                                             max(1, math.ceil(fraction * n)) if fraction < 1 else None, seed=seed)

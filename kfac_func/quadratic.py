@@ -27,13 +27,14 @@ import contextlib
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
-import optree
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .capture import Capture, Model, flat_call
+from .batching import batch_first, unbatch_first
+from .calls import batch_size, first_examples, model_io
+from .capture import Capture, Model, flat_call, trace
 from .factors import full_precision
 from .layers import LayerSpec, stat_dtype, weight_matrix
 from .losses import Loss, as_loss
@@ -98,23 +99,25 @@ def ggn_quadratic_forms(
     model found to lack a forward-mode derivative. ``seed``: torch's RNG forked and seeded with it for the
     model's evaluation (see the module's docstring).
 
-    ``examples``: estimate the forms from the first ``m`` rows of the batch (of ``targets`` and of every
-    input leaf whose leading size is the batch's): the sub-batch's sum ``Σₙ₌₁..ₘ (Jₙdᵢ)ᵀHₙ(Jₙdⱼ)`` times
+    ``examples``: estimate the forms from the first ``m`` examples of the batch (of every batched input leaf,
+    :mod:`kfac_func.calls`, and of the target rows of those examples, wherever the output holds them): the
+    sub-batch's sum ``Σₙ₌₁..ₘ (Jₙdᵢ)ᵀHₙ(Jₙdⱼ)`` times
     ``R · T/Tₘ`` — the full batch's reduction scale ``R`` and the ratio of its loss terms ``T`` to the
     sub-batch's (``N/m`` for one term per example), so that a mean over the batch is estimated by the mean
     over the sub-batch and a sum by the scaled-up sum."""
     loss = as_loss(loss)
     flat, spec = flatten(params)
     scale = None
-    rows = targets.shape[0]
-    if examples is not None and examples < rows:
+    io = model_io(model)
+    n = batch_size(inputs, io.batch_dims)
+    if examples is not None and examples < n:
+        layout = trace(io, params, inputs).output_layout  # where the output (and so the targets) hold the examples
+        sub_targets = unbatch_first(batch_first(targets, layout, n)[:examples], layout)
         # R·T/Tₘ: the batch's reduction scale and its loss terms over the sub-batch's (none: no curvature)
         terms, sub_terms = (torch.as_tensor(loss.terms(t), dtype=torch.float64, device=t.device)
-                            for t in (targets, targets[:examples]))
+                            for t in (targets, sub_targets))
         scale = loss.scale(terms, targets) * terms / sub_terms.clamp_min(1)
-        inputs = optree.tree_map(lambda x: x[:examples] if isinstance(x, Tensor) and x.dim() and x.shape[0] == rows
-                                 else x, inputs)
-        targets = targets[:examples]
+        inputs, targets = first_examples(inputs, examples, io.batch_dims), sub_targets
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
     # tangents in the parameters' dtype (jvp requires it), stacked: one vmapped jvp evaluates the model once
     # and pushes every direction through it together; the forms in at least float32

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac_func as kf
+import kfac_func.quadratic as quadratic
+from kfac_func.calls import ModelIO
 from oracles import DT, Layer, assert_close, captured_block, ggn_block, params_of
 
 N = T = 4  # batch == sequence length: a layout guessed from sizes is wrong here
@@ -198,3 +200,26 @@ def test_a_shared_input_whose_output_does_not_broadcast_is_reported():
     table = kf.describe(model, torch.randn(N, T, D, dtype=DT))
     assert "rel.weight" in table.fallbacks
     assert "output does not broadcast against the batch" in table.fallbacks["rel.weight"]
+
+
+def test_quadratic_model_from_the_first_examples_in_any_layout():
+    """``quadratic_fraction``'s sub-batch is the first examples wherever the inputs and the output hold them:
+    the GGN forms of the sequence-first and the flattened-rows model equal the batch-first twin's."""
+    torch.manual_seed(5)
+    twin = Mixer("batch").to(DT)
+    params = params_of(twin)
+    x = torch.randn(N, T, D, dtype=DT)
+    y = torch.randint(0, V, (N, T))
+    gen = torch.Generator().manual_seed(0)
+    directions = [{n: torch.randn(p.shape, generator=gen, dtype=DT) for n, p in params.items()} for _ in range(2)]
+    last = kf.Loss("cross_entropy", class_dim=-1)
+    ref = quadratic.ggn_quadratic_forms(twin, params, x, y, last, directions, examples=2)
+    whole = quadratic.ggn_quadratic_forms(twin, params, x, y, last, directions)
+    assert not torch.allclose(ref, whole)  # the sub-batch is a different estimate
+    seq, rows = copy.deepcopy(twin), copy.deepcopy(twin)
+    seq.layout, rows.layout = "sequence", "rows"
+    got = quadratic.ggn_quadratic_forms(ModelIO(seq, batch_dims=1), params, x.transpose(0, 1), y.T, last,
+                                           directions, examples=2)
+    assert_close(got, ref)
+    got = quadratic.ggn_quadratic_forms(rows, params, x, y.reshape(-1), "cross_entropy", directions, examples=2)
+    assert_close(got, ref)
