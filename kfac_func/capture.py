@@ -59,6 +59,7 @@ from .layers import (
     input_patches,
     output_grads,
     parameter_grads,
+    weight_matrix,
 )
 from .losses import Loss, as_loss, cotangents
 from .phases import phase
@@ -129,6 +130,12 @@ class Plan:
         return [g if g is None else batch_first(g, lay, n, lead, grad=True) for g, lay in zip(grads, self.layouts)]
 
     @property
+    def tied(self) -> frozenset[str]:
+        """The layers whose weight another layer uses too (the uses of a tied weight, one layer each)."""
+        whole = collections.Counter(s.weight for s in self.layers.values() if s.rows is None)
+        return frozenset(n for n, s in self.layers.items() if s.rows is None and whole[s.weight] > 1)
+
+    @property
     def tracked(self) -> tuple[str, ...]:
         """Names of the parameters owned by tracked layers (each once)."""
         names = (n for s in self.layers.values() for n in (s.weight, s.bias) if n is not None)
@@ -147,7 +154,9 @@ class Capture(NamedTuple):
     * ``low_rank`` (with ``capture(..., low_rank=True)``): for each dense layer called once on ``(N, d)``
       inputs, ``(g, ā)`` ``(N, d_g)``, ``(N, d_a)`` — the true output gradients and homogeneous inputs of
       the whole batch — whose product ``gᵀā`` is that layer's gradient matrix ``[∇W, ∇b]`` (for
-      :func:`kfac_func.precondition`, which then preconditions it in ``O(N)`` matmuls when ``N`` is small).
+      :func:`kfac_func.precondition`, which then preconditions it in ``O(N)`` matmuls when ``N`` is small);
+    * ``uses``: for each use of a tied weight (:attr:`Plan.tied`), that use's share of the gradient as its
+      layer's weight matrix ``(B, d_g, d_a)`` (the shares add up to the weight's gradient).
 
     ``a`` and ``g`` are empty when ``fisher=None``. ``buffers``: a module's buffers after this forward
     (BatchNorm running statistics); the module itself is not changed, :class:`~kfac_func.KFAC` commits
@@ -160,6 +169,7 @@ class Capture(NamedTuple):
     g: dict[str, Tensor]
     buffers: dict[str, Tensor] = {}
     low_rank: dict[str, tuple[Tensor, Tensor]] = {}
+    uses: dict[str, Tensor] = {}
 
 
 def require_curvature(cap: Capture) -> None:
@@ -235,6 +245,11 @@ def _dense_product(bound: dict[str, Any]) -> bool:
 def _layer_name(weight: str, rows: Rows) -> str:
     base = weight.removesuffix(".weight").removesuffix("_weight")
     return base if rows is None else f"{base}[{rows[0]}:{rows[1]}]"
+
+
+def _use(func: Callable) -> str:
+    """How a call uses its weight: ``"matmul"`` (``x @ W``) or the layer function's name."""
+    return "matmul" if func in _MATMULS else func.__name__
 
 
 def _make_call(func: Callable, layer: str, bound: dict[str, Any]) -> LayerCall:
@@ -364,6 +379,7 @@ class _TraceMode(_LayerMode):
         self.seen: list[tuple[Tensor, Tensor]] = []  # each call's input and output
         self.queries: list[Tensor] = []  # each F.multi_head_attention_forward call's query
         self.expand = expand or {}  # call index → the shape its (broadcast) output is given
+        self.uses: dict[tuple[str, Rows | str], str] = {}  # each weight's first use (the others are tied layers)
         self.other_uses: dict[str, str] = {}
         self.slicings: list[tuple[str, tuple[Rows, ...]]] = []
 
@@ -384,6 +400,9 @@ class _TraceMode(_LayerMode):
     def layer(self, func, args, kwargs, bound, owner):
         weight_name, rows = owner
         layer = _layer_name(weight_name, rows)
+        first_use = self.uses.setdefault(owner, _use(func))
+        if first_use != _use(func):  # a tied weight (a token embedding shared with the LM head): a layer per use
+            layer = f"{layer}:{_use(func)}"
         x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
         call = _make_call(func, layer, bound)
         for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
@@ -536,6 +555,12 @@ def _layout(call: LayerCall, lay: Layout | str) -> Layout | str:
     return f"a {call.kind} layer needs its input's dim 0 to hold the examples, one row each (found {lay})"
 
 
+def _tied(specs: list[LayerSpec]) -> bool:
+    """Whether the layers of ``specs``, which share their weight, are the uses of a tied weight: one layer per
+    use of the whole parameter."""
+    return len(specs) > 1 and all(s.rows is None for s in specs) and len({s.use for s in specs}) == len(specs)
+
+
 def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int, layouts: list[Layout | str]) -> Plan:
     reasons = dict(mode.other_uses)
     specs: dict[str, LayerSpec] = {}
@@ -547,12 +572,6 @@ def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int, la
                     reasons.setdefault(n, f"layer {call.layer!r}: {lay}")
         spec = LayerSpec(call.layer, call.kind, weight, bias, call.groups, rows, call.transposed)
         first = specs.setdefault(call.layer, spec)
-        if first.kind != spec.kind or first.transposed != spec.transposed:  # an embedding tied to a head, say
-            uses = " and of ".join(f"an {s.kind} call" if s.kind == EMBEDDING else
-                                   f"a {s.kind} call{' (x @ W, a matmul)' if s.transposed else ''}" for s in (first, spec))
-            reasons.setdefault(weight, f"tied: the weight of {uses} (e.g. the token embedding shared with the LM "
-                                       "head); the sum of their curvatures has no Kronecker factors here, so it takes "
-                                       "a plain gradient step")
         if first != spec:
             for n in (weight, bias, first.bias):
                 if n is not None:
@@ -562,6 +581,8 @@ def _make_plan(params: dict[str, Tensor], mode: _TraceMode, output_dims: int, la
             roles.setdefault(bias, set()).add((call.layer, "bias"))
     for name, r in roles.items():
         kinds = {role for _, role in r}
+        if kinds == {"weight"} and _tied([specs[layer] for layer, _ in r]):
+            continue
         rows = sorted(specs[layer].rows or (0, params[name].shape[0]) for layer, _ in r)
         overlap = any(a[1] > b[0] for a, b in zip(rows, rows[1:]))
         if len(kinds) > 1 or overlap:
@@ -596,7 +617,7 @@ class _CaptureMode(_LayerMode):
     def __init__(self, plan: Plan, params: dict[str, Tensor], probes: tuple[Tensor, ...]):
         super().__init__(params)
         self.plan, self.probes = plan, probes
-        self.layer_of = {(s.weight, s.rows): name for name, s in plan.layers.items()}
+        self.layer_of = {(s.weight, s.rows, s.use): name for name, s in plan.layers.items()}
         self.inputs: list[Tensor] = []
         self.slicing = 0
 
@@ -609,7 +630,7 @@ class _CaptureMode(_LayerMode):
         return out
 
     def layer(self, func, args, kwargs, bound, owner):
-        layer = self.layer_of.get(owner)
+        layer = self.layer_of.get((*owner, _use(func)))
         if layer is None:
             return func(*args, **kwargs)
         k = len(self.inputs)
@@ -715,6 +736,7 @@ def capture(
     calls = collections.Counter(call.layer for call in plan.calls)
     factored: dict[str, tuple[Tensor, Tensor]] = {}
     patches: list[Tensor | None] = []  # a dense layer's homogeneous inputs of the whole batch, when built here
+    tied, uses = plan.tied, {}
     for call, x, (true_g, _) in zip(plan.calls, inputs_seen, probe_grads):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
@@ -724,7 +746,11 @@ def capture(
             factored[call.layer] = (output_grads(call, true_g.unsqueeze(0), x, has_bias).reshape(x.shape[0], -1),
                                     whole.reshape(x.shape[0], -1))
         patches.append(whole)
-        for name, grad in zip((spec.weight, spec.bias), parameter_grads(call, x, true_g, params[spec.weight], has_bias)):
+        call_grads = parameter_grads(call, x, true_g, params[spec.weight], has_bias)
+        if call.layer in tied:
+            share = weight_matrix(spec, *call_grads)
+            uses[call.layer] = uses[call.layer] + share if call.layer in uses else share
+        for name, grad in zip((spec.weight, spec.bias), call_grads):
             if name is None:
                 continue
             if spec.rows is not None:  # a row slice: its rows of the whole parameter
@@ -732,11 +758,11 @@ def capture(
             grads[name] = grads[name] + grad if name in grads else grad
     grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
     if fisher is None:
-        return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored)
+        return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored, uses)
     # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)
     curvature = [true_g.unsqueeze(0) / scale**0.5 if fisher == "empirical" else curv_g for true_g, curv_g in probe_grads]
     a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches, pooled)
-    return Capture(value, structure.unflatten(grads), a, g, buffers, factored)
+    return Capture(value, structure.unflatten(grads), a, g, buffers, factored, uses)
 
 
 def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],

@@ -122,6 +122,8 @@ def describe(model: Model, inputs: Any, params: PyTree | None = None, *,
             block = f"{g} ⊗ {a}" + (f", {blocks} groups" if blocks > 1 else "")
             if spec.rows is not None:
                 block += f" (rows {spec.rows[0]}:{spec.rows[1]})"
+        if name in plan.tied:
+            block += " (a use of a tied weight: the uses' updates add up)"
         for p in (spec.weight, spec.bias):
             if p is not None:
                 owner.setdefault(p, []).append((name, spec.kind, block))

@@ -61,6 +61,11 @@ class LayerSpec:
     transposed: bool = False  # a linear weight stored (in, out), applied as x @ W
 
     @property
+    def use(self) -> str:
+        """How its calls use the weight: ``"matmul"`` (``x @ W``) or the layer function's name (its kind)."""
+        return "matmul" if self.transposed else self.kind
+
+    @property
     def diagonal_a(self) -> bool:
         """Whether the input factor ``A`` is diagonal (kept as a vector ``(B, d_a)``)."""
         return self.kind == EMBEDDING

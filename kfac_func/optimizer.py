@@ -530,16 +530,17 @@ class _Transform:
         lazy = o.lazy_factors and batch is not None
         flag = torch.where(all_finite(batch), 0.0, float("nan")) if lazy else None
         # gradients already reduced (by DistributedDataParallel) are not summed again
-        total_loss, grads, summed = comm.sum((cap.loss.detach(), {} if reduced else cap.grads, flag if lazy else batch))
-        grads = cap.grads if reduced else grads
+        total_loss, grads, uses, summed = comm.sum((cap.loss.detach(), {} if reduced else cap.grads,
+                                                    {} if reduced else cap.uses, flag if lazy else batch))
+        grads, uses = (cap.grads, cap.uses) if reduced else (grads, uses)
         if not lazy:
             batch = summed
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
         # (a step without statistics has none: no empty dict is built inside a compiled graph)
         ok = all_finite((total_loss, grads, summed if batch is not None else ((cap.a, cap.g) if cap.a else ())))
-        grads, a, g, parts = _zero_unless(ok, (grads, cap.a, cap.g, cap.low_rank))
-        cap = cap._replace(loss=total_loss, a=a, g=g, low_rank=parts)
+        grads, a, g, parts, uses = _zero_unless(ok, (grads, cap.a, cap.g, cap.low_rank, uses))
+        cap = cap._replace(loss=total_loss, a=a, g=g, low_rank=parts, uses=uses)
         new = state._replace(key=key)
         if batch is not None:
             batch = _zero_unless(ok, batch)
@@ -562,7 +563,7 @@ class _Transform:
         held = {name: s for name, s in plan.layers.items() if comm.holds(name)}  # KAISA: layers this rank serves
         factored = o.damping_mode == "factored"
         kwargs: dict[str, Any] = dict(layers=held, damping=None if factored else damping, mode=o.damping_mode,
-                                      checked=True, low_rank=cap.low_rank)  # λ: validated by Options, bounded
+                                      checked=True, low_rank=cap.low_rank, uses=cap.uses)  # λ: validated by Options, bounded
         factors = new.inverses if factored else _load(new.eigen)
         if o.method == "ekfac":
             factors = ekfac_factors(_load(new.eigen), averaged(new.scale))

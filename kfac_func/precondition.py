@@ -75,6 +75,7 @@ def precondition(
     all_reduce: Callable[[Any], Any] | None = None,
     checked: bool = False,
     low_rank: dict[str, tuple[Tensor, Tensor]] | None = None,
+    uses: dict[str, Tensor] | None = None,
 ) -> PyTree:
     """The preconditioned gradient, a pytree shaped like ``grads``. ``all_reduce`` sums a pytree over
     data-parallel ranks (:meth:`kfac_func.distributed.Communicator.sum`): the curvature products of
@@ -82,7 +83,10 @@ def precondition(
     (:func:`~kfac_func.factors.check_damping`; a tensor is read on the host in eager mode, not under
     ``torch.compile`` or ``vmap``) unless ``checked`` (the caller validated it: the pure optimizer).
     ``low_rank``: per layer ``(g, ā)`` with that layer's gradient matrix equal to ``gᵀā`` (the caller's
-    promise; :attr:`kfac_func.Capture.low_rank`)."""
+    promise; :attr:`kfac_func.Capture.low_rank`). ``uses``: for the layers of a tied weight, each use's share of
+    its gradient (:attr:`kfac_func.Capture.uses`): each share is preconditioned by its own layer's factors and
+    the results add up — K-FAC of the model with the weight untied, each copy's update summed back onto the
+    one weight (as gradient descent on the untied copies sums to gradient descent on the tied weight)."""
     if mode not in MODES:
         raise ValueError(f"unknown damping mode {mode!r}; expected one of {MODES}")
     if damping is not None and not checked:
@@ -95,10 +99,10 @@ def precondition(
         raise ValueError(f"no factors for layers {missing}; have {sorted(factors)}")
     # solved in the factors' dtype (at least float32; a float16/bfloat16 model's gradient is upcast) and
     # returned in the gradient's
+    uses = uses or {}
     grad = {
-        name: weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias else None).to(
-            factor_dtype(factors[name])
-        )
+        name: (uses[name] if name in uses else weight_matrix(spec, grads[spec.weight], grads[spec.bias] if spec.bias
+                                                             else None)).to(factor_dtype(factors[name]))
         for name, spec in layers.items()
     }
     for name, g in grad.items():
@@ -120,9 +124,14 @@ def precondition(
             total = all_reduce or (lambda tree: tree)  # noqa: E731
             curvature = lambda v: {k: cv + lam * v[k] for k, cv in total(curvature_product(capture, v)).items()}  # noqa: E731
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
-    out = dict(grads)
+    out, summed = dict(grads), {}
     for name, layer in layers.items():
-        out.update(split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out))
+        parts = split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out)
+        if name in uses:  # a tied weight's uses add up
+            summed[layer.weight] = summed[layer.weight] + parts.pop(layer.weight) if layer.weight in summed \
+                else parts.pop(layer.weight)
+        out.update(parts)
+    out.update(summed)
     return spec.unflatten(out)
 
 

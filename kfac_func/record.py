@@ -38,9 +38,10 @@ from typing import Any, Collection
 import torch
 from torch import Tensor, nn
 
-from .batching import Layout, batch_first_loss, batched_shape, unbatch_first
+from .batching import Layout, batch_first, batch_first_loss, batched_shape, unbatch_first
 from .calls import Args, ModelIO, batch_size, select
 from .capture import Capture, Plan, _CaptureMode, layer_statistics, trace
+from .layers import parameter_grads, split_weight_matrix, weight_matrix
 from .losses import Loss, cotangents
 
 
@@ -76,13 +77,14 @@ class _RecordMode(_CaptureMode):
         self.outputs: list[Tensor] = []
         self.grads: dict[int, Tensor] = {}
         self.hook, self.listening, self.examples = hook, True, examples
+        self.tied = {k for k, call in enumerate(plan.calls) if call.layer in plan.tied}  # their shares of ∇
 
     def recorded(self, k: int, out: Tensor) -> Tensor:
         layout = self.plan.layouts[k]
         if layout.dim is None:  # shared by all examples: each example's gradient is seen on its own rows
             out = out.expand(batched_shape(self.plan.probes[k][0], layout, self.examples))
         self.outputs.append(out)
-        if self.hook and out.requires_grad:
+        if (self.hook or k in self.tied) and out.requires_grad:
             out.register_hook(lambda g, k=k: self._store(k, g))
         return out
 
@@ -124,6 +126,7 @@ class Recorder:
         self.auto = False  # step(closure): the curvature backward runs when the forward ends
         self.inputs: Any = None  # the last forward's input and plan
         self.plan: Plan | None = None
+        self.unrecorded = ""  # why the last forward could not be recorded
         self._open: tuple[_RecordMode, Plan] | None = None
         self._first = next(model.parameters(), None)  # swapped out while the module runs functionally
         self._register()
@@ -148,9 +151,13 @@ class Recorder:
             return  # a functional call (torch.func.functional_call, any optimizer's pure step): not the user's forward
         inputs = args[0] if len(args) == 1 and not kwargs else Args(*args, **kwargs)
         params = dict(module.named_parameters())
-        plan = trace(self.io, {n: p.detach() for n, p in params.items()}, inputs)
-        self.plan, self.inputs = plan, inputs
-        if not self.wanted:
+        try:
+            plan = trace(self.io, {n: p.detach() for n, p in params.items()}, inputs)
+        except Exception as err:  # the user's forward goes on unrecorded; the step says why
+            self.plan, self.unrecorded = None, f"{type(err).__name__}: {err}"
+            return
+        self.plan, self.inputs, self.unrecorded = plan, inputs, ""
+        if not (self.wanted or plan.tied):  # a tied weight's shares of the gradient are read every step
             return
         mode = _RecordMode(plan, {n: params[n] for n in plan.tracked}, self.fisher == "empirical",
                            batch_size(inputs, self.io.batch_dims))
@@ -182,9 +189,9 @@ class Recorder:
     def curvature_backward(self, output: Tensor) -> None:
         """The Fisher's backward passes from ``output`` — the tensor the loss reads, computed from the last
         forward (its logits, or ``logits.view(-1, V)``) — to the recorded layer outputs."""
+        if not self.wanted:
+            return  # the next step reads no statistics: nothing to do
         if not self.records:
-            if not self.wanted:
-                return  # this step reads no statistics: nothing was recorded, nothing to do
             raise ValueError("curvature_backward needs a tensor computed by the model's last forward (run with "
                              "gradients on)")
         rec = self.records[-1]
@@ -226,8 +233,10 @@ class Recorder:
         if self._open is not None:
             raise RuntimeError("kfac_func: step() was called inside the model's forward")
         plan = self.require_forward(statistics and not records)
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        uses = _tied_uses(records, grads, params)
         if not statistics:
-            return Capture(loss, grads, {}, {}), plan
+            return Capture(loss, grads, {}, {}, uses=uses), plan
         records = self._used(records)
         if not records:
             if self.fisher == "empirical":
@@ -240,7 +249,6 @@ class Recorder:
             )
         total = sum(_terms(self.loss, r.read if r.read is not None else self._readable(r)) for r in records)
         total_scale = 1.0 if self.loss.reduction == "sum" else 1.0 / total
-        params = {n: p.detach() for n, p in self.model.named_parameters()}
         parts = []
         for r in records:
             if self.fisher == "empirical":
@@ -255,7 +263,7 @@ class Recorder:
             parts.append(layer_statistics(r.plan, params, inputs, vectors, examples, pooled=pooled))
         a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
         g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
-        return Capture(loss, grads, a, g), plan
+        return Capture(loss, grads, a, g, uses=uses), plan
 
     def require_forward(self, missing: bool = False) -> Plan:
         """The last forward's plan; an error when there was none (or ``missing``: none since the last step)."""
@@ -263,6 +271,7 @@ class Recorder:
             raise ValueError(
                 "kfac_func: no forward of the model was recorded since the last step: run the forward and "
                 "backward with gradients enabled before step() (or pass step(inputs, targets))"
+                + (f"; the last forward could not be recorded: {self.unrecorded}" if self.unrecorded else "")
             )
         return self.plan
 
@@ -277,6 +286,31 @@ class Recorder:
     def examples(self) -> int:
         """Examples of the forwards with statistics since the last step."""
         return sum(r.examples for r in self._used(self.records))
+
+
+def _tied_uses(records: list[_Forward], grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each use's share of a tied weight's gradient (:attr:`Capture.uses`) from the recorded inputs and the hooked
+    output gradients of its calls, scaled so that the shares add up along the gradient the step uses (``p.grad``
+    as the user left it: clipping, ``GradScaler``'s scale and averaging over ranks are such factors)."""
+    shares: dict[str, Tensor] = {}
+    for r in records:
+        for k in sorted(r.mode.tied & set(r.mode.grads)):
+            call, layout = r.plan.calls[k], r.plan.layouts[k]
+            spec = r.plan.layers[call.layer]
+            x = batch_first(r.mode.inputs[k], layout, r.examples)
+            g = batch_first(r.mode.grads[k], layout, r.examples, grad=True)
+            share = weight_matrix(spec, *parameter_grads(call, x, g, params[spec.weight], spec.bias is not None))
+            shares[call.layer] = shares[call.layer] + share if call.layer in shares else share
+    if not shares:
+        return shares
+    layers = records[-1].plan.layers
+    for weight in {layers[n].weight for n in shares}:
+        mine = [n for n in shares if layers[n].weight == weight]
+        total = sum(split_weight_matrix(layers[n], shares[n], params)[weight] for n in mine)
+        scale = (grads[weight] * total).sum() / (total * total).sum().clamp_min(torch.finfo(total.dtype).tiny)
+        for n in mine:
+            shares[n] = shares[n] * scale
+    return shares
 
 
 def _rows(out: Tensor, examples: int) -> Layout:

@@ -429,8 +429,8 @@ def test_captured_a_g_rebuild_exact_block_per_pixel_losses(seed, n, bias, kind, 
 
 
 class Untracked(nn.Module):
-    """Tracked layers (two linears and a LayerNorm) next to untracked parameters: an elementwise scale
-    and a weight that is also used outside its linear call (tied), which must make it untracked."""
+    """Tracked layers (two linears and a LayerNorm) next to an untracked elementwise scale, and a weight tied
+    between a linear call and a matmul (a layer per use)."""
 
     def __init__(self):
         super().__init__()
@@ -455,9 +455,8 @@ def test_untracked_parameters_gradients_and_blocks(fisher):
     x = torch.randn(5, 3, generator=gen, dtype=DT)
     y = make_target("cross_entropy", (5, 3), gen)
     plan = kf.trace(model, params, x)
-    assert set(plan.layers) == {"fc1", "norm", "out"}
-    assert set(plan.untracked) == {"tied.weight", "tied.bias", "scale"}
-    assert "matmul" in plan.reasons["tied.weight"] and "tied" in plan.reasons["tied.bias"]
+    assert set(plan.layers) == {"fc1", "norm", "tied", "tied:matmul", "out"} and plan.tied == {"tied", "tied:matmul"}
+    assert plan.untracked == ("scale",) and "by mul" in plan.reasons["scale"]
     cap = kf.capture(model, params, x, y, "cross_entropy", fisher=fisher, key=kf.random.key(0))
     expected = loss_grads(model, params, x, y, "cross_entropy", "mean")
     assert set(cap.grads) == set(expected)

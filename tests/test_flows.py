@@ -357,3 +357,25 @@ def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
     adaptive = kf.KFAC(copy.deepcopy(model), adaptive="lr_momentum")
     with pytest.raises(ValueError, match=r"needs step\(inputs, targets\)"):
         _backward_step(adaptive, adaptive.model, *batches[0], "mc")
+
+
+def test_a_forward_the_trace_cannot_take_runs_and_the_step_says_why():
+    """A model hard-wired to one batch size cannot run on the doubled batch the trace uses to find the examples:
+    the user's forward and backward run as usual, the step raises with that reason and changes nothing."""
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3).to(DT)
+
+        def forward(self, x):
+            return self.lin(x.view(16, 6))
+
+    model = Fixed()
+    x, y = _data(_mlp())
+    opt = kf.KFAC(model, fisher="empirical")
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="could not be recorded: ValueError: kfac_func finds which dim"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -185,12 +185,12 @@ def test_nested_pytrees_equal_flat_dicts(name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fisher", ["mc", "exact", "empirical"])
-def test_compiled_step_equals_eager(fisher):
+def test_compiled_step_equals_eager():
     """``torch.compile(step)`` over six steps (decompositions at steps 0, 2, 4: refreshes inside the
-    compiled run; a new batch size at steps 4 and 5) equals the eager run, in one graph per schedule and
-    shape kind: (refresh or not) × (first shape, dynamic batch) = 4 graphs at most."""
-    opt = kf.kfac(mlp, fisher=fisher, inverse_period=2, seed=3, **O.fixed_step())  # statistics every step
+    compiled run; a new batch size at steps 4 and 5; MC samples from the state's key) equals the eager run, in
+    one graph per schedule and shape kind: (refresh or not) × (first shape, dynamic batch) = 4 graphs at most.
+    The exact and empirical Fisher compile in :func:`test_update_compiles_with_fullgraph`."""
+    opt = kf.kfac(mlp, fisher="mc", inverse_period=2, seed=3, **O.fixed_step())  # statistics every step
     params = nested_params()
     data = batches(4) + batches(2, n=7, seed=5)
     want, want_state, _ = run(opt, params, data)
@@ -209,12 +209,14 @@ def test_compiled_step_equals_eager(fisher):
 
 # the schedules of three steps with inverse_period=2: the fixed step (statistics every step) is refreshed or not
 # (2 graphs); the defaults (statistics and L-M every 5 steps) run step 0 with a refresh, statistics and L-M,
-# step 1 with none of them, step 2 with a refresh only (3 graphs)
-@pytest.mark.parametrize("options, graphs", [(O.FIXED_STEP, 2), ({}, 3)], ids=["fixed-step", "defaults"])
-@pytest.mark.parametrize("sides", [None, SIDES])
+# step 1 with none of them, step 2 with a refresh only (3 graphs). Each Fisher type, dense and held sides.
+@pytest.mark.parametrize("sides, options, graphs", [
+    (None, {**O.FIXED_STEP, "fisher": "exact"}, 2),
+    (SIDES, {"fisher": "empirical"}, 3),
+], ids=["dense-fixed-step-exact", "held-defaults-empirical"])
 def test_update_compiles_with_fullgraph(sides, options, graphs):
-    """``update`` with the host schedule is one graph per schedule: fullgraph=True works (MC Fisher; dense and
-    held sides; the fixed step and the defaults)."""
+    """``update`` with the host schedule is one graph per schedule: fullgraph=True works (every Fisher type;
+    dense and held sides; the fixed step and the defaults)."""
     opt = kf.kfac(mlp, inverse_period=2, seed=3, factor_sides=sides, **options)
     params, data = nested_params(), batches(3)
     want, _, _ = run(opt, params, data)
@@ -349,8 +351,9 @@ def test_random_draws_are_uniform_and_keyed():
 
 
 def test_compiled_kfac_wrapper_equals_eager():
-    """``torch.compile(opt.step)`` of the ``torch.optim`` wrapper trains exactly like the eager wrapper."""
-    data = batches(3)
+    """``torch.compile(opt.step)`` of the ``torch.optim`` wrapper trains exactly like the eager wrapper (the
+    defaults: statistics, a refresh and Levenberg–Marquardt, then a step with none of them)."""
+    data = batches(2)
 
     def train(compiled: bool):
         torch.manual_seed(0)

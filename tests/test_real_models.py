@@ -32,12 +32,14 @@ def _assert_blocks(model_fn, params, x, y, cap, layers: dict[str, Layer]):
         assert_close(captured_block(cap.a[name], cap.g[name]), oracle)
 
 
-def test_minimal_gpt_as_written():
-    """``wpe(arange(T))`` with no batch dim, ``(logits, loss)`` out, the loss on ``logits.view(-1, V)``: the
-    captured blocks are the exact GGN's, and the ordinary loop (MC and exact Fisher, ``curvature_backward`` on
-    the flattened logits; the empirical Fisher) takes exactly ``step(x, y)``'s steps."""
+@pytest.mark.parametrize("tie", [False, True])
+def test_minimal_gpt_as_written(tie):
+    """``wpe(arange(T))`` with no batch dim, ``(logits, loss)`` out, the loss on ``logits.view(-1, V)``, the LM
+    head tied to the token embedding or not: the captured blocks are the exact GGN's, and the ordinary loop (MC
+    and exact Fisher, ``curvature_backward`` on the flattened logits; the empirical Fisher) takes exactly
+    ``step(x, y)``'s steps — the tied weight's shares of the gradient from the loop's hooks included."""
     torch.manual_seed(0)
-    model = GPT(vocab_size=V, block_size=T, tie=False).to(DT)
+    model = GPT(vocab_size=V, block_size=T, tie=tie).to(DT)
     params = params_of(model)
     x, y = _tokens(0)
     flat = lambda out: out[0].view(-1, V)  # noqa: E731
@@ -46,7 +48,7 @@ def test_minimal_gpt_as_written():
     _assert_blocks(batch_first, params, x, y, cap, {
         "transformer.wpe": Layer("transformer.wpe.weight", kind="embedding"),
         "transformer.h.0.attn.c_attn": Layer("transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias"),
-        "lm_head": Layer("lm_head.weight"),
+        **({} if tie else {"lm_head": Layer("lm_head.weight")}),
     })
     for fisher in ("mc", "exact", "empirical"):
         loop, ref = copy.deepcopy(model), copy.deepcopy(model)
@@ -254,3 +256,37 @@ def test_parameters_without_gradients_are_left_alone_and_metadata_reads_keep_cur
     adamw.step()
     for k, v in model.unused.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_tied_weight_is_preconditioned_as_its_untied_twin_summed():
+    """A token embedding tied to the LM head is one layer per use: each use's statistics and share of the
+    gradient are those of the same model with the weight untied, each share is preconditioned by its own use's
+    factors, and the tied weight's update is the sum — checked against dense solves of each use's damped
+    Kronecker block ``(G ⊗ A + λI)⁻¹`` (in the embedding's ``Wᵀ`` layout and the head's ``W``)."""
+    torch.manual_seed(7)
+    tied = GPT(vocab_size=V, block_size=T, tie=True).to(DT)
+    untied = GPT(vocab_size=V, block_size=T, tie=False).to(DT)
+    untied.load_state_dict(tied.state_dict())
+    with torch.no_grad():
+        untied.transformer.wte.weight.copy_(tied.lm_head.weight)
+    x, y = _tokens(7)
+    key, flat = kf.random.key(1), (lambda out: out[0].view(-1, V))  # noqa: E731
+    cap = kf.capture(tied, params_of(tied), x, y.view(-1), "cross_entropy", fisher="mc", key=key, output=flat)
+    ref = kf.capture(untied, params_of(untied), x, y.view(-1), "cross_entropy", fisher="mc", key=key, output=flat)
+    head, emb = "transformer.wte:linear", "transformer.wte"
+    assert set(cap.uses) == {head, emb}
+    for mine, theirs in ((emb, emb), (head, "lm_head")):
+        assert_close(cap.a[mine], ref.a[theirs])
+        assert_close(cap.g[mine], ref.g[theirs])
+    assert_close(cap.uses[emb][0].T, ref.grads["transformer.wte.weight"])
+    assert_close(cap.uses[head][0], ref.grads["lm_head.weight"])
+    plan = kf.trace(tied, params_of(tied), x, output=flat)
+    factors = kf.kronecker_factors(cap, layers=plan.layers)
+    damping = 0.1
+    delta = kf.precondition(params_of(tied), cap.grads, kf.eigendecompose(factors), layers=plan.layers,
+                            damping=damping, uses=cap.uses)
+    (A_e, G_e), (A_h, G_h) = factors[emb], factors[head]
+    eye = lambda n: torch.eye(n, dtype=DT)  # noqa: E731
+    d_e = torch.linalg.solve(torch.kron(G_e[0], torch.diag(A_e[0])) + damping * eye(V * 8), cap.uses[emb][0].reshape(-1))
+    d_h = torch.linalg.solve(torch.kron(G_h[0], A_h[0]) + damping * eye(V * 8), cap.uses[head][0].reshape(-1))
+    assert_close(delta["transformer.wte.weight"], d_e.reshape(8, V).T + d_h.reshape(V, 8))
