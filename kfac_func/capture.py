@@ -243,7 +243,7 @@ def _dense_product(bound: dict[str, Any]) -> bool:
 
 
 def _layer_name(weight: str, rows: Rows) -> str:
-    base = weight.removesuffix(".weight").removesuffix("_weight")
+    base = weight.removesuffix(".weight").removesuffix("_weight").removesuffix(".w")
     return base if rows is None else f"{base}[{rows[0]}:{rows[1]}]"
 
 

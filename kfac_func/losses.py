@@ -248,7 +248,8 @@ class Loss:
         if target.shape != out.shape:
             raise ValueError(f"{self.kind}: target shape {tuple(target.shape)} must equal output shape {tuple(out.shape)}")
         if target.dtype != out.dtype:
-            raise ValueError(f"{self.kind}: target dtype {target.dtype} must equal output dtype {out.dtype}")
+            hint = f" (integer targets: pass targets.to({out.dtype}))" if not target.is_floating_point() else ""
+            raise ValueError(f"{self.kind}: target dtype {target.dtype} must equal output dtype {out.dtype}{hint}")
         if self.kind == "cross_entropy":
             self.resolve(out, target)
 

@@ -36,14 +36,15 @@ GRADIENT_FLOW = {"adaptive": None, "damping_adaptation": False}
 class Report(NamedTuple):
     """What a step chose, as Python numbers for logging: the loss before the step, the learning rate
     ``α`` and momentum ``μ`` applied (after any KL clip), the damping ``λ`` for the next step, the
-    reduction ratio ``ρ`` (NaN when not computed) and whether the step was rejected (or skipped for a
-    non-finite value, which leaves the other fields NaN)."""
+    reduction ratio ``ρ`` (``None`` on steps without Levenberg–Marquardt: it is computed every
+    ``damping_interval`` steps) and whether the step was rejected (or skipped for a non-finite value, which
+    leaves the other fields NaN)."""
 
     loss: float
     alpha: float
     mu: float
     damping: float
-    rho: float
+    rho: float | None
     rejected: bool
 
 
@@ -334,7 +335,7 @@ class KFAC(torch.optim.Optimizer):
         self.kfac_state = state
         if not bool(info.finite):
             nan = float("nan")
-            self.info = Report(nan, nan, nan, float(info.damping), nan, True)
+            self.info = Report(nan, nan, nan, float(info.damping), None, True)
             warnings.warn(
                 f"kfac_func: non-finite loss, gradient or curvature statistics at step {int(step)}; step skipped, "
                 "parameters and optimizer state unchanged",
@@ -346,7 +347,9 @@ class KFAC(torch.optim.Optimizer):
             for name, b in self.model.named_buffers():
                 b.copy_(info.buffers[name])
             self._comm.broadcast_buffers(self.model)
-        self.info = Report(float(info.loss), float(info.alpha), float(info.mu), float(info.damping), float(info.rho),
+        rho = float(info.rho)
+        self.info = Report(float(info.loss), float(info.alpha), float(info.mu), float(info.damping),
+                           None if math.isnan(rho) else rho,
                            bool(info.rejected))
         return info.loss.detach()
 

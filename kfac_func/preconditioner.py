@@ -17,8 +17,11 @@ The statistics are recorded from the user's forwards and backwards as for :class
 ``step()`` (:mod:`kfac_func.record`: gradient accumulation, ``GradScaler`` through ``grad_scaler=``,
 ``DistributedDataParallel``). It *is* that optimizer with no step of its own — learning rate 1, no
 momentum, no weight decay — whose preconditioned direction (:attr:`StepInfo.direction`) is handed over
-instead of applied; the KL clip ``ν = min(1, √(κ / (η² Σ Δ·∇)))`` is off by default and, with ``kl_clip``,
-uses ``lr`` (a number, or a function returning the downstream optimizer's current one) as ``η``.
+instead of applied. The KL clip ``ν = min(1, √(κ / (η² Σ Δ·∇)))`` (``kl_clip=κ``, 1e-3 by default as kfac-pytorch's;
+``None`` turns it off) bounds the step the downstream optimizer takes whatever its learning rate, with ``lr`` (a
+number, or a function returning the downstream optimizer's current one; 1 by default) as ``η``: pass it so that the
+clip measures that optimizer's actual step (``lr=lambda: sgd.param_groups[0]["lr"]``). Unclipped, a preconditioned
+gradient at a small damping can be orders of magnitude larger than the gradient, and SGD with momentum diverges.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class Preconditioner:
     place; ``options`` are :class:`kfac_func.KFAC`'s except the step's own (``lr``, ``momentum``,
     ``weight_decay``, ``adaptive``) and the options that evaluate the model again."""
 
-    def __init__(self, model: nn.Module, *, kl_clip: float | None = None, lr: float | Callable[[], float] = 1.0,
+    def __init__(self, model: nn.Module, *, kl_clip: float | None = 1e-3, lr: float | Callable[[], float] = 1.0,
                  **options: Any):
         own = sorted({"momentum", "weight_decay", "adaptive", "damping_adaptation", "reject_steps"} & set(options))
         if own:

@@ -202,8 +202,8 @@ class Recorder:
                              f"with gradients on; got {type(output).__name__}"
                              + (" without a graph" if isinstance(output, Tensor) else ""))
         out = output.detach()
-        # the output's layout is the trace's; a tensor computed from it is taken as its rows in order
-        layout = rec.plan.output_layout if output is rec.output else _rows(out, rec.examples)
+        # the exact Fisher's columns must not couple two rows of one example: where the examples are matters
+        layout = _layout(out, output, rec) if self.fisher == "exact" else Layout()
         # the targets only set the scale R (all counted) and the class weights (none ignored): stand-ins
         loss, first, stand_in = batch_first_loss(self.loss, out, self.loss.stand_in_targets(out), layout,
                                                  rec.examples)
@@ -313,15 +313,26 @@ def _tied_uses(records: list[_Forward], grads: dict[str, Tensor], params: dict[s
     return shares
 
 
-def _rows(out: Tensor, examples: int) -> Layout:
-    """The layout of a tensor the loss reads whose leading dim holds ``examples`` examples' rows, example-major
-    (``logits.view(-1, V)`` of batch-first logits)."""
-    rows = out.shape[0] // examples if out.dim() else 0
-    if rows * examples != (out.shape[0] if out.dim() else -1):
-        raise ValueError(f"curvature_backward: the tensor's leading dim ({tuple(out.shape)}) does not hold the "
-                         f"{examples} examples of the last forward; pass the model's output or a view of it whose "
-                         "leading dim is its rows (logits.view(-1, V))")
-    return Layout(0, rows)
+def _layout(out: Tensor, output: Tensor, rec: _Forward) -> Layout:
+    """Where the examples are in ``output``, the tensor passed to ``curvature_backward``: the trace's layout for
+    the model's output; batch-first when its leading dim is the examples; for the output's leading dims
+    flattened into rows (``logits.view(-1, V)``), example-major or -minor as the output's examples dim is first
+    or last of them. Anything else is an error: no layout is guessed."""
+    model_out, n = rec.output, rec.examples
+    if output is model_out:
+        return rec.plan.output_layout
+    if out.dim() and out.shape[0] == n:
+        return Layout()
+    lay = rec.plan.output_layout
+    flattened = (model_out is not None and out.dim() == 2 and model_out.dim() > 2 and out.shape[-1] == model_out.shape[-1]
+                 and out.numel() == model_out.numel() and lay.rows == 1)
+    if flattened and lay.dim in (0, model_out.dim() - 2):
+        return Layout(0, out.shape[0] // n, major=lay.dim == 0)
+    raise ValueError(
+        f"curvature_backward with fisher='exact': cannot tell which rows of a tensor of shape {tuple(out.shape)} "
+        f"belong to which of the {n} examples; pass the model's output, a tensor whose dim 0 is the examples, or the "
+        "output's leading dims flattened (output.view(-1, V))"
+    )
 
 
 def _terms(loss: Loss, output: Tensor) -> int:

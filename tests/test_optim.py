@@ -229,3 +229,35 @@ def test_deepcopy_and_pickle_continue_exactly():
         assert c["opt"].model is c["model"]
         for p, q in zip(model.parameters(), c["model"].parameters()):
             assert torch.equal(p, q)
+
+
+def test_preconditioner_defaults_are_safe_before_sgd_with_momentum():
+    """``Preconditioner`` before ``SGD(lr=0.1, momentum=0.9)`` at a small damping: unclipped, the preconditioned
+    gradients make SGD's loss climb; the default KL clip (at SGD's learning rate, or at 1 when not told) keeps it
+    training."""
+
+    def train(**options) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 5))
+        precond = kf.Preconditioner(model, loss="cross_entropy", damping=1e-2, damping_mode="eigen", **options)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(0)
+        data, labels = torch.randn(512, 20, generator=g), torch.randint(0, 5, (512,), generator=g)
+        losses = []
+        for _ in range(60):
+            i = torch.randint(0, 512, (64,), generator=g)
+            sgd.zero_grad()
+            out = model(data[i])
+            precond.curvature_backward(out)
+            loss = F.cross_entropy(out, labels[i])
+            loss.backward()
+            precond.step()
+            sgd.step()
+            losses.append(loss.item())
+        return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+    first, last = train(kl_clip=None)
+    assert last > first  # the unclipped preconditioner diverges here
+    for options in ({}, {"lr": 0.1}):
+        first, last = train(**options)
+        assert last < first, options

@@ -24,5 +24,11 @@ def test_version_has_one_source():
 def test_dependencies_cover_a_quiet_import():
     """numpy is declared (torch warns at import without it) and the import itself warns about nothing."""
     dependencies = re.search(r"^dependencies = \[(.*)\]$", PYPROJECT, re.MULTILINE).group(1)
-    assert {re.split(r"[<>=]", d.strip(' "'))[0] for d in dependencies.split(",")} == {"torch", "optree", "numpy"}
+    assert {re.split(r"[<>=]", d)[0] for d in re.findall(r'"([^"]+)"', dependencies)} == {"torch", "optree", "numpy"}
     subprocess.run([sys.executable, "-W", "error", "-c", "import kfac_func"], check=True)
+
+
+def test_license_is_declared():
+    """A license file ships and the metadata names it (BSD-3-Clause, as PyTorch)."""
+    assert (Path(__file__).parents[1] / "LICENSE").read_text().startswith("BSD 3-Clause License")
+    assert importlib.metadata.metadata("kfac_func")["License-Expression"] == "BSD-3-Clause"

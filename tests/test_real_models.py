@@ -290,3 +290,27 @@ def test_tied_weight_is_preconditioned_as_its_untied_twin_summed():
     d_e = torch.linalg.solve(torch.kron(G_e[0], torch.diag(A_e[0])) + damping * eye(V * 8), cap.uses[emb][0].reshape(-1))
     d_h = torch.linalg.solve(torch.kron(G_h[0], A_h[0]) + damping * eye(V * 8), cap.uses[head][0].reshape(-1))
     assert_close(delta["transformer.wte.weight"], d_e.reshape(8, V).T + d_h.reshape(V, 8))
+
+
+def test_exact_fisher_in_the_loop_reads_where_the_examples_are():
+    """The ordinary loop's exact Fisher on the sequence-first model's output flattened (``out.view(-1, V)``: its
+    rows example-minor) takes the functional step's steps; a tensor whose rows cannot be told apart is an error."""
+    torch.manual_seed(8)
+    model = TransformerModel(ntoken=V).to(DT)
+    model.eval()
+    loop, ref = copy.deepcopy(model), copy.deepcopy(model)
+    opt = kf.KFAC(loop, loss=LAST, fisher="exact", batch_dims=1, **FIXED)
+    functional = kf.KFAC(ref, loss=LAST, fisher="exact", batch_dims=1, **FIXED)
+    for seed in range(2):
+        x, y = _tokens(seed)
+        opt.zero_grad()
+        out = loop(x.T)
+        opt.curvature_backward(out.view(-1, V))
+        F.nll_loss(out.view(-1, V), y.T.reshape(-1)).backward()
+        opt.step()
+        functional.step(x.T, y.T)
+    for p, q in zip(loop.parameters(), ref.parameters()):
+        assert_close(p, q, atol=1e-12, rtol=1e-10)
+    out = loop(x.T)
+    with pytest.raises(ValueError, match="cannot tell which rows"):
+        opt.curvature_backward(out[:-1].reshape(-1, V))
