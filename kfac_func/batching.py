@@ -15,6 +15,9 @@ examples' (:func:`infer`):
   of the same model with the input expanded to the batch by hand;
 * anything else: the layer cannot be laid out and is reported as untracked.
 
+With ``batch_dims=None`` the inputs are one example (a graph whose nodes interact, say): no second run, every
+call's rows are that example's positions (:data:`WHOLE`).
+
 Everything downstream sees the canonical batch-first layout (:func:`batch_first`): examples at dim 0 (dim 1
 after a leading vector dim), their ``k`` rows as positions.
 """
@@ -33,20 +36,27 @@ from .losses import Loss
 class Layout(NamedTuple):
     """Where the examples are in a call's input and output: ``dim`` (``None``: broadcast), ``rows`` per
     example folded into that dim, ``major`` (example-major folding); a broadcast call's output either gets
-    a new leading batch dim (``prepend``) or its leading size-1 dim expanded."""
+    a new leading batch dim (``prepend``) or its leading size-1 dim expanded; ``whole``: the call's input is
+    all of one example (``batch_dims=None``)."""
 
     dim: int | None = 0
     rows: int = 1
     major: bool = True
     prepend: bool = False
+    whole: bool = False
 
     @property
     def plain(self) -> bool:
         """Batch-first with one row per example: the canonical layout already."""
         return self.dim == 0 and self.rows == 1
 
+    @property
+    def shared(self) -> bool:
+        """The input is shared by every example of a batch (broadcast)."""
+        return self.dim is None and not self.whole
 
-BATCH_FIRST = Layout()
+
+WHOLE = Layout(None, whole=True)
 
 
 def infer(x1: Tensor, x2: Tensor, n: int, out: Tensor) -> Layout | str:
@@ -77,6 +87,8 @@ def batch_first(t: Tensor, layout: Layout, n: int, lead: int = 0, grad: bool = F
     layout: examples at dim ``lead``, then their rows, then the rest."""
     if layout.plain:
         return t
+    if layout.whole:
+        return t.unsqueeze(lead)
     if layout.dim is None:  # the gradient is the batched output's already; the input is every example's
         if grad:
             return t
@@ -93,6 +105,8 @@ def batch_first(t: Tensor, layout: Layout, n: int, lead: int = 0, grad: bool = F
 def batched_shape(shape: torch.Size, layout: Layout, n: int) -> tuple[int, ...]:
     """The shape of a call's output (``shape`` on any batch) with ``n`` examples: its examples' dim resized,
     or, broadcast, the batch added in front."""
+    if layout.whole:
+        return tuple(shape)
     if layout.dim is None:
         return (n,) + tuple(shape[int(not layout.prepend):])
     out = list(shape)
@@ -104,6 +118,8 @@ def unbatch_first(t: Tensor, layout: Layout, lead: int = 0) -> Tensor:
     """Undo :func:`batch_first` (not for a broadcast layout): back to the layout ``layout`` describes."""
     if layout.plain:
         return t
+    if layout.whole:
+        return t.squeeze(lead)
     if layout.rows > 1:
         t = (t if layout.major else t.transpose(lead, lead + 1)).flatten(lead, lead + 1)
     return t.movedim(lead, lead + layout.dim)

@@ -12,7 +12,8 @@ Models are called as their code is written:
 * ``batch_dims`` says which dim of each input leaf indexes the examples, as ``torch.func.vmap``'s ``in_dims``:
   an int for every leaf (default 0; 1 for sequence-first ``(T, N)`` inputs), or a pytree prefix of the inputs
   with an int or ``None`` (not batched: a mask shared by all examples) per leaf. With an int, a leaf whose size
-  at that dim differs from the first leaf's (the batch size) is taken as not batched.
+  at that dim differs from the first leaf's (the batch size) is taken as not batched. ``None`` alone: the inputs
+  are one example (a graph whose nodes interact through an adjacency matrix), every row a position of it.
 
 Which dim of each *layer's* input holds the examples is then found from the dataflow, not from sizes
 (:mod:`kfac_func.batching`): the trace runs the model on the batch and on the batch concatenated with itself.
@@ -117,6 +118,8 @@ def _describe(out: Any) -> str:
 def batch_leaves(inputs: Any, batch_dims: BatchDims = 0) -> list[int | None]:
     """Per leaf of ``inputs`` (optree order, ``None`` a leaf), the dim that indexes the examples or ``None``."""
     leaves = optree.tree_leaves(inputs, none_is_leaf=True)
+    if batch_dims is None:
+        return [None] * len(leaves)
     if isinstance(batch_dims, int) and not isinstance(batch_dims, bool):
         dims = [batch_dims if isinstance(t, Tensor) and t.dim() > batch_dims else None for t in leaves]
         sized = [t.shape[d] for t, d in zip(leaves, dims) if d is not None]
@@ -133,7 +136,10 @@ def batch_leaves(inputs: Any, batch_dims: BatchDims = 0) -> list[int | None]:
 
 
 def batch_size(inputs: Any, batch_dims: BatchDims = 0) -> int:
-    """The number of examples in ``inputs``; an error when no leaf is batched or two batched leaves disagree."""
+    """The number of examples in ``inputs`` (1 for ``batch_dims=None``); an error when no leaf is batched or two
+    batched leaves disagree."""
+    if batch_dims is None:
+        return 1
     leaves = optree.tree_leaves(inputs, none_is_leaf=True)
     sizes = {t.shape[d] for t, d in zip(leaves, batch_leaves(inputs, batch_dims)) if d is not None}
     if len(sizes) != 1:

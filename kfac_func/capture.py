@@ -44,7 +44,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.overrides import TorchFunctionMode
 
 from . import attention
-from .batching import Layout, batch_first, batch_first_loss, batched_shape, infer, unbatch_first
+from .batching import WHOLE, Layout, batch_first, batch_first_loss, batched_shape, infer, unbatch_first
 from .calls import Args, ModelIO, batch_leaves, batch_size, call as call_with, doubled, model_io, positional, select
 from .layers import (
     EMBEDDING,
@@ -273,7 +273,8 @@ def _evaluate(func: Callable, args: tuple, kwargs: dict, bound: dict[str, Any], 
     """``(recorded input, output)`` of a tracked call. Norm layers are split into the normalisation
     ``x̂`` (recorded) and the affine map ``x̂ γ + β``."""
     if call.kind not in NORMS:
-        return bound["input"], func(*args, **kwargs)
+        x = bound["input"]
+        return (x.to_dense() if x.is_sparse else x), func(*args, **kwargs)
     x, weight, bias = bound["input"], bound["weight"], bound["bias"]
     if func is F.layer_norm:
         xhat = F.layer_norm(x, bound["normalized_shape"], None, None, bound["eps"])
@@ -505,6 +506,9 @@ def _trace(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> P
 def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> Plan:
     n = batch_size(inputs, io.batch_dims)
     first, out = _run(io, params, spec, inputs)
+    if io.batch_dims is None:  # one example: every call's rows are its positions
+        layouts = [_layout(call, WHOLE) for call, *_ in first.calls]
+        return dataclasses.replace(_make_plan(params, first, out.dim(), layouts), output_layout=WHOLE)
     try:
         second, out2 = _run(io, params, spec, doubled(inputs, io.batch_dims))
     except Exception as err:
@@ -532,7 +536,7 @@ def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
     layouts = [_layout(call, infer(x1, x2, n, o1)) for (call, *_), (x1, o1), (x2, _) in
                zip(first.calls, first.seen, second.seen)]
     broadcast = {k: batched_shape(first.probes[k][0], lay, n) for k, lay in enumerate(layouts)
-                 if isinstance(lay, Layout) and lay.dim is None}
+                 if isinstance(lay, Layout) and lay.shared}
     if broadcast:  # the batch must pass through such an output as broadcasting passes it
         try:
             ok = _run(io, params, spec, inputs, broadcast)[1].shape == out.shape
@@ -550,7 +554,7 @@ def _layout(call: LayerCall, lay: Layout | str) -> Layout | str:
     """``lay``, or why a call of this kind cannot take it."""
     if isinstance(lay, str) or lay.plain or call.kind in (LINEAR, EMBEDDING):
         return lay
-    if call.kind == "layer_norm" and lay.dim is not None:
+    if call.kind == "layer_norm" and not lay.shared:
         return lay
     return f"a {call.kind} layer needs its input's dim 0 to hold the examples, one row each (found {lay})"
 

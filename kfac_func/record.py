@@ -81,7 +81,7 @@ class _RecordMode(_CaptureMode):
 
     def recorded(self, k: int, out: Tensor) -> Tensor:
         layout = self.plan.layouts[k]
-        if layout.dim is None:  # shared by all examples: each example's gradient is seen on its own rows
+        if layout.shared:  # shared by all examples: each example's gradient is seen on its own rows
             out = out.expand(batched_shape(self.plan.probes[k][0], layout, self.examples))
         self.outputs.append(out)
         if (self.hook or k in self.tied) and out.requires_grad:

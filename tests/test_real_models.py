@@ -13,7 +13,7 @@ from torch import nn
 
 import kfac_func as kf
 from oracles import DT, Layer, assert_close, captured_block, ggn_block, params_of
-from real_models import GPT, VAE, Conv1DNet, RNNModel, TransformerModel, vae_loss
+from real_models import GCN, GPT, VAE, Conv1DNet, RNNModel, TransformerModel, vae_loss
 
 V, N, T = 11, 4, 4  # vocabulary, batch, sequence (batch == sequence length: no layout guessed from sizes)
 LAST = kf.Loss("cross_entropy", class_dim=-1)
@@ -314,3 +314,53 @@ def test_exact_fisher_in_the_loop_reads_where_the_examples_are():
     out = loop(x.T)
     with pytest.raises(ValueError, match="cannot tell which rows"):
         opt.curvature_backward(out[:-1].reshape(-1, V))
+
+
+def _graph(nodes=12, features=6, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.rand(nodes, features, generator=gen) < 0.4).to(DT)
+    adj = (torch.rand(nodes, nodes, generator=gen) < 0.2).to(DT)
+    adj = ((adj + adj.T + torch.eye(nodes, dtype=DT)) > 0).to(DT)
+    scale = adj.sum(1) ** -0.5
+    return x, scale[:, None] * adj * scale[None, :], torch.randint(0, 3, (nodes,), generator=gen)
+
+
+def test_gcn_on_one_graph():
+    """PyTorch's GCN: ``torch.mm(x, kernel)`` layers over a whole graph whose nodes interact through ``adj``, a
+    loss on the training nodes only. ``batch_dims=None`` makes the graph one example (its nodes positions): the
+    captured blocks are the exact GGN's, and on sparse inputs, as the example builds them, both routes train."""
+    torch.manual_seed(9)
+    model = GCN(6, 5, 3).to(DT)
+    model.eval()
+    x, adj, labels = _graph()
+    train = torch.arange(8)
+    params = params_of(model)
+    picked = lambda out: out[train]  # noqa: E731
+    cap = kf.capture(model, params, kf.Args(x, adj), labels[train], "cross_entropy", fisher="exact",
+                     batch_dims=None, output=picked)
+    assert set(cap.a) == {"gc1.kernel", "gc2.kernel"}  # the biases are added outside the products: reported
+    on_train = lambda p, v: torch.func.functional_call(model, p, (v, adj))[train]  # noqa: E731
+    for name in cap.a:
+        # the kernel is stored (in, out): the oracle's (out, in) weight is its transpose
+        transposed = lambda p, v, name=name: on_train({**p, f"{name}": p[f"{name}"].T}, v)  # noqa: E731
+        oracle = ggn_block(transposed, {**params, name: params[name].T}, x, labels[train], "cross_entropy", "mean",
+                           Layer(name))
+        assert_close(captured_block(cap.a[name], cap.g[name]), oracle)
+    model.train()
+    sparse = kf.Args(x.to_sparse(), adj.to_sparse())
+    for route in ("loop", "step"):
+        m = copy.deepcopy(model)
+        opt = kf.KFAC(m, loss="cross_entropy", batch_dims=None, **({"output": picked} if route == "step" else FIXED))
+        losses = []
+        for _ in range(5):
+            if route == "step":
+                losses.append(opt.step(sparse, labels[train]).item())
+                continue
+            opt.zero_grad()
+            out = m(*sparse.args)
+            opt.curvature_backward(out[train])
+            loss = F.nll_loss(out[train], labels[train])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], route
