@@ -21,6 +21,7 @@ from torch import Tensor
 from .averaging import MovingAverage
 from .factors import EigenFactors, InverseFactors, KroneckerFactors
 from .layers import stat_dtype
+from .losses import Loss
 from .optimizer import KFACState, Options
 from .two_level import CoarseSpace
 
@@ -30,7 +31,9 @@ TYPE = "__type__"  # the key that tags a dict as one of the state NamedTuples
 STATE_TYPES: dict[str, type] = {
     t.__name__: t for t in (KFACState, MovingAverage, KroneckerFactors, EigenFactors, InverseFactors, CoarseSpace)
 }
-# the options the state's meaning or layout depends on (not the step sizes, periods or decays one may change)
+# the options the state's meaning or layout depends on (not the step sizes, periods or decays one may change);
+# not ``output`` (it may be a function, not plain data; the layers it leaves are compared by :func:`check_state`)
+# nor ``batch_dims`` (which dim of the inputs holds the examples: the same state for the same data)
 STATE_OPTIONS = ("method", "damping_mode", "fisher", "loss", "reduce", "coarse_space", "coarse_vectors", "coarse_mode",
                  "combination", "adaptive", "decomposition_dtype", "lazy_factors", "max_factor_dim", "factor_sides")
 
@@ -64,9 +67,16 @@ def from_plain(obj: Any) -> Any:
     return optree.tree_map(node, obj, is_leaf=tagged, none_is_leaf=True)
 
 
+def _loss(loss: Loss) -> str:
+    """``kind/reduction``, and ``/class_dim=c`` when the class dim is given (it picks the softmax's dim, so the
+    Fisher the factors average; ``None`` is written as before it existed)."""
+    plain = f"{loss.kind}/{loss.reduction}"
+    return plain if loss.class_dim is None else f"{plain}/class_dim={loss.class_dim}"
+
+
 def state_options(o: Options) -> dict[str, Any]:
-    """The options in :data:`STATE_OPTIONS`, as plain values (the loss as ``kind/reduction``, a dtype by name)."""
-    plain = {"loss": f"{o.loss.kind}/{o.loss.reduction}", "decomposition_dtype": str(o.decomposition_dtype)}
+    """The options in :data:`STATE_OPTIONS`, as plain values (the loss as :func:`_loss`, a dtype by name)."""
+    plain = {"loss": _loss(o.loss), "decomposition_dtype": str(o.decomposition_dtype)}
     return {k: plain.get(k, getattr(o, k)) for k in STATE_OPTIONS}
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import kfac_func as kf
 import oracles as O
+from kfac_func.precondition import _low_rank_pays
 
 DT = torch.float64
 
@@ -99,24 +100,30 @@ def test_one_adaptive_step_reaches_the_least_squares_minimum(bias, reduction, ad
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adaptive, curvature, fisher, eta, fraction", [
-    ("lr_momentum", "ggn", "exact", 0.0, 1.0),
-    ("lr_momentum", "ggn", "exact", 0.05, 1.0),
-    ("lr_momentum", "ggn", "exact", 0.05, 0.3),  # C from the first ⌈0.3·8⌉ = 3 rows
-    ("lr", "ggn", "exact", 0.05, 1.0),
-    ("lr_momentum", "fisher", "exact", 0.0, 1.0),
-    ("lr_momentum", "fisher", "empirical", 0.05, 1.0),
+@pytest.mark.parametrize("adaptive, curvature, fisher, eta, fraction, batch", [
+    ("lr_momentum", "ggn", "exact", 0.0, 1.0, 8),
+    ("lr_momentum", "ggn", "exact", 0.05, 1.0, 8),
+    ("lr_momentum", "ggn", "exact", 0.05, 0.3, 8),  # C from the first ⌈0.3·8⌉ = 3 rows
+    ("lr", "ggn", "exact", 0.05, 1.0, 8),
+    ("lr_momentum", "fisher", "exact", 0.0, 1.0, 8),
+    ("lr_momentum", "fisher", "empirical", 0.05, 1.0, 8),
+    # a batch of 2: Γ = gᵀā is the cheaper way to precondition the gradient of every layer, not ∇ + ηθ
+    ("lr_momentum", "ggn", "exact", 0.0, 1.0, 2),
+    ("lr_momentum", "ggn", "exact", 0.05, 1.0, 2),
+    ("lr", "ggn", "exact", 0.05, 1.0, 2),
 ])
-def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher, eta, fraction):
+def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher, eta, fraction, batch):
     """Second step of a tanh MLP with cross-entropy: with ``Δ`` the K-FAC direction of the batch (EMA off,
     fresh eigenbasis), ``δ₁`` the first update and ``C`` the dense curvature over all parameters
     (``jacrev``/``hessian`` GGN or ``vmap(grad)`` empirical Fisher), ``(α, μ)`` minimise
     ``½δᵀ(C + (λ+η)I)δ + (∇ + ηθ)ᵀδ`` over ``δ = −αΔ + μδ₁`` (μ fixed for ``adaptive="lr"``), and the
     parameters move by exactly that ``δ``. With ``quadratic_fraction``, ``C`` is the mean GGN of the
-    batch's first rows (the gradient and ``Δ`` still the whole batch's)."""
+    batch's first rows (the gradient and ``Δ`` still the whole batch's). A batch of 2: the low-rank
+    ``gᵀā`` path would precondition every layer's gradient, which with ``η > 0`` is not ``∇ + ηθ``."""
     lam, mom = 1e-2, 0.5
     model = _mlp(3)
-    (x1, y1), (x2, y2) = _batches(2, seed=4)
+    # seeds whose model minimisers lie inside safe_coefficients' region (|μ| ≤ 1, a decrease below the loss)
+    (x1, y1), (x2, y2) = _batches(2, n=batch, seed=4 if batch == 8 else 11)
     opt = kf.KFAC(model, loss="cross_entropy", fisher=fisher, adaptive=adaptive, quadratic_curvature=curvature,
                   damping=lam, momentum=mom, weight_decay=eta, ema_decay=0.0, inverse_period=1, kl_clip=None,
                   **O.exact_model(quadratic_fraction=fraction))
@@ -131,8 +138,13 @@ def test_alpha_mu_minimise_the_dense_quadratic_model(adaptive, curvature, fisher
     grads = {n: g + eta * theta1[n] for n, g in grads.items()}
     plan = kf.trace(model, theta1, x2)
     cap = kf.capture(model, theta1, x2, y2, "cross_entropy", fisher=fisher)
-    delta = kf.precondition(theta1, grads, kf.eigendecompose(kf.kronecker_factors(cap)), layers=plan.layers,
-                            damping=lam)
+    eigen = kf.eigendecompose(kf.kronecker_factors(cap))
+    delta = kf.precondition(theta1, grads, eigen, layers=plan.layers, damping=lam)
+    parts = kf.capture(model, theta1, x2, y2, "cross_entropy", fisher=None, low_rank=True).low_rank
+    gamma = {name: torch.cat([cap.grads[s.weight], cap.grads[s.bias][:, None]], 1)[None]
+             for name, s in plan.layers.items()}
+    pays = {name: name in parts and _low_rank_pays(gamma[name], parts[name], eigen[name]) for name in plan.layers}
+    assert all(pays.values()) if batch == 2 else not any(pays.values()), pays
     oracle = O.ggn_full if curvature == "ggn" or fisher == "exact" else O.empirical_fisher_full
     rows = math.ceil(fraction * len(x2))
     C = oracle(model, theta1, x2[:rows], y2[:rows], "cross_entropy", "mean", MLP_LAYERS)
@@ -243,7 +255,7 @@ def test_damping_adapts_every_interval_with_factor_decay_to_the_interval():
             expected *= 0.9**3
             assert opt.info.rho == pytest.approx(1.0, abs=1e-8)
         else:
-            assert math.isnan(opt.info.rho)
+            assert opt.info.rho is None
         assert opt.info.damping == pytest.approx(expected, rel=1e-14)
         assert float(opt.kfac_state.damping) == opt.info.damping
 
@@ -308,7 +320,7 @@ def test_info_fields_are_consistent():
         assert info.loss == float(loss)
         assert info.damping == float(opt.kfac_state.damping)
         assert info.rejected is False
-        assert math.isnan(info.rho) == (i % 2 == 1)
+        assert (info.rho is None) == (i % 2 == 1)
         assert info.alpha > 0
         mus.append(info.mu)
     assert mus[0] == 0.0 and all(m != 0.0 for m in mus[1:])
@@ -321,7 +333,7 @@ def test_info_fields_are_consistent():
     for x, y in batches:
         opt.step(x, y)
         mus.append(opt.info.mu)
-        assert math.isnan(opt.info.rho)
+        assert opt.info.rho is None
     assert all(0.0 <= m <= 0.7 for m in mus) and 0.7 in mus
     # fixed lr and momentum: reported as given (no KL clip), damping constant, ρ not computed
     model = _mlp(2)
@@ -329,7 +341,7 @@ def test_info_fields_are_consistent():
     for x, y in batches:
         opt.step(x, y)
         assert opt.info.alpha == 0.05 and opt.info.mu == 0.3
-        assert math.isnan(opt.info.rho) and opt.info.damping == 2e-2 and opt.info.rejected is False
+        assert opt.info.rho is None and opt.info.damping == 2e-2 and opt.info.rejected is False
     # the KL clip shows in α
     model = _mlp(2)
     opt = kf.KFAC(model, loss="cross_entropy", lr=10.0, kl_clip=1e-6, **O.fixed_step())
@@ -486,7 +498,7 @@ def test_rejection_with_adaptation_raises_damping_at_least_by_the_factor():
                   reject_steps=True, damping_adaptation=True, damping_interval=1)
     _Poisoned.hook.update(calls=0, add=float("nan"))
     opt.step(*_batches(1, seed=14)[0])
-    assert opt.info.rejected is True and math.isnan(opt.info.rho)
+    assert opt.info.rejected is True and opt.info.rho is None
     assert opt.info.damping >= 1e-2 / 0.95 * (1 - 1e-12)
 
 
@@ -613,6 +625,37 @@ def test_safe_coefficients_stay_in_bounds_and_keep_a_safe_minimiser(seed, free, 
     decrease0 = -(0.5 * x0 @ m @ x0 + b @ x0)
     if float(x0[0]) >= 0 and abs(float(x0[1])) <= 1 and 0 <= float(decrease0) <= objective:
         torch.testing.assert_close(x, x0, rtol=0, atol=0)
+
+
+# the damped model's m = K + λG and b; the unconstrained minimiser x* = −m⁻¹b; the better edge (α ≥ 0 re-solved)
+EDGES = {
+    "mu_above_1_edge_plus": ([[2.0, 1.0], [1.0, 1.0]], [-4.0, -3.5], (0.5, 3.0), (1.5, 1.0)),
+    "mu_below_-1_edge_minus": ([[2.0, 1.0], [1.0, 1.0]], [-1.0, 1.0], (2.0, -3.0), (1.0, -1.0)),
+    # α* < 0: α = 0 on both edges, where M(0, ±1) = ½m₁₁ ± b₁ prefers the sign opposite to μ*'s
+    "mu_above_1_edge_minus": ([[1.0, 0.9], [0.9, 1.0]], [3.0, 0.1], (-2.91 / 0.19, 2.6 / 0.19), (0.0, -1.0)),
+    "mu_below_-1_edge_plus": ([[1.0, -0.9], [-0.9, 1.0]], [3.0, -0.1], (-2.91 / 0.19, -2.6 / 0.19), (0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGES))
+def test_safe_coefficients_take_the_better_edge_when_mu_leaves_the_interval(case):
+    """``|μ*| > 1``: ``(α, μ)`` is the edge ``μ = ±1`` with the lower damped-model value
+    ``M = ½xᵀ(K + λG)x + bᵀx``, each edge with its own ``α = max(0, −(b₀ + m₀₁μ)/m₀₀)`` — by hand, not the sign
+    of ``μ*``."""
+    m, b, minimiser, expected = EDGES[case]
+    lam, gram = 0.1, torch.tensor([[1.0, 0.2], [0.2, 0.5]], dtype=DT)
+    curvature = torch.tensor(m, dtype=DT) - lam * gram  # positive definite
+    x0, _ = solve_quadratic_model(curvature, gram, torch.tensor(b, dtype=DT), lam)
+    torch.testing.assert_close(x0, torch.tensor(minimiser, dtype=DT), rtol=1e-12, atol=1e-12)
+
+    def model(alpha: float, mu: float) -> float:
+        return 0.5 * (m[0][0] * alpha**2 + 2 * m[0][1] * alpha * mu + m[1][1] * mu**2) + b[0] * alpha + b[1] * mu
+
+    edges = {mu: (max(0.0, -(b[0] + m[0][1] * mu) / m[0][0]), mu) for mu in (1.0, -1.0)}
+    assert min(edges.values(), key=lambda e: model(*e)) == pytest.approx(expected, abs=1e-15)
+    assert model(*edges[1.0]) != model(*edges[-1.0])
+    x = safe_coefficients(curvature, gram, torch.tensor(b, dtype=DT), lam, x0, torch.tensor(1e3, dtype=DT), True)
+    torch.testing.assert_close(x, torch.tensor(expected, dtype=DT), rtol=0, atol=1e-12)
 
 
 def _ill_conditioned_run(seed: int, kind: str, options: dict, steps: int = 15) -> list[float]:

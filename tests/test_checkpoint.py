@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import copy
 import io
+import tempfile
 from typing import Any
 
 import optree
 import pytest
 import torch
+import torch.distributed as dist
 from test_optim import METHOD_CONFIGS
 from torch import nn
 
 import kfac_func as kf
 import oracles as O
-from kfac_func.checkpoint import from_plain, to_plain
+from kfac_func.checkpoint import STATE_OPTIONS, from_plain, to_plain
 
 
 def _mlp(seed: int = 0, sizes: tuple[int, int, int] = (6, 8, 4), bias: bool = True) -> nn.Module:
@@ -160,6 +162,16 @@ def _assert_unchanged(model: nn.Module, opt: kf.KFAC, snap: tuple) -> None:
     assert len(leaves) == len(state) and all(torch.equal(a, b) for a, b in zip(leaves, state))
 
 
+def _one_process(make: Any, **kwargs: Any) -> Any:
+    """``make(**kwargs)`` inside a one-process gloo group (destroyed after)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            return make(**kwargs)
+        finally:
+            dist.destroy_process_group()
+
+
 def _tampered(path: tuple[str, ...], value: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
     sd = _checkpoint(**kwargs)
     node = sd["kfac"]["state"]
@@ -186,6 +198,28 @@ REFUSED = {
     "decomposition_dtype": (lambda: _checkpoint(), lambda: _target(decomposition_dtype=torch.float32),
                             r"decomposition_dtype='None'.*'torch.float32'"),
     "max_factor_dim": (lambda: _checkpoint(), lambda: _target(max_factor_dim=4), r"max_factor_dim=2048.*max_factor_dim=4"),
+    "adaptive": (lambda: _checkpoint(), lambda: _target(adaptive="lr"), r"adaptive='lr_momentum'.*adaptive='lr'"),
+    "fisher": (lambda: _checkpoint(), lambda: _target(fisher="exact"), r"fisher='mc'.*fisher='exact'"),
+    "loss": (lambda: _checkpoint(), lambda: _target(loss=kf.Loss("cross_entropy", "sum")),
+             r"loss='cross_entropy/mean'.*loss='cross_entropy/sum'"),
+    "loss_class_dim": (lambda: _checkpoint(loss=kf.Loss("cross_entropy", class_dim=1)),
+                       lambda: _target(loss=kf.Loss("cross_entropy", class_dim=-1)),
+                       r"loss='cross_entropy/mean/class_dim=1'.*loss='cross_entropy/mean/class_dim=-1'"),
+    "reduce": (lambda: _checkpoint(), lambda: _target(reduce=False), r"reduce='auto'.*reduce=False"),
+    "coarse_space": (lambda: _checkpoint(method="two_level"),
+                     lambda: _target(method="two_level", coarse_space="spectral"),
+                     r"coarse_space='nicolaides'.*coarse_space='spectral'"),
+    "coarse_vectors": (lambda: _checkpoint(method="two_level", coarse_space="spectral"),
+                       lambda: _target(method="two_level", coarse_space="spectral", coarse_vectors=2),
+                       r"coarse_vectors=1.*coarse_vectors=2"),
+    "coarse_mode": (lambda: _checkpoint(method="two_level"),
+                    lambda: _target(method="two_level", coarse_mode="kronecker"),
+                    r"coarse_mode='exact'.*coarse_mode='kronecker'"),
+    "combination": (lambda: _checkpoint(method="two_level"), lambda: _target(method="two_level", combination="adef2"),
+                    r"combination='additive'.*combination='adef2'"),
+    # the per-rank factors of a data-parallel run (one gloo process here) against the global ones
+    "lazy_factors": (lambda: _one_process(_checkpoint, data_parallel=True, lazy_factors=True), _target,
+                     r"lazy_factors=True.*lazy_factors=False"),
     "factor_sides": (lambda: _checkpoint(), lambda: _target(factor_sides={"0": {"G": 2}}),
                      r"factor_sides=None.*factor_sides=\{'0': \{'G': 2\}\}"),
     "parameter_shapes": (lambda: _checkpoint(), lambda: _target(_mlp(5, (6, 10, 2)), classes=2),  # 92 numbers each
@@ -209,6 +243,10 @@ REFUSED = {
     "old_format": (_old_format, _target, "old format"),
     "old_format_before_a_step": (lambda: {**_checkpoint(), "kfac": None}, _target, "old format"),
 }
+
+
+def test_every_state_option_has_a_refusal_case():
+    assert set(STATE_OPTIONS) <= set(REFUSED)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,8 @@ def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw(make):
     x, y = _data(model)
     want = _preconditioned_oracle(model, x, y, damping=1e-3)
     # the oracle's eigen damping, statistics every step
-    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3, damping_mode="eigen", factor_period=1)
+    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3, damping_mode="eigen", factor_period=1,
+                                kl_clip=None)  # the unclipped direction
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
     losses = []
     for step in range(30):
@@ -350,7 +352,7 @@ def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
         assert (opt.info.alpha, opt.info.mu, opt.info.damping) == (float(info.alpha), float(info.mu),
                                                                      float(info.damping))
         assert opt.info.alpha != 1e-2 and opt.info.mu != 0.9  # the quadratic model's, not lr and momentum
-        assert math.isnan(opt.info.rho) == (t % 5 != 0)  # Levenberg–Marquardt's ρ at steps 0 and 5
+        assert (opt.info.rho is None) == (t % 5 != 0)  # Levenberg–Marquardt's ρ at steps 0 and 5
     for n, p in functional.named_parameters():
         assert torch.equal(p.detach(), params[n]), n
 
@@ -379,3 +381,89 @@ def test_a_forward_the_trace_cannot_take_runs_and_the_step_says_why():
     with pytest.raises(ValueError, match="could not be recorded: ValueError: kfac_func finds which dim"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal entry for entry, NaN where NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        torch.where(a.isnan(), 0.0, a), torch.where(b.isnan(), 0.0, b))
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("flow", ["backward", "closure", "preconditioner"])
+def test_a_non_finite_gradient_with_a_finite_loss_changes_nothing(flow, bad):
+    """A finite loss and finite statistics (the user's forward, the Fisher's backward and ``loss.backward()``),
+    but one non-finite entry of ``p.grad``: the step is skipped with a warning, and the parameters, every tensor
+    of the K-FAC state and (Preconditioner) every ``p.grad`` are as they were."""
+    model = _mlp()
+    batches = [_data(model, seed=s) for s in (1, 2)]
+    if flow == "preconditioner":
+        precond = kf.Preconditioner(model, fisher="mc", damping_mode="eigen", factor_period=1, inverse_period=2)
+        opt, step = precond.optimizer, precond.step
+    else:
+        opt = kf.KFAC(model, fisher="mc", **COMMON)  # momentum, weight decay, statistics every step
+        step = opt.step
+
+    def forward_backward(x, y, poison: float | None) -> torch.Tensor:
+        opt.zero_grad()
+        out = model(x)
+        if flow != "closure":  # the closure's Fisher backward runs by itself
+            opt.curvature_backward(out)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        if poison is not None:
+            with torch.no_grad():
+                model[2].weight.grad[1, 2] = poison
+        return loss
+
+    def take(x, y, poison: float | None = None) -> torch.Tensor:
+        if flow == "closure":
+            return opt.step(lambda: forward_backward(x, y, poison))
+        loss = forward_backward(x, y, poison)
+        step()
+        return loss
+
+    take(*batches[0])  # a state with a velocity, a key and factors
+    params = [p.detach().clone() for p in model.parameters()]
+    state = optree.tree_map(torch.clone, opt.kfac_state)
+    if flow == "closure":
+        grads = None
+        with pytest.warns(UserWarning, match="non-finite"):
+            assert math.isfinite(take(*batches[1], poison=bad).item())
+    else:
+        assert math.isfinite(forward_backward(*batches[1], poison=bad).item())
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.warns(UserWarning, match="non-finite"):
+            step()
+    assert all(_same(p.detach(), q) for p, q in zip(model.parameters(), params))
+    if flow == "preconditioner":
+        assert all(_same(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert optree.tree_structure(opt.kfac_state) == optree.tree_structure(state)
+    for path, a, b in zip(*optree.tree_flatten_with_path(opt.kfac_state)[:2], optree.tree_leaves(state)):
+        assert _same(a, b), path
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "mc"])
+def test_a_recorded_forward_left_without_a_step_is_superseded_by_step_inputs_targets(fisher):
+    """A recorded forward and backward (and the Fisher's backward) of one batch left without ``step()``, then
+    ``step(x, y)`` and a recorded step on other batches: each step's parameters equal those of the same two steps
+    on a fresh optimizer (the left-over rows enter no statistics), and so does the whole state. A refresh every step:
+    the recorded step's own statistics move its parameters."""
+    model = _mlp()
+    (x0, y0), (x1, y1), (x2, y2) = (_data(model, seed=s) for s in (3, 4, 5))
+    runs = {kind: copy.deepcopy(model) for kind in ("mixed", "fresh")}
+    opts = {kind: kf.KFAC(m, fisher=fisher, **dict(COMMON, inverse_period=1)) for kind, m in runs.items()}
+    out = runs["mixed"](x0)
+    if fisher != "empirical":
+        opts["mixed"].curvature_backward(out)
+    F.cross_entropy(out, y0).backward()
+    for x, y, recorded in ((x1, y1, False), (x2, y2, True)):
+        for kind, opt in opts.items():
+            _backward_step(opt, runs[kind], x, y, fisher) if recorded else opt.step(x, y)
+        for (name, p), q in zip(runs["mixed"].named_parameters(), runs["fresh"].parameters()):
+            assert torch.equal(p, q), name
+        state, fresh = opts["mixed"].kfac_state, opts["fresh"].kfac_state
+        assert optree.tree_structure(state) == optree.tree_structure(fresh)
+        for path, a, b in zip(*optree.tree_flatten_with_path(state)[:2], optree.tree_leaves(fresh)):
+            assert torch.equal(a, b), path
+    assert any(not torch.equal(p, q) for p, q in zip(runs["mixed"].parameters(), model.parameters()))

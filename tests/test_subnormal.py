@@ -58,3 +58,27 @@ def test_flush_zeroes_exactly_the_subnormals():
     assert torch.equal(out[:6], torch.tensor([0.0, tiny, 0.0, 0.0, 1.0, 0.0]))
     assert out[6].isnan() and out[7] == float("inf")
     assert torch.equal(flush(torch.tensor([3, 0])), torch.tensor([3, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_flush_threshold_is_each_dtypes_smallest_normal(dtype):
+    """Per dtype: ``±tiny`` and every normal number kept (sign included), every subnormal — the largest
+    ``nextafter(tiny, 0)``, ``tiny/2``, the smallest — flushed to 0; the dtype unchanged. A float32 threshold
+    on float64 would zero 1e-100 (normal there); on float16 it would keep 1e-6 (subnormal there)."""
+    tiny = torch.tensor(torch.finfo(dtype).tiny, dtype=dtype)
+    zero = torch.zeros((), dtype=dtype)
+    largest_sub = torch.nextafter(tiny, zero)
+    smallest_sub = torch.nextafter(zero, tiny)
+    assert 0 < smallest_sub <= largest_sub < tiny
+    kept = torch.stack([tiny, -tiny, torch.nextafter(tiny, 2 * tiny), -2 * tiny, torch.ones((), dtype=dtype)])
+    subs = torch.stack([largest_sub, -largest_sub, tiny / 2, -tiny / 2, smallest_sub, -smallest_sub])
+    assert bool((subs.abs() < tiny).all() & (subs != 0).all())
+    assert torch.equal(flush(kept), kept) and flush(kept).dtype == dtype
+    assert torch.equal(flush(subs), torch.zeros_like(subs)) and flush(subs).dtype == dtype
+    # the other dtypes' boundaries: normal in float64, subnormal in float16
+    if dtype == torch.float64:
+        normal = torch.tensor([1e-100, -1e-300, 3e-39], dtype=dtype)
+        assert torch.equal(flush(normal), normal)
+    if dtype == torch.float16:
+        sub = torch.tensor([1e-6, -3e-5], dtype=dtype)
+        assert bool((sub != 0).all()) and torch.equal(flush(sub), torch.zeros_like(sub))
