@@ -207,7 +207,7 @@ def self_test() -> None:
         for mode, damping in (("eigen", 1e-3), ("factored", 1e-2)):
             kw = {"lr": 0.01, "weight_decay": 1e-4, "damping": damping, "damping_mode": mode, "inverse_period": 2}
             ours, theirs = HookKFAC(copy.deepcopy(model), fisher="empirical", **kw), copy.deepcopy(model)
-            opt = kf.KFAC(theirs, fisher="empirical", reduce=False, **{**kf.FIXED_STEP, **kw})
+            opt = kf.KFAC(theirs, loss="cross_entropy", fisher="empirical", reduce=False, **{**kf.FIXED_STEP, **kw})
             for _ in range(4):
                 ours.step(x, y), opt.step(x, y)
             moved = max(((p - q).norm() / (q - p0).norm()).item() for p, q, p0 in

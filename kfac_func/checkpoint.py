@@ -67,9 +67,11 @@ def from_plain(obj: Any) -> Any:
     return optree.tree_map(node, obj, is_leaf=tagged, none_is_leaf=True)
 
 
-def _loss(loss: Loss) -> str:
+def _loss(loss: Loss | None) -> str:
     """``kind/reduction``, and ``/class_dim=c`` when the class dim is given (it picks the softmax's dim, so the
-    Fisher the factors average; ``None`` is written as before it existed)."""
+    Fisher the factors average; ``None`` is written as before it existed). No loss named is cross-entropy's
+    mean: the only loss a step then takes (on class-index targets)."""
+    loss = Loss("cross_entropy") if loss is None else loss
     plain = f"{loss.kind}/{loss.reduction}"
     return plain if loss.class_dim is None else f"{plain}/class_dim={loss.class_dim}"
 

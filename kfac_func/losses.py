@@ -289,6 +289,26 @@ def as_loss(loss: Loss | str | nn.Module) -> Loss:
     return Loss(kind, loss.reduction)
 
 
+def for_targets(loss: Loss | None, targets: Tensor) -> Loss:
+    """``loss``, or — when none was named — the one loss the targets allow: class indices (an integer tensor)
+    are cross-entropy's alone; floating targets fit mean squared error, binary and soft-label cross-entropy
+    alike, so they need the loss named."""
+    if loss is not None:
+        return loss
+    if not targets.is_floating_point() and not targets.is_complex() and targets.dtype != torch.bool:
+        return Loss("cross_entropy")
+    raise ValueError(
+        f"targets of dtype {targets.dtype} fit several losses: name it — loss='mse' (regression), "
+        "'bce_with_logits' (binary or multi-label), 'cross_entropy' (class probabilities), a kfac_func.Loss, or "
+        "torch's nn.MSELoss() / nn.BCEWithLogitsLoss() / nn.CrossEntropyLoss()"
+    )
+
+
+NAME_THE_LOSS = ("the ordinary loop never sees the targets, so the loss must be named: loss='cross_entropy' "
+                 "(kf.Loss('cross_entropy', class_dim=-1) for (B, T, V) logits), 'mse', 'bce_with_logits', or torch's "
+                 "nn.CrossEntropyLoss() / nn.MSELoss() / nn.BCEWithLogitsLoss()")
+
+
 def cotangents(
     loss: Loss,
     out: Tensor,

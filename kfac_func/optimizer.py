@@ -70,7 +70,7 @@ from .factors import (
 from . import sides
 from .layers import stat_dtype
 from .layout import DEFAULT_MAX_FACTOR_DIM, Overrides, layer_dims, side_layout
-from .losses import FISHER_TYPES, Loss, as_loss
+from .losses import FISHER_TYPES, Loss, as_loss, for_targets
 from .phases import phase
 from .precondition import METHODS, MODES, precondition
 from .quadratic import (
@@ -174,7 +174,7 @@ class Hyper(NamedTuple):
 class Options:
     """The validated options of :func:`kfac` (see its docstring)."""
 
-    loss: Loss
+    loss: Loss | None  # None: named by the targets (class indices: cross-entropy), else an error
     lr: float
     momentum: float
     weight_decay: float
@@ -277,7 +277,7 @@ class Optimizer(NamedTuple):
 def kfac(
     model: Model,
     *,
-    loss: Loss | str = "cross_entropy",
+    loss: Loss | str | torch.nn.Module | None = None,
     lr: float = 1e-2,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -318,7 +318,10 @@ def kfac(
     """K-FAC, E-KFAC or two-level K-FAC as pure ``init``/``step`` functions for an ``nn.Module`` (run
     through ``functional_call`` on the given parameters) or a function ``f(params, x)``.
 
-    The options are those of :class:`kfac_func.KFAC` (which wraps this): ``method`` ``"kfac"`` /
+    ``loss``: a :class:`~kfac_func.Loss`, its kind (``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"``) or
+    torch's loss module; left out, class-index (integer) targets mean cross-entropy and any other targets are an
+    error asking for it — never a silent guess. The other options are those of :class:`kfac_func.KFAC` (which
+    wraps this): ``method`` ``"kfac"`` /
     ``"ekfac"`` / ``"two_level"`` (``coarse_space``, ``coarse_vectors``, ``coarse_mode``,
     ``combination``, ``coarse_weights``); ``damping`` ``λ`` and ``damping_mode`` ``"eigen"`` (exact
     damping of ``G ⊗ A``) or ``"factored"`` (π-damped inverses, two matmuls per layer); ``fisher``
@@ -341,7 +344,7 @@ def kfac(
     if damping_mode is None:  # E-KFAC adds λ to its scaling
         damping_mode = "eigen" if method == "ekfac" else "factored"
     options = Options(
-        as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
+        None if loss is None else as_loss(loss), lr, momentum, weight_decay, damping, damping_mode, fisher, mc_samples, factor_period,
         inverse_period, ema_decay, kl_clip, reduce, stats_fraction, decomposition_dtype, seed, method,
         scale_period, coarse_space, coarse_vectors, coarse_mode, combination, tuple(coarse_weights), adaptive,
         quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay,
@@ -475,7 +478,7 @@ class _Transform:
         require_layers(plan)
         n = batch_size(inputs, o.batch_dims)
         examples = max(1, math.ceil(o.stats_fraction * n)) if o.stats_fraction < 1 else None
-        loss, share = comm.shard_loss(o.loss, targets, examples or n)  # the global batch's R
+        loss, share = comm.shard_loss(for_targets(o.loss, targets), targets, examples or n)  # the global batch's R
         key, sample_key = random.split(state.key)
         # torch's RNG (dropout, noise) for every evaluation of the model in this step: forked and seeded from a
         # third key (split(k, 3)[:2] is split(k)), so that the gradient's forward, the quadratic model's and the

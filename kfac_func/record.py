@@ -42,7 +42,7 @@ from .batching import Layout, batch_first, batch_first_loss, batched_shape, unba
 from .calls import Args, ModelIO, batch_size, select
 from .capture import Capture, Plan, _CaptureMode, layer_statistics, trace
 from .layers import parameter_grads, split_weight_matrix, weight_matrix
-from .losses import Loss, cotangents
+from .losses import NAME_THE_LOSS, Loss, cotangents
 
 
 class _Hook:
@@ -117,7 +117,7 @@ class Recorder:
     MC key of the ``k``-th curvature backward since the last step; ``wanted`` says whether the next step reads
     statistics (when it does not, forwards are not recorded and the curvature backward is skipped)."""
 
-    def __init__(self, model: nn.Module, loss: Loss, fisher: str, mc_samples: int,
+    def __init__(self, model: nn.Module, loss: Loss | None, fisher: str, mc_samples: int,
                  key: Callable[[Any, int], Tensor], output: Any = None, batch_dims: Any = 0):
         self.model, self.loss, self.fisher, self.mc_samples, self.key = model, loss, fisher, mc_samples, key
         self.io = ModelIO(model, output, batch_dims)
@@ -201,12 +201,12 @@ class Recorder:
             raise ValueError(f"curvature_backward needs the tensor the loss reads, computed by the model's last forward "
                              f"with gradients on; got {type(output).__name__}"
                              + (" without a graph" if isinstance(output, Tensor) else ""))
+        loss = self._named_loss()
         out = output.detach()
         # the exact Fisher's columns must not couple two rows of one example: where the examples are matters
         layout = _layout(out, output, rec) if self.fisher == "exact" else Layout()
         # the targets only set the scale R (all counted) and the class weights (none ignored): stand-ins
-        loss, first, stand_in = batch_first_loss(self.loss, out, self.loss.stand_in_targets(out), layout,
-                                                 rec.examples)
+        loss, first, stand_in = batch_first_loss(loss, out, loss.stand_in_targets(out), layout, rec.examples)
         _, _, vectors, scale = cotangents(loss, first, stand_in, self.fisher, self.mc_samples,
                                           self.key(self.inputs, len(self._used(self.records))))
         vectors = unbatch_first(vectors, layout, 1)
@@ -247,8 +247,8 @@ class Recorder:
                 "opt.curvature_backward(output) after the forward and before loss.backward() (or use "
                 "step(closure), step(inputs, targets), or fisher='empirical')"
             )
-        total = sum(_terms(self.loss, r.read if r.read is not None else self._readable(r)) for r in records)
-        total_scale = 1.0 if self.loss.reduction == "sum" else 1.0 / total
+        total = sum(_terms(self._named_loss(), r.read if r.read is not None else self._readable(r)) for r in records)
+        total_scale = 1.0 if self._named_loss().reduction == "sum" else 1.0 / total
         parts = []
         for r in records:
             if self.fisher == "empirical":
@@ -264,6 +264,11 @@ class Recorder:
         a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
         g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
         return Capture(loss, grads, a, g, uses=uses), plan
+
+    def _named_loss(self) -> Loss:
+        if self.loss is None:
+            raise ValueError(f"kfac_func: {NAME_THE_LOSS}")
+        return self.loss
 
     def require_forward(self, missing: bool = False) -> Plan:
         """The last forward's plan; an error when there was none (or ``missing``: none since the last step)."""

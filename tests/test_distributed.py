@@ -105,8 +105,8 @@ def _preconditioned_sgd(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
     With ``DistributedDataParallel`` each rank's loss is the mean over its shard and DDP averages ``p.grad``:
     the global mean only when no target is ignored, so this run has none."""
     y = torch.where(y < 0, 0, y)
-    precond = kf.Preconditioner(model, fisher="exact", damping=0.1, inverse_period=2, kl_clip=1e-2, lr=0.1,
-                                damping_mode="eigen", factor_period=1)
+    precond = kf.Preconditioner(model, loss=COMMON["loss"], fisher="exact", damping=0.1, inverse_period=2,
+                                kl_clip=1e-2, lr=0.1, damping_mode="eigen", factor_period=1)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(STEPS):
         sgd.zero_grad()

@@ -65,7 +65,7 @@ def test_weight_used_outside_a_layer_call_is_untracked():
 def test_nonfinite_step_is_skipped_and_state_untouched():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    opt = kf.KFAC(model, lr=0.1, damping=1e-2, inverse_period=1)
+    opt = kf.KFAC(model, loss="cross_entropy", lr=0.1, damping=1e-2, inverse_period=1)  # soft labels below
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         opt.step(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
@@ -75,8 +75,7 @@ def test_nonfinite_step_is_skipped_and_state_untouched():
     bad[2, 1] = float("nan")
     with pytest.warns(UserWarning, match="non-finite.*skipped"):
         opt.step(bad, torch.randint(0, 3, (8,)))
-    inf_target = torch.full((8, 3), float("inf"))
-    opt.loss = kf.Loss("mse")
+    inf_target = torch.full((8, 3), float("inf"))  # class probabilities
     with pytest.warns(UserWarning, match="skipped"):
         opt.step(torch.randn(8, 4), inf_target)
     for k, v in model.state_dict().items():
@@ -438,3 +437,27 @@ def test_deepcopy_of_the_pair_continues_exactly_and_leaves_the_original_alone():
     twin = copy.deepcopy(model)
     opt.step(*batches[0])
     assert torch.equal(twin[0].weight, snap[0][0]) and not torch.equal(model[0].weight, snap[0][0])
+
+
+def test_the_loss_is_never_guessed():
+    """Left out, the loss is the one the targets allow: class indices are cross-entropy's; floating targets (a
+    regression, soft labels) are an error that asks for it, as is the ordinary loop, which sees no targets — each
+    before anything changes. torch's loss modules name it too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(8, 4)
+    opt = kf.KFAC(model, lr=0.1)
+    opt.step(x, torch.randint(0, 3, (8,)))  # class indices: cross-entropy
+    ref = kf.KFAC(copy.deepcopy(model), loss="cross_entropy", lr=0.1)
+    assert opt.state_dict()["kfac"]["options"]["loss"] == ref.state_dict()["kfac"]["options"]["loss"]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="fit several losses: name it — loss='mse'"):
+        opt.step(x, torch.randn(8, 3))
+    loop = kf.KFAC(model, fisher="empirical")
+    loop.zero_grad()
+    F.mse_loss(model(x), torch.randn(8, 3)).backward()
+    with pytest.raises(ValueError, match="the ordinary loop never sees the targets, so the loss must be named"):
+        loop.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert kf.KFAC(model, loss=nn.MSELoss(reduction="sum")).step(x, torch.randn(8, 3)) is not None

@@ -26,7 +26,7 @@ import oracles as O
 DT = torch.float64
 STEPS = 4
 # the fixed step (lr, momentum, KL clip; eigen damping, statistics every step), the same algorithm in every flow
-COMMON = O.fixed_step(lr=0.1, weight_decay=1e-3, inverse_period=2, kl_clip=1e-2)
+COMMON = O.fixed_step(loss="cross_entropy", lr=0.1, weight_decay=1e-3, inverse_period=2, kl_clip=1e-2)
 
 
 def _mlp() -> nn.Module:
@@ -118,7 +118,7 @@ def test_the_gradient_is_p_grad_as_the_user_left_it():
     x, y = _data(model)
     runs = [copy.deepcopy(model) for _ in range(2)]
     for m, factor in zip(runs, (1.0, 0.5)):
-        opt = kf.KFAC(m, fisher="empirical", lr=0.1, momentum=0.0, kl_clip=None)
+        opt = kf.KFAC(m, loss="cross_entropy", fisher="empirical", lr=0.1, momentum=0.0, kl_clip=None)
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         for p in m.parameters():
@@ -168,7 +168,8 @@ def test_preconditioner_replaces_grads_by_the_oracle_and_feeds_adamw(make):
     x, y = _data(model)
     want = _preconditioned_oracle(model, x, y, damping=1e-3)
     # the oracle's eigen damping, statistics every step
-    precond = kf.Preconditioner(model, fisher="empirical", damping=1e-3, damping_mode="eigen", factor_period=1,
+    precond = kf.Preconditioner(model, loss="cross_entropy", fisher="empirical", damping=1e-3, damping_mode="eigen",
+                                factor_period=1,
                                 kl_clip=None)  # the unclipped direction
     opt = torch.optim.AdamW(model.parameters(), lr=5e-2)
     losses = []
@@ -190,8 +191,9 @@ def test_preconditioner_with_sgd_is_kfac():
     model = _mlp()
     x, y = _data(model)
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ref = kf.KFAC(a, **O.fixed_step(lr=0.1, momentum=0.9, kl_clip=1e-2, inverse_period=2))
-    precond = kf.Preconditioner(b, kl_clip=1e-2, lr=lambda: sgd.param_groups[0]["lr"], inverse_period=2,
+    ref = kf.KFAC(a, loss="cross_entropy", **O.fixed_step(lr=0.1, momentum=0.9, kl_clip=1e-2, inverse_period=2))
+    precond = kf.Preconditioner(b, loss="cross_entropy", kl_clip=1e-2, lr=lambda: sgd.param_groups[0]["lr"],
+                                inverse_period=2,
                                 damping_mode="eigen", factor_period=1)  # FIXED_STEP's (SGD owns the step)
     sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for _ in range(STEPS):
@@ -208,7 +210,7 @@ def test_preconditioner_with_sgd_is_kfac():
 def test_flow_errors_are_clear_and_change_nothing():
     model = _mlp()
     x, y = _data(model)
-    opt = kf.KFAC(model)
+    opt = kf.KFAC(model, loss="cross_entropy")
     with pytest.raises(ValueError, match="no forward of the model was recorded"):
         opt.step()
     opt.zero_grad()
@@ -219,13 +221,13 @@ def test_flow_errors_are_clear_and_change_nothing():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert int(opt.kfac_state.step) == 0
     with pytest.raises(ValueError, match="needs step\\(inputs, targets\\)"):
-        adaptive = kf.KFAC(model, fisher="empirical", adaptive="lr")
+        adaptive = kf.KFAC(model, loss="cross_entropy", fisher="empirical", adaptive="lr")
         F.cross_entropy(model(x), y).backward()
         adaptive.step()
     with pytest.raises(TypeError, match="function model"):
         kf.KFAC(lambda p, v: v @ p["w"], {"w": torch.zeros(6, 3, requires_grad=True)}).step()
     with pytest.raises(TypeError, match="owns the step"):
-        kf.Preconditioner(model, momentum=0.9)
+        kf.Preconditioner(model, loss="cross_entropy", momentum=0.9)
     with pytest.raises(ValueError, match="computed by the model's last forward with gradients on"):
         opt.curvature_backward(torch.zeros(16, 3, requires_grad=True))
     model(x)
@@ -327,8 +329,9 @@ def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
     batches = [_data(model, seed=s) for s in range(11)]
     fixed_options = {"adaptive": None, "damping_adaptation": False}
     runs = {kind: copy.deepcopy(model) for kind in ("defaults", "functional", "explicit")}
-    opts = {"defaults": kf.KFAC(runs["defaults"]), "functional": kf.KFAC(runs["functional"], **fixed_options),
-            "explicit": kf.KFAC(runs["explicit"], **fixed_options)}
+    opts = {"defaults": kf.KFAC(runs["defaults"], loss="cross_entropy"), "functional": kf.KFAC(runs["functional"], loss="cross_entropy",
+                                                                                   **fixed_options),
+            "explicit": kf.KFAC(runs["explicit"], loss="cross_entropy", **fixed_options)}
     for x, y in batches:
         _backward_step(opts["defaults"], runs["defaults"], x, y, "mc")  # the default loss (cross-entropy), MC Fisher
         _backward_step(opts["explicit"], runs["explicit"], x, y, "mc")
@@ -341,7 +344,7 @@ def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
         assert torch.equal(p, q), name
 
     functional = copy.deepcopy(model)
-    opt = kf.KFAC(functional)
+    opt = kf.KFAC(functional, loss="cross_entropy")
     pure = kf.kfac(model)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = pure.init(params, batches[0][0])
@@ -356,7 +359,7 @@ def test_the_gradient_flows_take_the_fixed_step_of_the_defaults():
     for n, p in functional.named_parameters():
         assert torch.equal(p.detach(), params[n]), n
 
-    adaptive = kf.KFAC(copy.deepcopy(model), adaptive="lr_momentum")
+    adaptive = kf.KFAC(copy.deepcopy(model), loss="cross_entropy", adaptive="lr_momentum")
     with pytest.raises(ValueError, match=r"needs step\(inputs, targets\)"):
         _backward_step(adaptive, adaptive.model, *batches[0], "mc")
 
@@ -375,7 +378,7 @@ def test_a_forward_the_trace_cannot_take_runs_and_the_step_says_why():
 
     model = Fixed()
     x, y = _data(_mlp())
-    opt = kf.KFAC(model, fisher="empirical")
+    opt = kf.KFAC(model, loss="cross_entropy", fisher="empirical")
     before = [p.detach().clone() for p in model.parameters()]
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match="could not be recorded: ValueError: kfac_func finds which dim"):
@@ -398,7 +401,8 @@ def test_a_non_finite_gradient_with_a_finite_loss_changes_nothing(flow, bad):
     model = _mlp()
     batches = [_data(model, seed=s) for s in (1, 2)]
     if flow == "preconditioner":
-        precond = kf.Preconditioner(model, fisher="mc", damping_mode="eigen", factor_period=1, inverse_period=2)
+        precond = kf.Preconditioner(model, loss="cross_entropy", fisher="mc", damping_mode="eigen", factor_period=1,
+                                    inverse_period=2)
         opt, step = precond.optimizer, precond.step
     else:
         opt = kf.KFAC(model, fisher="mc", **COMMON)  # momentum, weight decay, statistics every step

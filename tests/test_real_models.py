@@ -136,7 +136,7 @@ def test_lstm_language_model_with_its_hidden_state():
     table = kf.describe(model, inputs, batch_dims=1)
     assert set(table.fallbacks) == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
     plan = kf.trace(model, params, inputs, batch_dims=1)
-    assert plan.output_layout == (0, T, False, False)  # T·N rows, example-minor
+    assert plan.output_layout == (0, T, False, False, False)  # T·N rows, example-minor
     cap = kf.capture(model, params, inputs, y.T.reshape(-1), "cross_entropy", fisher="exact", batch_dims=1)
     h = model.init_hidden(N)
     batch_first = lambda p, v: torch.func.functional_call(model, p, (v.T, h))[0].view(T, N, V).permute(1, 2, 0)  # noqa: E731
