@@ -87,7 +87,8 @@ _SIGNATURES = {
 _DEFAULTS = {"weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "padding_idx": None,
              "max_norm": None, "scale_grad_by_freq": False, "sparse": False, "eps": 1e-5, "training": False,
              "momentum": 0.1}
-# dense layers written as matrix products with a parameter (in, out) as the second operand: name → operands
+T = "T"  # the rows of a parameter's transposed view, as an owner's second entry
+# dense layers written as matrix products with a parameter (in, out), or its transposed view, as the second operand
 _MATMULS = {torch.matmul: ("input", "other"), torch.Tensor.matmul: ("input", "other"),
             torch.Tensor.__matmul__: ("input", "other"), torch.mm: ("input", "mat2"), torch.Tensor.mm: ("input", "mat2"),
             torch.addmm: ("bias", "input", "weight", "beta", "alpha")}
@@ -247,17 +248,39 @@ def _layer_name(weight: str, rows: Rows) -> str:
     return base if rows is None else f"{base}[{rows[0]}:{rows[1]}]"
 
 
-def _use(func: Callable) -> str:
-    """How a call uses its weight: ``"matmul"`` (``x @ W``) or the layer function's name."""
-    return "matmul" if func in _MATMULS else func.__name__
+def _use(func: Callable, owner: tuple[str, Any]) -> str:
+    """How a call uses its weight: ``"matmul"`` (``x @ W``, ``W`` stored ``(in, out)``), ``"linear"``
+    (``F.linear``, or ``x @ W.T``) or the layer function's name."""
+    if func in _MATMULS:
+        return "linear" if owner[1] == T else "matmul"
+    return func.__name__
+
+
+def _transposes(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether the call transposes a 2-D tensor (``W.T``, ``W.mT``, ``W.t()``, ``W.transpose(0, 1)``,
+    ``W.permute(1, 0)``): a dense weight stored ``(out, in)`` applied as ``x @ W.T``."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        return False
+    if getattr(func, "__name__", "") == "__get__":
+        return getattr(func, "__self__", None) in (torch.Tensor.T, torch.Tensor.mT)
+    if func in (torch.Tensor.t, torch.t):
+        return True
+    rest = list(args[1:]) + list(kwargs.values())[int(not args):]
+    if func in (torch.Tensor.transpose, torch.transpose):
+        return len(rest) == 2 and {int(d) % 2 for d in rest} == {0, 1}
+    if func in (torch.Tensor.permute, torch.permute):
+        dims = tuple(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else tuple(rest)
+        return tuple(int(d) % 2 for d in dims) == (1, 0)
+    return False
 
 
 def _make_call(func: Callable, layer: str, bound: dict[str, Any]) -> LayerCall:
     weight, x = bound["weight"], bound["input"]
     if func is F.linear:
         return LayerCall(layer, LINEAR)
-    if func in _MATMULS:
-        return LayerCall(layer, LINEAR, transposed=True)
+    if func in _MATMULS:  # x @ W with W (in, out); x @ W.T is F.linear
+        return LayerCall(layer, LINEAR, transposed=bound["transposed"])
     if func is F.embedding:
         pad = bound["padding_idx"]
         return LayerCall(layer, EMBEDDING, padding_idx=None if pad is None else pad % weight.shape[0], vocab=weight.shape[0])
@@ -354,12 +377,24 @@ class _LayerMode(TorchFunctionMode):
         if func in _SIGNATURES or func in _MATMULS:
             bound = _bind(func, args, kwargs)
             owner = self.owner(bound["weight"]) if func in _SIGNATURES or _dense_product(bound) else None
-            if owner is not None and (owner[1] is None or (func is F.linear and owner[1] != "other")):
-                return self.layer(func, args, kwargs, bound, owner)
+            if owner is not None and func in _MATMULS:
+                bound["transposed"] = owner[1] is None
+            if owner is not None and (owner[1] is None or (func is F.linear and owner[1] not in ("other", T))
+                                      or (func in _MATMULS and owner[1] == T)):
+                return self.layer(func, args, kwargs, bound, (owner[0], None if owner[1] == T else owner[1]),
+                                  _use(func, owner))
         return self.other(func, args, kwargs, None)
 
-    def layer(self, func, args, kwargs, bound, owner):  # pragma: no cover - abstract
+    def layer(self, func, args, kwargs, bound, owner, use):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def transposed(self, func, args, kwargs, out) -> bool:
+        """Remember ``out`` as a parameter's transposed view (:func:`_transposes`); whether it is one."""
+        name = self.name_of(args[0]) if args else None
+        if name is None or not _transposes(func, args, kwargs):
+            return False
+        self.views.append((out, (name, T)))
+        return True
 
     def attention(self, bound: dict[str, Any]) -> None:
         """Sees each ``F.multi_head_attention_forward`` call's arguments (the trace checks its batch dim)."""
@@ -398,12 +433,11 @@ class _TraceMode(_LayerMode):
     def used(self, name: str, reason: str) -> None:
         self.other_uses.setdefault(name, reason)
 
-    def layer(self, func, args, kwargs, bound, owner):
+    def layer(self, func, args, kwargs, bound, owner, use):
         weight_name, rows = owner
         layer = _layer_name(weight_name, rows)
-        first_use = self.uses.setdefault(owner, _use(func))
-        if first_use != _use(func):  # a tied weight (a token embedding shared with the LM head): a layer per use
-            layer = f"{layer}:{_use(func)}"
+        if self.uses.setdefault(owner, use) != use:  # a tied weight (a token embedding shared with the LM head)
+            layer = f"{layer}:{use}"
         x, weight, bias = bound["input"], bound["weight"], bound.get("bias")
         call = _make_call(func, layer, bound)
         for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
@@ -445,6 +479,10 @@ class _TraceMode(_LayerMode):
             args, kwargs = args[:4], {**kwargs, **dict(zip(_SDPA_OPTIONS, args[4:])), "dropout_p": 0.0}
         if func in _METADATA and args and self.owner(args[0]) is not None:  # reads only its dtype, device or shape
             return func(*args, **kwargs)
+        if args and self.name_of(args[0]) is not None and _transposes(func, args, kwargs):  # followed to its use
+            out = func(*args, **kwargs)
+            self.transposed(func, args, kwargs, out)
+            return out
         slicing = self.slices(func, args)
         for leaf in optree.tree_leaves((args, kwargs), none_is_leaf=True):
             seen = self.owner(leaf)
@@ -627,14 +665,16 @@ class _CaptureMode(_LayerMode):
 
     def other(self, func, args, kwargs, reason):
         out = func(*args, **kwargs)
+        if self.transposed(func, args, kwargs, out):
+            return out
         if self.slices(func, args):  # under torch.func transforms views cannot be inspected: the trace's rows
             name, rows = self.plan.slicings[self.slicing]
             self.slicing += 1
             self.views.extend((t, (name, r)) for t, r in zip(optree.tree_leaves(out), rows))
         return out
 
-    def layer(self, func, args, kwargs, bound, owner):
-        layer = self.layer_of.get((*owner, _use(func)))
+    def layer(self, func, args, kwargs, bound, owner, use):
+        layer = self.layer_of.get((*owner, use))
         if layer is None:
             return func(*args, **kwargs)
         k = len(self.inputs)
@@ -705,7 +745,9 @@ def capture(
         with mode:
             out, buffers = flat_call(model, structure, merged, inputs)
         if len(mode.inputs) != len(plan.calls):
-            raise RuntimeError(f"the model made {len(mode.inputs)} tracked layer calls, traced {len(plan.calls)}")
+            hint = ("; under torch.compile a weight transposed by the .T property is not seen (its attribute read does "
+                    "not reach the layer mode): write W.t() or F.linear(x, W)") if torch.compiler.is_compiling() else ""
+            raise RuntimeError(f"the model made {len(mode.inputs)} tracked layer calls, traced {len(plan.calls)}{hint}")
         return out, (tuple(mode.inputs), buffers)
 
     out, vjp_fn, (inputs_seen, buffers) = vjp(forward, free, probes, has_aux=True)

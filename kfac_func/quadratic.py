@@ -24,6 +24,7 @@ and ``η`` the L2 coefficient. All pure functions:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
@@ -141,6 +142,15 @@ def ggn_quadratic_forms(
     return jds.flatten(1) @ hessian.flatten(1).T
 
 
+def _load_jvp_decompositions() -> None:
+    """torch loads its forward-mode decompositions at the first ``jvp`` of a process and scripts each with
+    ``torch.jit.script``, which warns (a ``DeprecationWarning``) about twenty times into the user's log: load them
+    here with exactly that warning silenced (later calls do nothing)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+        torch.autograd.forward_ad._maybe_load_decompositions()
+
+
 def _linearised(f: Callable, flat: dict[str, Tensor], seed: int | None) -> tuple[Tensor, Callable, Callable]:
     """``(f(θ), u ↦ Jᵀu, d ↦ J d)`` in reverse mode: one forward and its backward; ``J d`` is the ``vjp`` of the
     linear map ``u ↦ Jᵀu`` (at ``u = 0``) with the cotangent ``d``. cuDNN's RNNs have no double backward:
@@ -177,6 +187,8 @@ def _forward_or_reverse(model: Model, mode: str | None, forward: Callable, rever
         known = False
     if mode == "reverse" or known:
         return reverse()
+    if not torch.compiler.is_compiling():
+        _load_jvp_decompositions()
     try:
         return forward()
     except NotImplementedError:  # an op without a forward-mode formula (LSTM on the CPU), sparse tensors under jvp

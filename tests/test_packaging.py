@@ -32,3 +32,14 @@ def test_license_is_declared():
     """A license file ships and the metadata names it (BSD-3-Clause, as PyTorch)."""
     assert (Path(__file__).parents[1] / "LICENSE").read_text().startswith("BSD 3-Clause License")
     assert importlib.metadata.metadata("kfac_func")["License-Expression"] == "BSD-3-Clause"
+
+
+def test_the_default_step_warns_about_nothing():
+    """The default step's first forward-mode pass loads torch's jvp decompositions, which torch scripts with a
+    deprecated API: none of that reaches the user's log (in a fresh interpreter, warnings as errors)."""
+    script = (
+        "import torch, torch.nn as nn, kfac_func as kf\n"
+        "model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))\n"
+        "kf.KFAC(model, loss='cross_entropy').step(torch.randn(8, 4), torch.randint(0, 3, (8,)))\n"
+    )
+    subprocess.run([sys.executable, "-W", "error", "-c", script], check=True)

@@ -364,3 +364,43 @@ def test_gcn_on_one_graph():
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < losses[0], route
+
+
+def test_dense_layers_written_with_a_transposed_weight():
+    """JAX-style functional code writes dense layers as ``x @ W.T + b``, ``torch.matmul(x, W.t())``,
+    ``torch.addmm(b, x, W.transpose(0, 1))`` with ``W`` stored ``(out, in)``: each is the ``F.linear`` layer (the
+    bias added outside the product is reported), with its statistics, gradients and factors, also under ``vmap``
+    over an ensemble."""
+    torch.manual_seed(10)
+    params = {"w1": torch.randn(6, 4, dtype=DT), "b1": torch.randn(6, dtype=DT), "w2": torch.randn(5, 6, dtype=DT),
+              "b2": torch.randn(5, dtype=DT), "w3": torch.randn(3, 5, dtype=DT)}
+
+    def written(p, x):
+        h = torch.tanh(x @ p["w1"].T + p["b1"])
+        h = torch.tanh(torch.addmm(p["b2"], h, p["w2"].transpose(0, 1)))
+        return torch.matmul(h, p["w3"].t())
+
+    def linear(p, x):
+        h = torch.tanh(F.linear(x, p["w1"]) + p["b1"])
+        h = torch.tanh(F.linear(h, p["w2"], p["b2"]))
+        return F.linear(h, p["w3"])
+
+    x, y = torch.randn(7, 4, dtype=DT), torch.randint(0, 3, (7,))
+    plan = kf.trace(written, params, x)
+    assert set(plan.layers) == {"w1", "w2", "w3"} and plan.untracked == ("b1",)
+    assert not any(s.transposed for s in plan.layers.values())
+    key = kf.random.key(2)
+    cap = kf.capture(written, params, x, y, "cross_entropy", fisher="mc", key=key)
+    ref = kf.capture(linear, params, x, y, "cross_entropy", fisher="mc", key=key)
+    for name in ref.a:
+        assert_close(cap.a[name], ref.a[name])
+        assert_close(cap.g[name], ref.g[name])
+    for name in ref.grads:
+        assert_close(cap.grads[name], ref.grads[name])
+    opt = kf.kfac(written, loss="cross_entropy", **kf.FIXED_STEP)
+    stacked = {n: torch.stack([p, p + 0.1]) for n, p in params.items()}
+    state = torch.func.vmap(lambda p: opt.init(p, x))(stacked)
+    new, _, _ = torch.func.vmap(opt.step, in_dims=(0, 0, None, None))(stacked, state, x, y)
+    alone, _, _ = opt.step(params, opt.init(params, x), x, y)
+    for name in params:
+        assert_close(new[name][0], alone[name])
