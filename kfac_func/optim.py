@@ -20,6 +20,7 @@ from typing import Any, Collection, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .eager import eager
 from . import checkpoint, random
 from .capture import NOT_USED, Model, Plan, trace
 from .distributed import Communicator, DataParallel
@@ -306,14 +307,14 @@ class KFAC(torch.optim.Optimizer):
             self.info = self.info._replace(loss=float("nan"))
         return loss, new, info
 
-    @torch.compiler.disable
+    @eager
     def _check_loaded(self, params: Any, inputs: Any) -> None:
         """The loaded state's layers, shapes and dtypes against a fresh state of this model and batch."""
         assert self.kfac_state is not None
         checkpoint.check_state(self.kfac_state, self._pure.init(params, inputs))
         self._unchecked = False
 
-    @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
+    @eager  # runs eagerly under torch.compile(opt.step): these writes must happen for real
     @torch.no_grad()
     def _write(self, new: Any, grads: Any) -> None:
         """The new parameters into the model (and ``grads``, if given, into ``p.grad``)."""
@@ -327,7 +328,7 @@ class KFAC(torch.optim.Optimizer):
                         p.grad = grads[name]
                     p.copy_(new[name])
 
-    @torch.compiler.disable  # runs eagerly under torch.compile(opt.step): these writes must happen for real
+    @eager  # runs eagerly under torch.compile(opt.step): these writes must happen for real
     @torch.no_grad()
     def _commit(self, new: dict[str, Tensor], state: KFACState, info: StepInfo, step: Tensor) -> Tensor:
         """Keep the pure step's state and report; a skipped step warns (the parameters are written by

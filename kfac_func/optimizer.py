@@ -49,6 +49,7 @@ import optree
 import torch
 from torch import Tensor
 
+from .eager import eager, install
 from . import random
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .calls import BatchDims, Selector, batch_size, model_io
@@ -351,6 +352,7 @@ def kfac(
         tuple(damping_bounds), reject_steps, lazy_factors and communicator is not None, max_factor_dim,
         None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()}, output, batch_dims,
     )
+    install()  # the step's host reads run outside torch.compile's graphs (imports torch's compiler now)
     return _Transform(model, options, communicator or Communicator()).functions()
 
 
@@ -377,7 +379,7 @@ def _zero_unless(ok: Tensor, tree: Any) -> Any:
     return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if traced(ok) or not bool(ok) else tree
 
 
-@torch.compiler.disable  # the step's one graph break under torch.compile, without a warning about .item()
+@eager  # the step's one graph break under torch.compile, without a warning about .item()
 def _host_int(t: Tensor) -> int:
     """A counter's value on the host. Under ``vmap`` the members must share it (an ensemble steps
     together); it is read from the batched tensor."""

@@ -43,3 +43,14 @@ def test_the_default_step_warns_about_nothing():
         "kf.KFAC(model, loss='cross_entropy').step(torch.randn(8, 4), torch.randint(0, 3, (8,)))\n"
     )
     subprocess.run([sys.executable, "-W", "error", "-c", script], check=True)
+
+
+def test_import_leaves_torchs_compiler_alone():
+    """``import kfac_func`` does not import ``torch._dynamo`` (a second of import time): the functions that run
+    outside torch.compile's graphs are wrapped when an optimizer is built."""
+    script = ("import sys, kfac_func\n"
+              "assert 'torch._dynamo' not in sys.modules, 'imported torch._dynamo'\n"
+              "import torch\n"
+              "kfac_func.kfac(torch.nn.Linear(2, 2), loss='mse')\n"
+              "assert 'torch._dynamo' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
