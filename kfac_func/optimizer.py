@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -379,6 +381,13 @@ def _zero_unless(ok: Tensor, tree: Any) -> Any:
     return _select(ok, tree, optree.tree_map(torch.zeros_like, tree)) if traced(ok) or not bool(ok) else tree
 
 
+def _compile_fell_back(step: Tensor) -> bool:
+    """Whether this vmapped step runs as Python under torch.compile's frame hook: the compiled function around it
+    fell back to eager (a host read cannot break a graph inside ``vmap``). Never traced (``is_compiling``)."""
+    return (torch._C._functorch.is_batchedtensor(step) and "torch._dynamo" in sys.modules
+            and torch._C._dynamo.eval_frame.get_eval_frame_callback() is not None)
+
+
 @eager  # the step's one graph break under torch.compile, without a warning about .item()
 def _host_int(t: Tensor) -> int:
     """A counter's value on the host. Under ``vmap`` the members must share it (an ensemble steps
@@ -441,6 +450,13 @@ class _Transform:
         )
 
     def schedule(self, state: KFACState) -> Schedule:
+        if not torch.compiler.is_compiling() and _compile_fell_back(state.step):
+            warnings.warn(
+                "kfac_func: torch.compile could not compile vmap(opt.step) — the step reads its schedule on the host "
+                "— so it ran eagerly; for a compiled ensemble compile torch.func.vmap(opt.update) with fullgraph=True "
+                "and pass opt.schedule(state) of one member",
+                stacklevel=2,
+            )
         o, t = self.o, _host_int(state.step)
         refresh = t % o.inverse_period == 0
         factor_step = t % o.factor_period == 0

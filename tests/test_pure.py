@@ -8,6 +8,7 @@ the pure step."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import optree
 import pytest
@@ -379,3 +380,28 @@ def test_kfac_wrapper_takes_a_nested_pytree():
     want, _, _ = run(kf.kfac(mlp, inverse_period=2), nested_params(), data)
     for a, b in zip(optree.tree_leaves(params), optree.tree_leaves(want)):
         assert torch.equal(a.detach(), b)
+
+
+def test_compiling_a_vmapped_step_says_it_ran_eagerly():
+    """``torch.compile(vmap(opt.step))`` (the JAX habit) cannot compile — the schedule is read on the host — and
+    runs eagerly: it says so, naming the pattern that compiles — ``torch.compile(vmap(opt.update), fullgraph=True)``
+    with the schedule passed, which equals the eager ensemble; an eager ``vmap(opt.step)`` says nothing."""
+    opt = kf.kfac(mlp, **O.fixed_step())
+    members = [nested_params(seed) for seed in range(2)]
+    x, y = batches(1)[0]
+    stack = lambda trees: optree.tree_map(lambda *t: torch.stack(t), *trees)  # noqa: E731
+    params, state = stack(members), stack([opt.init(p, x) for p in members])
+    step = vmap(opt.step, in_dims=(0, 0, None, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = step(params, state, x, y)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"could not compile vmap\(opt.step\).*torch.func.vmap\(opt.update\)"):
+        got = torch.compile(step, backend="aot_eager")(params, state, x, y)
+    for a, b in zip(optree.tree_leaves(got[:2]), optree.tree_leaves(want[:2])):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    update = torch.compile(vmap(opt.update, in_dims=(0, 0, None, None, None)), backend="aot_eager", fullgraph=True)
+    got = update(params, state, x, y, opt.schedule(opt.init(members[0], x)))  # the pattern that compiles
+    for a, b in zip(optree.tree_leaves(got[:2]), optree.tree_leaves(want[:2])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
