@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import attention
 from .batching import WHOLE, Layout, batch_first, batch_first_loss, batched_shape, infer, unbatch_first
-from .calls import Args, ModelIO, batch_leaves, batch_size, call as call_with, doubled, model_io, positional, select
+from .calls import ModelIO, batch_leaves, batch_size, call as call_with, doubled, model_io, positional, select
 from .layers import (
     EMBEDDING,
     LINEAR,
@@ -276,7 +276,7 @@ def _transposes(func: Callable, args: tuple, kwargs: dict) -> bool:
 
 
 def _make_call(func: Callable, layer: str, bound: dict[str, Any]) -> LayerCall:
-    weight, x = bound["weight"], bound["input"]
+    weight = bound["weight"]
     if func is F.linear:
         return LayerCall(layer, LINEAR)
     if func in _MATMULS:  # x @ W with W (in, out); x @ W.T is F.linear
