@@ -63,6 +63,7 @@ from .layers import (
 )
 from .losses import Loss, as_loss, cotangents
 from .phases import phase
+from .precision import traced
 from .subnormal import flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
@@ -571,6 +572,15 @@ def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
                 f"examples of batch_dims={io.batch_dims!r} are at dim {lay.dim} there: for a sequence-first model "
                 "pass batch_dims=1 (the (T, N) inputs' batch dim), or build it with batch_first=True"
             )
+    if not traced(out) and not _independent(out, out2, output_layout, n) \
+            and torch.equal(out, _run(io, params, spec, inputs)[1]):
+        # (only a deterministic model is judged, its values read on the host: not under vmap or compilation)
+        raise ValueError(
+            f"the model's output on the batch concatenated with itself along batch_dims={io.batch_dims!r} is not its "
+            "output on the batch twice, so the examples of that dim interact: it is not the examples' dim. A "
+            "sequence-first model needs batch_dims=1 (the dim of its (T, N) inputs that holds the examples); a "
+            "model whose examples interact by design (a graph's nodes) is one example: batch_dims=None"
+        )
     layouts = [_layout(call, infer(x1, x2, n, o1)) for (call, *_), (x1, o1), (x2, _) in
                zip(first.calls, first.seen, second.seen)]
     broadcast = {k: batched_shape(first.probes[k][0], lay, n) for k, lay in enumerate(layouts)
@@ -586,6 +596,18 @@ def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
                               "broadcast against the batch as x + f(...) does, so the examples' gradients cannot be "
                               "told apart")
     return dataclasses.replace(_make_plan(params, first, out.dim(), layouts), output_layout=output_layout)
+
+
+def _independent(out: Tensor, doubled_out: Tensor, layout: Layout, n: int) -> bool:
+    """Whether the output on the doubled batch is the output on the batch, twice: examples that do not interact
+    (BatchNorm's statistics of a duplicated batch are the batch's). Positions taken for examples interact wherever
+    the model mixes positions (attention, recurrence): the second copy sees the first."""
+    once, twice = batch_first(out, layout, n), batch_first(doubled_out, layout, 2 * n)
+    if not (once.is_floating_point() and twice.is_floating_point()):
+        return torch.equal(twice, torch.cat([once, once]))
+    tol = max(1e-4, 16 * torch.finfo(once.dtype).eps)  # a bigger batch may round differently
+    scale = float(once.abs().max()) if once.numel() else 1.0
+    return bool(torch.allclose(twice, torch.cat([once, once]), rtol=tol, atol=tol * scale, equal_nan=True))
 
 
 def _layout(call: LayerCall, lay: Layout | str) -> Layout | str:

@@ -404,3 +404,17 @@ def test_dense_layers_written_with_a_transposed_weight():
     alone, _, _ = opt.step(params, opt.init(params, x), x, y)
     for name in params:
         assert_close(new[name][0], alone[name])
+
+
+def test_a_sequence_taken_for_the_batch_is_an_error():
+    """The LSTM language model fed sequence-first ``(T, N)`` ids without ``batch_dims=1``: doubling dim 0 doubles
+    the sequence, and the second copy's outputs see the first (its examples interact), so the trace refuses it
+    and names the fix — never positions taken for examples. A model drawing random numbers is not judged."""
+    torch.manual_seed(11)
+    model = RNNModel(ntoken=V).to(DT)
+    x, _ = _tokens(11)
+    inputs = kf.Args(x.T, model.init_hidden(N))
+    with pytest.raises(ValueError, match="examples of that dim interact.*batch_dims=1"):
+        kf.trace(model, params_of(model), inputs)
+    assert kf.trace(model, params_of(model), inputs, batch_dims=1).layers
+    assert kf.trace(VAE().to(DT), params_of(VAE().to(DT)), torch.rand(4, 12, dtype=DT)).layers
