@@ -231,7 +231,8 @@ def module_call(model: nn.Module, params: dict[str, Tensor], x: Any) -> tuple[An
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
     if func in _MATMULS:
-        bound = {"beta": 1, "alpha": 1, **bind_arguments(_MATMULS[func], {"beta": 1, "alpha": 1}, args, kwargs)}
+        scalars = {"beta": 1, "alpha": 1}  # addmm's; also set for the products that have none
+        bound = {**scalars, **bind_arguments(_MATMULS[func], scalars, args, kwargs)}
         return {**bound, "weight": bound.get("weight", bound.get("other", bound.get("mat2")))}
     return bind_arguments(_SIGNATURES[func], _DEFAULTS, args, kwargs)
 
