@@ -4,7 +4,7 @@
 
 A CNN classifier (an ``(N, C)`` output) gets the reduce convention under ``reduce="auto"``: ``A`` comes from
 the mean ``â`` of each layer's inputs over positions. When only the factors read the statistics (K-FAC with
-the GGN quadratic model: the defaults), the optimizer captures them pooled (``capture(..., pooled=...)``: a
+the GGN quadratic model: the defaults), the optimizer captures them pooled (``capture(..., compact=...)``: a
 convolution's patches averaged over positions straight from strided windows of its input, one spatial dim at
 a time), not per position (the ``N·S`` patch rows built, then averaged: what a hand-written K-FAC-reduce
 does, and what E-KFAC and two-level K-FAC still need). Interleaved in one run, medians of ``--repeats``:
@@ -46,14 +46,14 @@ def bench(make: Callable[[], nn.Module], batch: int, shape: tuple[int, ...], rep
     reduce = kf.default_reduce(plan)
     key = kf.random.key(0)
 
-    def statistics(pooled: frozenset[str]) -> Callable[[], None]:
+    def statistics(compact: dict[str, bool]) -> Callable[[], None]:
         return lambda: kf.kronecker_factors(kf.capture(model, params, x, y, "cross_entropy", key=key, plan=plan,
-                                                       pooled=pooled), reduce=reduce)
+                                                       compact=compact), reduce=reduce)
 
     t = interleaved({
         "gradients only": lambda: kf.capture(model, params, x, y, "cross_entropy", fisher=None, plan=plan),
-        "per position": statistics(frozenset()),
-        "pooled": statistics(frozenset(n for n, r in reduce.items() if r)),
+        "per position": statistics({}),
+        "pooled": statistics({n: True for n, r in reduce.items() if r}),
     }, repeats)
     return {k: 1e3 * v for k, v in t.items()}
 

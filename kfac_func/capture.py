@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import optree
 import torch
@@ -59,6 +59,7 @@ from .layers import (
     input_patches,
     output_grads,
     parameter_grads,
+    token_counts,
     weight_matrix,
 )
 from .losses import Loss, as_loss, cotangents
@@ -730,7 +731,7 @@ def capture(
     stats_examples: int | None = None,
     plan: Plan | None = None,
     low_rank: bool = False,
-    pooled: Collection[str] = (),
+    compact: Mapping[str, bool] | None = None,
     output: Any = None,
     batch_dims: Any = 0,
 ) -> Capture:
@@ -741,10 +742,10 @@ def capture(
     tensor), ``"exact"``, ``"empirical"`` or ``None`` (gradients only). ``stats_examples``: keep
     ``(a, g)`` of the first rows only, a cheaper estimate of the same curvature (``g`` is rescaled by
     ``√(N/m)``); gradients always use the whole batch. ``plan``: the model's :func:`trace` on these
-    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. ``pooled``: layers
-    whose ``(a, g)`` are pooled over positions (:func:`layer_statistics`) — enough for the reduce
-    convention's factors, which then skip building a convolution's patches; not for consumers of the
-    per-position statistics (E-KFAC's scaling, the two-level coarse matrix, the Fisher quadratic forms).
+    parameters, when already at hand. ``low_rank``: also return :attr:`Capture.low_rank`. ``compact``: the layers
+    whose ``(a, g)`` only the Kronecker factors read, each mapped to its convention (``True``: reduce), captured
+    in the cheapest form those factors need (:func:`layer_statistics`) — not for consumers of the per-position
+    statistics (E-KFAC's scaling, the two-level coarse matrix, the Fisher quadratic forms).
     ``inputs`` may be :class:`~kfac_func.calls.Args` (several arguments); ``output`` picks the tensor the loss
     reads and ``batch_dims`` says where the inputs' examples are (:mod:`kfac_func.calls`). Pure: no input is
     modified.
@@ -830,22 +831,28 @@ def capture(
         return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored, uses)
     # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)
     curvature = [true_g.unsqueeze(0) / scale**0.5 if fisher == "empirical" else curv_g for true_g, curv_g in probe_grads]
-    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches, pooled)
+    a, g = layer_statistics(plan, params, inputs_seen, curvature, stats_examples, patches, compact)
     return Capture(value, structure.unflatten(grads), a, g, buffers, factored, uses)
 
 
 def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Tensor], grads: Sequence[Tensor],
                      examples: int | None = None, patches: Sequence[Tensor | None] | None = None,
-                     pooled: Collection[str] = ()) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+                     compact: Mapping[str, bool] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Per layer ``(a, g)`` of :class:`Capture` from each tracked call's recorded input and the output
     gradients ``(V, N, *out)`` of the curvature vectors. ``examples``: keep the first rows only, with ``g``
     rescaled by ``√(N/m)`` so that factors from ``m`` rows estimate the full-batch curvature. ``patches``:
-    per call, the whole batch's homogeneous inputs when already built (``None`` where not). ``pooled``:
-    layers whose statistics are pooled over positions, as the reduce convention takes them: ``a`` is the mean
-    ``â`` over all positions of all calls, ``(N, B, 1, d_a)``, ``g`` the sum ``ĝ``, ``(V, N, B, 1, d_g)``."""
+    per call, the whole batch's homogeneous inputs when already built (``None`` where not). ``compact``: layers
+    whose statistics only the Kronecker factors read, mapped to their convention, in the form those need:
+
+    * reduce (``True``): pooled over positions, ``a`` the mean ``â`` over all positions of all calls,
+      ``(N, B, 1, d_a)`` (an embedding's: its token counts over ``S``), ``g`` the sum ``ĝ``, ``(V, N, B, 1, d_g)``;
+    * expand (``False``) for an embedding, whose ``A`` is diagonal: ``a`` the square root of each example's token
+      counts, ``(N, 1, 1, vocab)`` (its Gram's diagonal is the one-hot rows'), ``g`` per position as usual."""
     a: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     g: dict[str, list[Tensor]] = {name: [] for name in plan.layers}
     positions: dict[str, list[int]] = {name: [] for name in plan.layers}
+    compact = compact or {}
+    pooled = {name for name, reduce in compact.items() if reduce}
     for k, (call, x, gs) in enumerate(zip(plan.calls, inputs, grads)):
         spec = plan.layers[call.layer]
         has_bias = spec.bias is not None
@@ -859,6 +866,9 @@ def layer_statistics(plan: Plan, params: dict[str, Tensor], inputs: Sequence[Ten
             # a dense layer's whole-batch inputs have one position: their mean
             a[call.layer].append(whole if whole is not None else input_patch_means(call, x[:m], has_bias, dtype))
             g[call.layer].append(gs.sum(3, keepdim=True))
+        elif call.kind == EMBEDDING and call.layer in compact:
+            a[call.layer].append(token_counts(call, x[:m], dtype).sqrt())
+            g[call.layer].append(gs)
         else:
             a[call.layer].append(whole if whole is not None else input_patches(call, x[:m], has_bias, dtype))
             g[call.layer].append(gs)

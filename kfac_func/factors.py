@@ -98,7 +98,7 @@ def kronecker_factors(
     for name, a in cap.a.items():
         g = cap.g[name]
         side_a, side_g = layout[name]
-        n, positions = a.shape[0], a.shape[2]
+        n, positions = a.shape[0], g.shape[3]  # (an embedding's counted a has one position: its g has them all)
         if reduces(reduce, name):
             a, g, count = a.mean(2), g.sum(3), n
         else:

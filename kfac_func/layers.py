@@ -191,6 +191,8 @@ def input_patch_means(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype
     convention's ``A`` needs. A convolution's is taken one spatial dim at a time from strided windows of the
     padded input (the mean over output positions of each kernel offset), never building the ``S`` patches —
     whose copy costs ``S`` times the memory traffic of this."""
+    if call.kind == EMBEDDING:
+        return token_counts(call, a, dtype) / a[0].numel()
     if call.kind not in CONVS.values():
         return input_patches(call, a, bias, dtype).mean(2, keepdim=True)
     _check_input(call, a)
@@ -201,6 +203,20 @@ def input_patch_means(call: LayerCall, a: Tensor, bias: bool, dtype: torch.dtype
         a = a.unfold(2, dil * (k - 1) + 1, s)[..., ::dil].mean(2)
     means = a.reshape(n, call.groups, 1, -1)  # (N, C, *kernel), channel-major like the weight's rows
     return torch.cat([means, means.new_ones(n, call.groups, 1, 1)], -1) if bias else means
+
+
+def token_counts(call: LayerCall, a: Tensor, dtype: torch.dtype) -> Tensor:
+    """An embedding's one-hot inputs summed over positions, ``(N, 1, 1, vocab)``: each example's count of each
+    token (``padding_idx`` excluded), from a per-example bincount (``scatter_add``) — the ``N·S × vocab`` one-hot
+    rows are never built."""
+    _check_input(call, a)
+    n = a.shape[0]
+    idx = a.reshape(n, -1)
+    ones = torch.ones(idx.shape, dtype=stat_dtype(dtype), device=a.device)
+    counts = ones.new_zeros((n, call.vocab)).scatter_add(1, idx, ones)
+    if call.padding_idx is not None:
+        counts = counts.index_fill(1, torch.tensor([call.padding_idx], device=a.device), 0)
+    return counts.reshape(n, 1, 1, call.vocab)
 
 
 def _norm_grads(call: LayerCall, g: Tensor, xhat: Tensor, bias: bool) -> Tensor:

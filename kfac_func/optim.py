@@ -298,7 +298,7 @@ class KFAC(torch.optim.Optimizer):
         scale = 1.0 if self._grad_scaler is None else float(self._grad_scaler.get_scale())
         cap, plan = recorder.capture(grads, value, statistics=schedule.statistics,
                                      stats_fraction=pure.options.stats_fraction, grad_scale=scale, share=share,
-                                     pooled=pure.pooled(recorder.require_forward(), schedule))
+                                     compact=pure.compact(recorder.require_forward(), schedule))
         new, new_state, info = pure.apply(params, state, cap, plan, schedule, self._hyper(missing), share=share,
                                           reduced=self._ddp)
         self._commit(new, new_state, info, state.step)

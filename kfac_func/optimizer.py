@@ -17,8 +17,9 @@ Each step, on the flat ``name → tensor`` view of the parameters:
    every ``damping_interval``. It is the only host read of a step; :meth:`Optimizer.update` takes it
    explicitly, so that ``torch.compile(opt.update, fullgraph=True)`` sees no data-dependent branch;
 2. :func:`~kfac_func.capture` — loss, gradients and, when the schedule needs them, the statistics of
-   ``fisher`` (``mc`` samples with a key split from ``state.key``); pooled over positions for the reduce
-   layers when only the factors read them (:meth:`Optimizer.pooled`: no convolution patches are built);
+   ``fisher`` (``mc`` samples with a key split from ``state.key``); when only the factors read them
+   (:meth:`Optimizer.compact`), pooled over positions for the reduce layers (no convolution patches are
+   built) and as token counts for the embeddings (no one-hot rows);
 3. the moving averages (``ema_decay``, bias-corrected), decompositions (eigen, or π-damped inverses
    from Cholesky factors for ``damping_mode="factored"``), E-KFAC scalings, coarse spaces and matrices;
 4. ``Δ = precondition(∇)``; with a fixed learning rate, KL clip ``ν = min(1, √(κ / (η² |Σ Δ·∇|)))``
@@ -130,8 +131,8 @@ class KFACState(NamedTuple):
 class Schedule(NamedTuple):
     """The periodic work of one step (host booleans, from the step counter); ``statistics``: whether it
     reads the Fisher statistics ``(a, g)`` of its batch; ``positions``: whether it reads them per position
-    (E-KFAC's scaling, the coarse matrix, the Fisher quadratic forms) — if not, the layers of the reduce
-    convention capture them pooled over positions (:func:`~kfac_func.capture.layer_statistics`)."""
+    (E-KFAC's scaling, the coarse matrix, the Fisher quadratic forms) — if not, they are captured in the compact
+    form the factors need (:meth:`Optimizer.compact`)."""
 
     refresh: bool
     factors: bool
@@ -273,7 +274,7 @@ class Optimizer(NamedTuple):
     update: Callable[..., tuple[Any, KFACState, StepInfo]]
     apply: Callable[..., tuple[Any, KFACState, StepInfo]]
     schedule: Callable[[KFACState], Schedule]
-    pooled: Callable[[Plan, Schedule], frozenset[str]]
+    compact: Callable[[Plan, Schedule], dict[str, bool]]
     options: Options
 
 
@@ -406,7 +407,7 @@ class _Transform:
         self.model, self.o, self.comm = model_io(model, options.output, options.batch_dims), options, comm
 
     def functions(self) -> Optimizer:
-        return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.pooled, self.o)
+        return Optimizer(self.init, self.step, self.update, self.apply, self.schedule, self.compact, self.o)
 
     # ----------------------------------------------------------------------------------------- state
     def init(self, params: Any, inputs: Any, key: Tensor | None = None) -> KFACState:
@@ -471,13 +472,15 @@ class _Transform:
         """The ``reduce`` option resolved for ``plan`` (``"auto"``: :func:`default_reduce`)."""
         return default_reduce(plan) if self.o.reduce == "auto" else self.o.reduce
 
-    def pooled(self, plan: Plan, schedule: Schedule) -> frozenset[str]:
-        """The layers whose statistics a step with ``schedule`` captures pooled over positions: those of the
-        reduce convention, when nothing reads the statistics per position (``schedule.positions``)."""
+    def compact(self, plan: Plan, schedule: Schedule) -> dict[str, bool]:
+        """The layers whose statistics a step with ``schedule`` captures in the compact form of their factors,
+        each mapped to its convention (``True``: reduce) — every layer when nothing reads the statistics per
+        position (``schedule.positions``), none otherwise: the reduce layers' pooled over positions, the
+        embeddings' as token counts (:func:`~kfac_func.capture.layer_statistics`)."""
         if not schedule.statistics or schedule.positions:
-            return frozenset()
+            return {}
         reduce = self._reduce(plan)
-        return frozenset(n for n in plan.layers if reduces(reduce, n))
+        return {n: reduces(reduce, n) for n in plan.layers}
 
     # ------------------------------------------------------------------------------------------ step
     def step(self, params: Any, state: KFACState, inputs: Any, targets: Tensor, hyper: Hyper | None = None):
@@ -508,7 +511,7 @@ class _Transform:
         with torch.enable_grad(), random.seeded(seed, flat.values()):
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
                           mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
-                          low_rank=low_rank, pooled=self.pooled(plan, schedule))
+                          low_rank=low_rank, compact=self.compact(plan, schedule))
         cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
         return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets, seed=seed)
 

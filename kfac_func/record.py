@@ -33,7 +33,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Collection
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -225,10 +225,10 @@ class Recorder:
         rec.scale, rec.read = float(scale), out
 
     def capture(self, grads: dict[str, Tensor], loss: Tensor, *, statistics: bool, stats_fraction: float = 1.0,
-                grad_scale: float = 1.0, share: float = 1.0, pooled: Collection[str] = ()) -> tuple[Capture, Plan]:
+                grad_scale: float = 1.0, share: float = 1.0, compact: Mapping[str, bool] | None = None) -> tuple[Capture, Plan]:
         """The :class:`Capture` of the forwards since the last step (then forgotten), with ``grads`` and
-        ``loss`` as given; ``g`` carries ``√share`` (this rank's weight in a data-parallel sum); ``pooled``
-        layers' statistics are pooled over positions (:func:`~kfac_func.capture.layer_statistics`)."""
+        ``loss`` as given; ``g`` carries ``√share`` (this rank's weight in a data-parallel sum); ``compact``: layers
+        whose statistics only the factors read (:func:`~kfac_func.capture.layer_statistics`)."""
         records, self.records = self.records, []
         if self._open is not None:
             raise RuntimeError("kfac_func: step() was called inside the model's forward")
@@ -260,7 +260,7 @@ class Recorder:
                 vectors = [v * weight for v in r.curvature]
             examples = math.ceil(stats_fraction * r.examples) if stats_fraction < 1 else None
             inputs, vectors = r.plan.inputs_first(r.examples, r.mode.inputs), r.plan.grads_first(r.examples, vectors)
-            parts.append(layer_statistics(r.plan, params, inputs, vectors, examples, pooled=pooled))
+            parts.append(layer_statistics(r.plan, params, inputs, vectors, examples, compact=compact))
         a = {n: torch.cat([p[0][n] for p in parts]) for n in plan.layers}
         g = {n: torch.cat([p[1][n] for p in parts], 1) * share**0.5 for n in plan.layers}
         return Capture(loss, grads, a, g, uses=uses), plan

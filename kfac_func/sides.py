@@ -12,7 +12,8 @@ r"""One side of a Kronecker factor (``A`` or ``G``, or a decomposition of it) as
 that averaging, decompositions, preconditioning, E-KFAC and the two-level coarse space never look at the
 kind: a blocked side multiplies as ``k`` batched ``s × s`` matmuls (``d·s`` instead of ``d²`` per row), is
 decomposed block by block and inverted block by block — exactly the dense algebra of the block-diagonal
-matrix.
+matrix. The blocks are strided views of the rows they come from: no padded copy of a side or of the rows
+it multiplies is ever made (the last ``r × r`` block is taken on its own).
 """
 
 from __future__ import annotations
@@ -69,26 +70,30 @@ def block_width(m: Tensor | None) -> int:
     return 0 if m is None else 1 if m.dim() == 2 else m.shape[-1]
 
 
-def _blocks(m: Tensor) -> Tensor:
-    """``(B, d, s)`` → ``(B, k, s, s)``, the last block padded with zero rows."""
-    b, d, s = m.shape
-    k = math.ceil(d / s)
-    return torch.nn.functional.pad(m, (0, 0, 0, k * s - d)).view(b, k, s, s)
+def _split(x: Tensor, s: int, dim: int = -1) -> tuple[Tensor, Tensor | None]:
+    """``x`` along ``dim`` (``d`` long) as views, never copies: the ``k = ⌊d/s⌋`` full blocks (``dim`` split into
+    ``(k, s)``) and the last ``r = d − k·s`` entries (``None`` when ``s`` divides ``d``)."""
+    d = x.shape[dim]
+    k = d // s
+    full = x.narrow(dim, 0, k * s).unflatten(dim, (k, s))
+    return full, (x.narrow(dim, k * s, d - k * s) if k * s < d else None)
 
 
-def _rows(blocks: Tensor, d: int) -> Tensor:
-    """``(B, k, s, s)`` → ``(B, d, s)``: undo :func:`_blocks` (contiguous, as every state tensor: a compiled step
-    guards on strides)."""
-    b, k, s, _ = blocks.shape
-    rows = blocks.reshape(b, k * s, s)
-    return rows if k * s == d else rows[:, :d].clone(memory_format=torch.contiguous_format)
+def _blocks(m: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A blocked side ``(B, d, s)`` as its full blocks ``(B, k, s, s)`` and its last ``r × r`` block (``None``
+    when ``s`` divides ``d``), views of ``m``."""
+    full, rest = _split(m, m.shape[-1], 1)
+    return full, (None if rest is None else rest[..., : rest.shape[1]])
 
 
-def _padded_blocks(x: Tensor, s: int) -> Tensor:
-    """Rows ``(..., d)`` → ``(..., k, s)``, zero-padded."""
-    d = x.shape[-1]
-    k = math.ceil(d / s)
-    return torch.nn.functional.pad(x, (0, k * s - d)).unflatten(-1, (k, s))
+def _rows(full: Tensor, last: Tensor | None) -> Tensor:
+    """Per-block results ``(B, k, s, *t)`` and the last block's ``(B, r, *t')`` → ``(B, d, *t)``, ``t'`` zero-padded
+    to ``t``: undoes :func:`_blocks` (contiguous, as every state tensor: a compiled step guards on strides)."""
+    rows = full.flatten(1, 2)
+    if last is None:
+        return rows.contiguous()
+    pads = [p for t, u in zip(reversed(full.shape[3:]), reversed(last.shape[2:])) for p in (0, t - u)]
+    return torch.cat([rows, torch.nn.functional.pad(last, pads)], 1)
 
 
 def gram(rows: Tensor, kind: str = "dense", block: int = 0) -> Tensor:
@@ -100,8 +105,9 @@ def gram(rows: Tensor, kind: str = "dense", block: int = 0) -> Tensor:
         return diag.mean(-1, keepdim=True).expand_as(diag).contiguous() if kind == "identity" else diag
     d = rows.shape[-1]
     if kind == "blocks" and block < d:
-        parts = _padded_blocks(rows, block).movedim(-2, 1)  # (B, k, R, s)
-        return _rows(parts.mT @ parts, d)
+        full, rest = _split(rows, block)
+        parts = full.movedim(-2, 1)  # (B, k, R, s): strided views, one batched product
+        return _rows(parts.mT @ parts, None if rest is None else rest.mT @ rest)
     if d < SYMMETRIC_GRAM_DIM or rows.shape[1] < d:
         return rows.mT @ rows
     h = d // 2
@@ -119,10 +125,10 @@ def right_multiply(x: Tensor, m: Tensor | None, transpose: bool = False) -> Tens
         return x * m.unsqueeze(-2)
     if not is_blocked(m):
         return x @ (m.mT if transpose else m)
-    d, s = x.shape[-1], m.shape[-1]
-    parts = _padded_blocks(x, s).movedim(-2, -3)  # (..., B, k, rows, s)
-    blocks = _blocks(m)
-    return (parts @ (blocks.mT if transpose else blocks)).movedim(-3, -2).flatten(-2)[..., :d]
+    full, last = _blocks(m)
+    parts, rest = _split(x, m.shape[-1])
+    out = (parts.movedim(-2, -3) @ (full.mT if transpose else full)).movedim(-3, -2).flatten(-2)  # (..., k·s)
+    return out if last is None else torch.cat([out, rest @ (last.mT if transpose else last)], -1)
 
 
 def left_multiply(m: Tensor | None, x: Tensor, transpose: bool = False) -> Tensor:
@@ -133,10 +139,10 @@ def left_multiply(m: Tensor | None, x: Tensor, transpose: bool = False) -> Tenso
         return m.unsqueeze(-1) * x
     if not is_blocked(m):
         return (m.mT if transpose else m) @ x
-    d, s = x.shape[-2], m.shape[-1]
-    blocks = _blocks(m)
-    rows = torch.nn.functional.pad(x, (0, 0, 0, blocks.shape[1] * s - d)).unflatten(-2, (blocks.shape[1], s))
-    return ((blocks.mT if transpose else blocks) @ rows).flatten(-3, -2)[..., :d, :]  # block c: M_c x_c
+    full, last = _blocks(m)
+    parts, rest = _split(x, m.shape[-1], -2)
+    out = ((full.mT if transpose else full) @ parts).flatten(-3, -2)  # block c: M_c x_c
+    return out if last is None else torch.cat([out, (last.mT if transpose else last) @ rest], -2)
 
 
 def diagonal(m: Tensor) -> Tensor:
@@ -144,7 +150,9 @@ def diagonal(m: Tensor) -> Tensor:
     if m.dim() == 2:
         return m
     if is_blocked(m):
-        return _blocks(m).diagonal(dim1=-2, dim2=-1).flatten(1)[:, : m.shape[-2]]
+        full, last = _blocks(m)
+        diag = full.diagonal(dim1=-2, dim2=-1).flatten(1)
+        return diag if last is None else torch.cat([diag, last.diagonal(dim1=-2, dim2=-1)], 1)
     return m.diagonal(dim1=-2, dim2=-1)
 
 
@@ -155,30 +163,25 @@ def column(q: Tensor | None, block: Tensor, index: Tensor, d: int, dtype: torch.
         return torch.nn.functional.one_hot(index, d).to(dtype)
     if not is_blocked(q):
         return q[block, :, index]
-    blocks, s = _blocks(q), q.shape[-1]
-    out = q.new_zeros(index.shape[0], blocks.shape[1], s)
-    out[torch.arange(index.shape[0]), index // s] = blocks[block, index // s, :, index % s]
-    return out.flatten(1)[:, :d]
+    s = q.shape[-1]
+    rows = (index - index % s).unsqueeze(1) + torch.arange(s, device=index.device)  # (n, s): the index's block
+    inside = rows < d  # the last block's rows stop at d
+    values = q[block.unsqueeze(1), rows.clamp_max(d - 1), (index % s).unsqueeze(1)] * inside
+    return q.new_zeros(index.shape[0], d + s).scatter_(1, rows, values)[:, :d].to(dtype)
 
 
 def eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor | None, Tensor]:
     """``(Q, λ)`` of a side: ``Q`` of ``m``'s kind (``None`` for a diagonal) and eigenvalues ``(B, d)``
-    clamped at 0, computed in ``dtype`` and returned in ``m``'s. Blocks are decomposed in one batched
-    call; the last block's zero padding is left out of it (its eigenvectors would mix with the block's
-    null space), so the basis is exactly block-diagonal."""
+    clamped at 0, computed in ``dtype`` and returned in ``m``'s. The full blocks are decomposed in one batched
+    call, the last ``r × r`` block on its own, so the basis is exactly block-diagonal."""
     if m.dim() == 2:
         return None, m.clamp_min(0)
     if not is_blocked(m):
         return _eigh(m, dtype)
-    d, s = m.shape[-2:]
-    blocks = _blocks(m)
-    r = d - (blocks.shape[1] - 1) * s  # the last block's width
-    q, lam = _each_block(lambda b: _eigh(b, dtype), blocks if r == s else blocks[:, :-1])
-    if r < s:
-        q_last, lam_last = _eigh(blocks[:, -1, :r, :r], dtype)
-        q = torch.cat([q, torch.nn.functional.pad(q_last, (0, s - r, 0, s - r)).unsqueeze(1)], 1)
-        lam = torch.cat([lam, torch.nn.functional.pad(lam_last, (0, s - r)).unsqueeze(1)], 1)
-    return _rows(q, d), lam.flatten(1)[:, :d].clone(memory_format=torch.contiguous_format)
+    full, last = _blocks(m)
+    q, lam = _each_block(lambda b: _eigh(b, dtype), full)
+    q_last, lam_last = (None, None) if last is None else _eigh(last, dtype)
+    return _rows(q, q_last), _rows(lam, lam_last)
 
 
 def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -196,17 +199,18 @@ def _eigh(m: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def damped_inverse(m: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
     """``(M + shift·I)⁻¹`` of a side (``shift`` ``(B, 1)``, at least the Cholesky floor for a matrix) from
     Cholesky factors computed in ``dtype``, returned in ``m``'s dtype and kind; a diagonal's is a vector.
-    A block's zero padding gets ``1/shift`` on its diagonal and stays uncoupled: the rows kept are exact."""
+    Each block is inverted alone, the last one ``r × r``."""
     if m.dim() == 2:
         return (1 / (m.to(dtype) + shift.to(dtype))).to(m.dtype)
     eye = torch.eye(m.shape[-1], dtype=dtype, device=m.device)
     shift = shift.to(dtype).unsqueeze(-1)
     if not is_blocked(m):
         return torch.cholesky_inverse(torch.linalg.cholesky(m.to(dtype) + shift * eye)).to(m.dtype)
-    shift = shift.unsqueeze(-1)  # (B, 1, 1, 1): over the blocks
-    inv = _each_block(lambda b: (torch.cholesky_inverse(torch.linalg.cholesky(b.to(dtype) + shift * eye)).to(m.dtype),),
-                      _blocks(m))[0]
-    return _rows(inv, m.shape[-2])
+    full, last = _blocks(m)
+    inverse = lambda b, shifted: torch.cholesky_inverse(torch.linalg.cholesky(b.to(dtype) + shifted)).to(m.dtype)  # noqa: E731
+    inv = _each_block(lambda b: (inverse(b, shift.unsqueeze(-1) * eye),), full)[0]  # shift (B, 1, 1, 1): over the blocks
+    r = 0 if last is None else last.shape[-1]
+    return _rows(inv, None if last is None else inverse(last, shift * eye[:r, :r]))
 
 
 def decomposition_cost(m: Tensor) -> int:

@@ -130,7 +130,7 @@ class ConvPool(nn.Module):
          seed=1, n=3, bias=True, examples=None)
 @settings(max_examples=budget(8))
 def test_pooled_statistics_are_the_reduce_convention(shared, cfg, seed, n, bias, examples):
-    """``capture(..., pooled=...)`` takes a layer's ``(a, g)`` pooled over positions without building a
+    """``capture(..., compact=...)`` with reduce layers takes a layer's ``(a, g)`` pooled over positions without building a
     convolution's patches: the reduce factors equal those of the per-position capture (any conv, a conv
     called twice with different numbers of positions, statistics from the first rows), and — one ungrouped
     conv before a linear pooling and head, MSE — the exact GGN blocks (Eschenhagen et al.'s exact case)."""
@@ -144,8 +144,8 @@ def test_pooled_statistics_are_the_reduce_convention(shared, cfg, seed, n, bias,
     x = torch.randn(n, cfg["cin"], *cfg["size"], generator=gen, dtype=DT)
     y = torch.randn(n, 2, generator=gen, dtype=DT)
     layers = set(kf.trace(model, params, x).layers)
-    caps = [kf.capture(model, params, x, y, "mse", fisher="exact", stats_examples=examples, pooled=pooled)
-            for pooled in ((), layers)]
+    caps = [kf.capture(model, params, x, y, "mse", fisher="exact", stats_examples=examples,
+                       compact=dict.fromkeys(pooled, True)) for pooled in ((), layers)]
     assert all(a.shape[2] == 1 for a in caps[1].a.values())
     assert caps[0].a["conv"].shape[2] > 1
     full, pooled = (kf.kronecker_factors(cap, reduce=True) for cap in caps)
@@ -223,6 +223,38 @@ def test_embedding_sequence_deep_linear_expand_is_exact(seed, n, length, vocab, 
     assert float(factors["emb"].A[0, 0]) == 0  # padding_idx: no statistics
     assert torch.equal(cap.grads["emb.weight"][0], torch.zeros(3, dtype=DT))  # nor gradient
     _grads_match(cap, model, params, x, y, "mse", reduction)
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+@given(seed=seeds, n=st.integers(1, 3), length=st.integers(1, 5), vocab=st.integers(2, 6), examples=st.sampled_from([None, 1]))
+@example(seed=0, n=3, length=5, vocab=3, examples=None)  # tokens repeat within and across examples
+@settings(max_examples=budget(8))
+def test_embedding_statistics_from_token_counts(reduce, seed, n, length, vocab, examples):
+    """When only the factors read the statistics (``compact``), an embedding's are its token counts — ``√counts``
+    per example for expand, ``counts / S`` for reduce, one position, no ``N·S × vocab`` one-hot rows — and give
+    exactly the factors of the per-position capture (the padding index included, statistics from the first rows);
+    the deep-linear expand case is also the exact GGN block."""
+    torch.manual_seed(seed)
+    model = TokenNet(vocab, 3, 2, act=False).to(DT)
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=gen)  # index 0 (padding) included
+    y = torch.randn(n, length, 2, generator=gen, dtype=DT)
+    plan = kf.trace(model, params, x)
+    full, compact = (kf.capture(model, params, x, y, "mse", fisher="exact", stats_examples=examples, compact=c)
+                     for c in ({}, dict.fromkeys(plan.layers, reduce)))
+    m = n if examples is None else examples
+    assert compact.a["emb"].shape == (m, 1, 1, vocab) and full.a["emb"].shape == (m, 1, length, vocab)
+    counts = F.one_hot(x[:m], vocab).sum(1).to(DT)
+    counts[:, 0] = 0
+    want_a = counts / length if reduce else counts.sqrt()
+    assert_close(compact.a["emb"].reshape(m, vocab), want_a)
+    got, want = (kf.kronecker_factors(cap, reduce=reduce, layers=plan.layers) for cap in (compact, full))
+    for name in plan.layers:
+        for a, b in zip(got[name], want[name]):
+            assert_close(a, b, atol=1e-13, rtol=1e-12)
+    if not reduce and examples is None:
+        assert_close(_dense(got, "emb"), ggn_block(model, params, x, y, "mse", "mean", EMB))
 
 
 def test_embedding_preconditioning_keeps_a_diagonal():

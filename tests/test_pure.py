@@ -149,7 +149,7 @@ def test_reduce_layers_capture_pooled_statistics(options, pooled):
     opt = kf.kfac(conv_net, fisher="exact", **options)
     state = opt.init(params, x)
     plan = kf.trace(conv_net, params, x)
-    assert opt.pooled(plan, opt.schedule(state)) == (set(plan.layers) if pooled else set())
+    assert opt.compact(plan, opt.schedule(state)) == ({n: True for n in plan.layers} if pooled else {})
     _, state, _ = opt.step(params, state, x, y)
     want = kf.kronecker_factors(kf.capture(conv_net, params, x, y, "cross_entropy", fisher="exact"), reduce=True)
     got = kf.averaged(state.factors)
