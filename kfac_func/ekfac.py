@@ -9,12 +9,15 @@ second moment of the per-example gradients projected into it:
 which is ``diag((Q_G ⊗ Q_A)ᵀ C (Q_G ⊗ Q_A))``: the best approximation of the curvature ``C`` in
 Frobenius norm among matrices diagonal in that basis. For one position per example (dense layers) it
 is one matmul of squared projections, ``Σ (Q_Gᵀ g)² ((Q_Aᵀ ā)²)ᵀ``; with several positions (convolutions,
-sequences) the projected per-example gradient ``Σₛ (Q_Gᵀ gₛ)(Q_Aᵀ āₛ)ᵀ`` is formed first.
+sequences) the projected per-example gradient ``Σₛ (Q_Gᵀ gₛ)(Q_Aᵀ āₛ)ᵀ`` is formed first, a chunk of examples
+at a time: at most :data:`PROJECTION_ENTRIES` entries (one example's at least) exist at once, so a
+vocabulary-wide head never holds ``N`` of its ``d_g × d_a`` gradients.
 Preconditioning: ``Δ = Q_G [(Q_Gᵀ ∇W̄ Q_A) ⊘ (S + λ)] Q_Aᵀ``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from torch import Tensor
@@ -23,6 +26,8 @@ from .capture import Capture, require_curvature
 from .factors import EigenFactors, full_precision
 from .phases import phase
 from .sides import right_multiply
+
+PROJECTION_ENTRIES = 2**24  # the most projected per-example gradient entries held at once (64 MB in float32)
 
 
 class EKFACFactors(NamedTuple):
@@ -48,8 +53,11 @@ def ekfac_scaling(cap: Capture, eigen: dict[str, EigenFactors]) -> dict[str, Ten
             sq_g = gq.squeeze(3).square().sum(0)  # (N, B, d_g): Σᵥ (Q_Gᵀ g)²
             out[name] = (sq_g.transpose(0, 1).mT @ aq.squeeze(2).square().transpose(0, 1))
         else:
-            per_example = gq.transpose(-1, -2) @ aq.unsqueeze(0)  # (V, N, B, d_g, d_a): Σₛ (Q_Gᵀg)(Q_Aᵀā)ᵀ
-            out[name] = per_example.square().sum((0, 1))
+            n, per_example = a.shape[0], gq.shape[0] * math.prod(gq.shape[2:3]) * gq.shape[-1] * aq.shape[-1]
+            chunk = max(1, PROJECTION_ENTRIES // per_example)
+            out[name] = sum(  # (V, chunk, B, d_g, d_a): Σₛ (Q_Gᵀg)(Q_Aᵀā)ᵀ, squared and summed over V and examples
+                (gq[:, i : i + chunk].transpose(-1, -2) @ aq[i : i + chunk].unsqueeze(0)).square().sum((0, 1))
+                for i in range(0, n, chunk))
     return out
 
 

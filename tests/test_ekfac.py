@@ -5,13 +5,16 @@ dense solve with ``Q diag(S + λ) Qᵀ``."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import kfac_func as kf
+import kfac_func.ekfac as ekfac_module
 from kfac_func.layers import LayerSpec
 from oracles import (
     GroupedNet,
@@ -204,12 +207,16 @@ def test_scaling_is_diagonal_of_projected_block_mlp(seed, n, bias, act, kind, re
     fisher=st.sampled_from(["exact", "empirical"]),
     random_basis=st.booleans(),
     one_by_one=st.booleans(),
+    chunked=st.booleans(),
 )
+@example(seed=0, n=3, bias=True, stride=1, shared=True, kind="cross_entropy", reduction="mean", fisher="exact",
+         random_basis=True, one_by_one=False, chunked=True)
 @settings(max_examples=budget(12))
 def test_scaling_is_diagonal_of_projected_block_cnn(seed, n, bias, stride, shared, kind, reduction, fisher,
-                                                    random_basis, one_by_one):
+                                                    random_basis, one_by_one, chunked):
     """Grouped convolutions with several positions (optionally shared at two depths), and a grouped conv
-    with a 1x1 output (the one-position path with B = 2 blocks)."""
+    with a 1x1 output (the one-position path with B = 2 blocks); ``chunked``: the projected per-example
+    gradients bounded to one example at a time (:data:`~kfac_func.ekfac.PROJECTION_ENTRIES`)."""
     model, x, gen = _cnn(seed, n, bias, stride, shared, one_by_one)
     params = params_of(model)
     y = make_target(kind, (n, 3), gen)
@@ -220,7 +227,9 @@ def test_scaling_is_diagonal_of_projected_block_cnn(seed, n, bias, stride, share
     if random_basis:
         eigen = {k: e._replace(QA=random_orthogonal(*e.QA.shape[:2], gen), QG=random_orthogonal(*e.QG.shape[:2], gen))
                  for k, e in eigen.items()}
-    scale = kf.ekfac_scaling(cap, eigen)
+    entries = 1 if chunked else ekfac_module.PROJECTION_ENTRIES
+    with mock.patch.object(ekfac_module, "PROJECTION_ENTRIES", entries):
+        scale = kf.ekfac_scaling(cap, eigen)
     for name, layer in linear_layers(model).items():
         C = _oracle(fisher)(model, params, x, y, kind, reduction, layer)
         Q = _basis(eigen[name])
