@@ -1,8 +1,8 @@
-"""Models written the way the codebases people train from write them (not for kfac_func): a minimal GPT as
-the well-known minimal GPT repositories write it, PyTorch's own examples (the word language model's
-sequence-first ``nn.Transformer`` model and its LSTM taking ``(input, hidden)``, the VAE), and a GPT-2 block
-with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)`` weight). Small sizes, so that dense float64
-oracles are cheap."""
+"""Models written the way the codebases people train from write them (not for kfac_func): the minimal GPT as
+the well-known minimal GPT repositories write it (:class:`kfac_func.models.GPT`, re-exported), PyTorch's own
+examples (the word language model's sequence-first ``nn.Transformer`` model and its LSTM taking ``(input,
+hidden)``, the VAE), and a GPT-2 block with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)``
+weight). Small sizes, so that dense float64 oracles are cheap."""
 
 from __future__ import annotations
 
@@ -12,87 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
-        super().__init__()
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
-        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
-                                           is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float):
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
-        self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = MLP(n_embd, dropout)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    """A minimal GPT: learned position embeddings on ``arange(T)`` (no batch dim), pre-LayerNorm blocks,
-    ``scaled_dot_product_attention``, the LM head tied to the token embedding (unless ``tie=False``), and
-    ``(logits, loss)`` out, the loss over ``logits.view(-1, V)``."""
-
-    def __init__(self, vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.0, tie=True):
-        super().__init__()
-        self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(dropout),
-            h=nn.ModuleList([Block(n_embd, n_head, dropout) for _ in range(n_layer)]),
-            ln_f=nn.LayerNorm(n_embd),
-        ))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        if tie:
-            self.transformer.wte.weight = self.lm_head.weight
-
-    def forward(self, idx, targets=None):
-        device = idx.device
-        b, t = idx.size()
-        pos = torch.arange(0, t, dtype=torch.long, device=device)
-        tok_emb = self.transformer.wte(idx)
-        pos_emb = self.transformer.wpe(pos)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+from kfac_func.models import GPT  # noqa: F401  (re-exported for the tests)
 
 
 class PositionalEncoding(nn.Module):

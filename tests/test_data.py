@@ -121,3 +121,65 @@ def test_real_mnist_is_verified_and_package_not_imported():
     assert split.x_train.shape == (60000, 784) and split.x_test.shape == (10000, 784)
     assert split.y_test.bincount().sum() == 10000
     assert "mnist" not in sys.modules and "mnist.lib" not in sys.modules
+
+
+def _write_sources(root, count=data.MIN_SOURCES):
+    """``count`` top-level modules whose names sort differently from their creation order, and files the
+    loader must skip (a package's module, a non-``.py`` file)."""
+    names = [f"m{i:02d}.py" for i in reversed(range(count - 2))] + ["Z.py", "_a.py"]
+    for name in names:
+        (root / name).write_text(f"# {name}\n", encoding="utf-8")
+    (root / "pkg").mkdir()
+    (root / "pkg" / "inner.py").write_text("skipped\n")
+    (root / "notes.txt").write_text("skipped\n")
+    return sorted(names)
+
+
+def test_python_source_concatenates_sorted_top_level_files(tmp_path):
+    names = _write_sources(tmp_path)
+    assert names[:2] == ["Z.py", "_a.py"]
+    assert data.python_source(tmp_path) == "".join(f"# {name}\n" for name in names)
+
+
+def test_python_source_missing_says_what_is_needed(tmp_path):
+    (tmp_path / "only.py").write_text("x = 1\n")
+    with pytest.raises(FileNotFoundError, match=f"1 .py files in {tmp_path}: the standard library's .py sources"):
+        data.python_source(tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install libpython3"):
+        data.python_source(tmp_path / "absent")
+
+
+def test_encode_fixed_alphabet():
+    assert len(data.ALPHABET) == 97
+    codes = data.encode("\nA ~\té\U0001F600")
+    assert codes.dtype == torch.int64
+    assert codes.tolist() == [0, data.ALPHABET.index("A"), 1, 95, 96, 96, 96]
+    assert data.ALPHABET.index("A") == ord("A") - 31
+
+
+def test_load_chars_splits_in_order(tmp_path, monkeypatch):
+    names = _write_sources(tmp_path)
+    (tmp_path / names[0]).write_bytes(b"caf\xc3\xa9\t\xff\n")  # é, a tab, an undecodable byte
+    monkeypatch.setattr(data, "STDLIB_ROOT", tmp_path)
+    split = data.load_chars("python-source")
+    text = data.python_source(tmp_path)
+    assert text.startswith("café\t\ufffd\n")
+    assert split.train[:7].tolist() == [*data.encode("caf").tolist(), 96, 96, 96, 0]
+    n_train = int(len(text) * 0.9)
+    assert len(split.train) == n_train and len(split.val) == len(text) - n_train
+    assert torch.equal(torch.cat([split.train, split.val]), data.encode(text))
+    assert "".join(split.alphabet[i] for i in split.val) == text[n_train:]
+    with pytest.raises(ValueError, match="unknown text"):
+        data.load_chars("shakespeare")
+
+
+def _has_python_source() -> bool:
+    return len(list(data.STDLIB_ROOT.glob("*.py"))) >= data.MIN_SOURCES
+
+
+@pytest.mark.skipif(not _has_python_source(), reason="the standard library's .py sources are not installed")
+def test_real_python_source():
+    split = data.load_chars()
+    assert len(split.train) + len(split.val) > 1_000_000
+    assert len(split.alphabet) == 97
+    assert int(split.train.max()) <= 96 and int(split.train.min()) >= 0
