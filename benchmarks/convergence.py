@@ -1,9 +1,10 @@
 """Real-data convergence: steps and wall time to the best first-order result, every optimizer tuned alike.
 
-    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both tasks: about 2 h on 2 CPU cores
+    python benchmarks/convergence.py all --seeds 3 --out benchmarks/results   # both MNIST tasks: about 2 h on 2 CPU cores
     python benchmarks/convergence.py all --quick --out /tmp/smoke             # a smoke run of the same code: 1 min
     python benchmarks/convergence.py all --plot-only --out benchmarks/results # redraw tables and plots from JSON
     python benchmarks/convergence.py autoencoder | classifier [--dataset mnist] [--seeds K] [--out DIR] [--full]
+    python benchmarks/convergence.py gpt [--seeds K] [--out DIR] [--full]     # the character-level GPT
     python benchmarks/convergence.py ablation --out benchmarks/results        # the recipe's choices: 13 min
 
 * ``autoencoder``: Martens & Grosse's 784-1000-500-250-30 encoder, mirrored, tanh hidden units, a linear
@@ -11,55 +12,81 @@
   per image (summed over pixels) on a fixed 5 000-image subset of the training set.
 * ``classifier``: a two-conv CNN on Fashion-MNIST (``--dataset mnist`` for MNIST). The metric is the test
   accuracy on 2 000 test images; the training loss on 2 000 training images is recorded and plotted too.
+* ``gpt``: :class:`kfac_func.models.GPT` (4 layers, 4 heads, width 128, tied embedding, 0.8 M parameters;
+  :data:`GPT_SIZE`) as a character-level language model of Python code: the standard library's own top-level
+  ``.py`` files concatenated (:func:`kfac_func.data.load_chars`, 4.7 MB on Python 3.11, a fixed 97-character
+  alphabet), the first 90% for training, the last 10% for validation. Batches of 32 random 64-character
+  windows of the training part. The metric is the validation loss (cross-entropy per character) on 1 024
+  fixed windows of the validation part. The first-order baseline is the minimal-GPT recipe (:func:`adamw`):
+  AdamW with weight decay 0.1 on the matrices and embeddings, betas (0.9, 0.99), a linear warmup over 5% of
+  the steps then a cosine decay to a tenth of the learning rate, gradients clipped to norm 1
+  (:data:`GPT_FIRST_ORDER`); the second-order configurations are :data:`GPT_SECOND_ORDER`; budgets
+  :data:`GPT_STEPS` (:data:`GPT_FULL_STEPS` with ``--full``).
 * ``all``: the autoencoder and the Fashion-MNIST classifier, one after the other.
 * ``ablation``: K-FAC's recipe on the autoencoder with one choice changed at a time (:data:`ABLATION`), against
   the target stored in ``--out``'s autoencoder results.
 
 **Tuning, the same for every optimizer**: three trials each, on one grid point per trial. SGD-momentum
-(0.9) and Adam over their learning rate (:data:`FIRST_ORDER`); K-FAC (with the quadratic model's GGN from the
-whole batch, the default, and from a quarter of it), E-KFAC and two-level K-FAC over the initial damping
-``λ₀`` (:data:`DAMPINGS`): the :func:`second_order` recipe, the library's defaults, picks their learning
-rate and momentum by the quadratic model each step and adapts ``λ`` by Levenberg–Marquardt. Every configuration runs
-with ``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
+(0.9), Adam and AdamW over their learning rate (:data:`FIRST_ORDER`, :data:`GPT_FIRST_ORDER`); K-FAC (with
+the quadratic model's GGN from the whole batch, the default, and from a quarter of it), E-KFAC and two-level
+K-FAC (:data:`SECOND_ORDER`) over the initial damping ``λ₀`` (:data:`DAMPINGS`): the :func:`second_order`
+recipe, the library's defaults, picks their learning rate and momentum by the quadratic model each step and
+adapts ``λ`` by Levenberg–Marquardt. Every configuration runs with ``--seeds K`` seeds (initialisation and
+batch order); all see the same batches for the same seed.
+
+**Interleaved runs**: the configurations of one seed advance in lock-step (:func:`run_seed`), one step of each
+in turn, each with its own model, optimizer and batch generator, until each has taken its own budget; each
+step is timed alone (evaluation excluded), so a slower or faster spell of a shared machine falls on every
+configuration alike.
 
 **The target** is the best first-order configuration's median final metric. Each configuration reports
 its median final metric, how many seeds reach the target, and the medians (with ranges) over the seeds
 that do of the steps and seconds to it. Each optimizer is then represented by its best trial: most seeds
 reaching the target, then least median time to it, then the best final metric; the headline compares the
-second-order ones' time to the target with the first-order winner's. Wall time counts the steps only
-(evaluation excluded). Results go to ``--out`` as JSON and PNG plots (the median curve of each optimizer's
-best trial with the range over seeds, against steps and against wall time, the target as a line);
-progress bars show each run. The default budgets fit 2 CPU cores and give the second-order methods at
-most the first-order ones' wall time (autoencoder: 1 500 and 200 steps; CNN: 600 and 200, about 23 s
-each); ``--full`` runs paper-size budgets on a GPU if one is present.
+second-order ones' time to the target with the first-order winner's. Results go to ``--out`` as JSON and
+PNG plots (the median curve of each optimizer's best trial with the range over seeds, against steps and
+against wall time, the target as a line); a progress bar shows each seed's interleaved runs. The default
+budgets fit 2 CPU cores and give the second-order methods at most the first-order ones' wall time
+(autoencoder: 1 500 and 200 steps; CNN: 600 and 200, about 23 s each); ``--full`` runs paper-size budgets
+on a GPU if one is present.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kfac_func as kf
-from kfac_func.data import load
+from kfac_func.data import load, load_chars
+from kfac_func.models import GPT
 
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover
     tqdm = None
 
-FIRST_ORDER = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-4, 3e-4, 1e-3)}
-SECOND_ORDER = ("K-FAC", "K-FAC ¼-batch model", "K-FAC ¼-batch model, growing batch", "E-KFAC", "two-level K-FAC")
+FIRST_ORDER = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-4, 3e-4, 1e-3)}  # learning-rate trials
+SECOND_ORDER = {  # the recipe (:func:`second_order`) with these options
+    "K-FAC": {},
+    "K-FAC ¼-batch model": {"quadratic_fraction": 0.25},  # the quadratic model's GGN from a quarter of the batch
+    "K-FAC ¼-batch model, growing batch": {"quadratic_fraction": 0.25},  # and the batches of :func:`growing_batch`
+    "E-KFAC": {"method": "ekfac", "inverse_period": 20, "scale_period": 5},
+    "two-level K-FAC": {"method": "two_level"},
+}
 GROWTH = (1 / 4, 2)  # "growing batch": from ¼ of the task's batch to twice it, geometrically over the budget
 DAMPINGS = (1e-4, 1e-3, 1e-2)  # λ₀ trials: the library's default damping and a decade either side
 TASKS = {"autoencoder": "mnist", "classifier": "fashion-mnist"}  # what ``all`` runs
+DATASET = {"autoencoder": "mnist", "gpt": "python-source"}  # the data of a task run alone (else --dataset)
 ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
     "the recipe (the library's defaults)": {},
     "quadratic model from 1/4 of the batch": {"quadratic_fraction": 0.25},
@@ -76,6 +103,23 @@ ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
     "the previous defaults (fixed α, μ, KL clip; eigen damping; statistics every step)": {
         "adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1},
 }
+GPT_SIZE = {"vocab_size": 97, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "tie": True}
+GPT_BATCH = 32  # windows of GPT_SIZE["block_size"] characters
+GPT_VAL_WINDOWS = 1024  # the fixed validation windows (64 with --quick)
+GPT_FIRST_ORDER = {"AdamW": (1e-3, 3e-3, 1e-2)}  # the minimal-GPT recipe (:func:`adamw`): learning-rate trials
+GPT_SECOND_ORDER = {  # options of ``kf.KFAC`` (:func:`second_order`), each over DAMPINGS
+    "K-FAC": {},  # the library's defaults
+    "K-FAC best recipe": {},
+    "E-KFAC": {"method": "ekfac"},
+}
+GPT_STEPS = (800, 400)  # first-order and second-order budgets
+GPT_FULL_STEPS = (5000, 2500)  # --full (on a GPU if present)
+METRICS = {"autoencoder": "training loss (per image)", "classifier": "test accuracy",
+           "gpt": "validation loss (per character)"}
+
+Sample = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]  # n examples drawn with the generator
+TrainStep = Callable[[Tensor, Tensor], Tensor]  # one step on the batch (x, y); returns the batch's loss
+MakeStep = Callable[[nn.Module, int], TrainStep]  # the step of an optimizer of the model, for a budget of steps
 
 
 def autoencoder() -> nn.Module:
@@ -98,27 +142,71 @@ def cnn() -> nn.Module:
     )
 
 
-def second_order(method: str, loss: str, damping: float, **changes) -> Callable[[nn.Module], kf.KFAC]:
+def gpt_loss(out: tuple[Tensor, Any], y: Tensor) -> Tensor:
+    """The mean cross-entropy per character of the GPT's ``(logits, loss)`` against the targets ``y``."""
+    logits = out[0]
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+
+def second_order(options: dict, loss: str | kf.Loss, damping: float, **changes) -> MakeStep:
     """The recipe: the library's defaults from ``λ₀ = damping`` — the quadratic-model step (``α``, ``μ`` each
     step from the exact GGN), Levenberg–Marquardt damping, factored damping (cached inverses), statistics
-    every 5 steps, decompositions every 10. "K-FAC ¼-batch model": the GGN of the quadratic model from the
-    first quarter of the batch (``quadratic_fraction=0.25``); E-KFAC (eigen damping): eigendecompositions every
-    20 steps, its scaling every 5. ``changes``: options that replace the recipe's (the ablation)."""
-    options: dict = dict(loss=loss, damping=damping)
-    if method.startswith("K-FAC ¼-batch model"):
-        options.update(quadratic_fraction=0.25)
-    elif method == "E-KFAC":
-        options.update(method="ekfac", inverse_period=20, scale_period=5)
-    elif method == "two-level K-FAC":
-        options.update(method="two_level")
-    options.update(changes)
-    return lambda m: kf.KFAC(m, **options)
+    every 5 steps, decompositions every 10 — with the configuration's ``options`` (:data:`SECOND_ORDER`,
+    :data:`GPT_SECOND_ORDER`), then ``changes`` (the ablation's)."""
+    return lambda model, steps: kf.KFAC(model, loss=loss, damping=damping, **{**options, **changes}).step
 
 
-def first_order(name: str, lr: float) -> Callable[[nn.Module], torch.optim.Optimizer]:
-    if name == "SGD-momentum":
-        return lambda m: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
-    return lambda m: torch.optim.Adam(m.parameters(), lr=lr)
+def adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    """The minimal-GPT recipe's AdamW: weight decay 0.1 on the parameters with two or more dims (matrices and
+    embeddings), none on biases and LayerNorm weights; betas (0.9, 0.99)."""
+    params = list(model.parameters())  # a tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+
+
+def warmup_cosine(steps: int, warmup: float = 0.05, floor: float = 0.1) -> Callable[[int], float]:
+    """The learning rate's factor at each step: a linear warmup over the first ``warmup`` of the steps, then
+    a cosine decay to ``floor`` at the last step."""
+    n_warmup = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < n_warmup:
+            return (step + 1) / (n_warmup + 1)
+        decay = min(1.0, (step - n_warmup) / max(1, steps - 1 - n_warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * decay))
+
+    return factor
+
+
+def first_order(name: str, lr: float, loss_fn: Callable[[Any, Tensor], Tensor]) -> MakeStep:
+    """SGD with momentum 0.9, Adam, or the minimal-GPT recipe (``AdamW``: :func:`adamw`, the learning rate by
+    :func:`warmup_cosine`, gradients clipped to norm 1), at learning rate ``lr``, on ``loss_fn(model(x), y)``."""
+
+    def make(model: nn.Module, steps: int) -> TrainStep:
+        schedule, clip = None, None
+        if name == "AdamW":
+            opt: torch.optim.Optimizer = adamw(model, lr)
+            schedule, clip = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps)), 1.0
+        elif name == "SGD-momentum":
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        else:
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+        def step(x: Tensor, y: Tensor) -> Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            if schedule is not None:
+                schedule.step()
+            return loss.detach()
+
+        return step
+
+    return make
 
 
 def growing_batch(batch: int, steps: int) -> list[int]:
@@ -128,64 +216,135 @@ def growing_batch(batch: int, steps: int) -> list[int]:
     return [round(low * (high / low) ** (s / max(1, steps - 1))) for s in range(steps)]
 
 
-def run(name: str, family: str, make_model, make_opt, is_kfac: bool, data, loss_fn, steps: int, batch: int | list[int],
-        eval_every: int, evaluate: Callable[[nn.Module], dict], device, seed: int = 0) -> dict:
-    """Train one configuration (``batch``: the size, or one per step); the curve holds the metrics every
-    ``eval_every`` steps and the seconds of the steps so far (evaluation excluded)."""
-    torch.manual_seed(seed)
-    model = make_model().to(device)
-    opt = make_opt(model)
-    x_all, y_all = data
-    gen = torch.Generator().manual_seed(seed + 1)
-    curve, elapsed = [], 0.0
-    bar = tqdm(range(steps + 1), desc=f"{name:>28} seed {seed}", leave=False) if tqdm else range(steps + 1)
-    for step in bar:
-        if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, "seconds": elapsed, **evaluate(model)})
-            if tqdm:
-                bar.set_postfix(value=f"{curve[-1]['value']:.4g}", refresh=False)
-        if step == steps:
-            break
-        idx = torch.randint(0, len(x_all), (batch if isinstance(batch, int) else batch[step],), generator=gen)
-        x, y = x_all[idx].to(device), y_all[idx].to(device)
-        start = time.perf_counter()
-        if is_kfac:
-            opt.step(x, y)
-        else:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - start
-    return {"method": name, "family": family, "seed": seed, "curve": curve}
+def random_rows(x: Tensor, y: Tensor) -> Sample:
+    """Batches of examples (rows of ``x`` and ``y``) drawn uniformly with replacement."""
+
+    def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(x), (n,), generator=gen)
+        return x[idx], y[idx]
+
+    return sample
+
+
+def random_windows(text: Tensor, context: int) -> Sample:
+    """Batches of random windows of the character stream ``text``: inputs ``text[i : i+context]`` and
+    next-character targets ``text[i+1 : i+1+context]``, ``(n, context)`` each."""
+    offsets = torch.arange(context)
+
+    def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, len(text) - context, (n, 1), generator=gen) + offsets
+        return text[idx], text[idx + 1]
+
+    return sample
 
 
 class Task(NamedTuple):
-    """A task at the budgets of ``args``: data, model, loss, metric (``better`` of two values) and sizes."""
+    """A task at the budgets of ``args``: data, model, losses, metric (``better`` of two values), the
+    optimizers' configurations and sizes."""
 
-    data: tuple[Tensor, Tensor]
+    sample: Sample  # the training batches
     evaluate: Callable[[nn.Module], dict]
     make_model: Callable[[], nn.Module]
-    loss_name: str
-    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    model: str  # the model, in words
+    loss: str | kf.Loss  # K-FAC's
+    loss_fn: Callable[[Any, Tensor], Tensor]  # the first-order optimizers' loss of the model's output
     better: Callable
+    first_order: dict[str, tuple[float, ...]]  # learning-rate trials by optimizer
+    second_order: dict[str, dict]  # K-FAC's options by configuration
     steps1: int  # first-order steps
     steps2: int  # second-order steps
     batch: int
     device: torch.device
 
-    def run(self, name: str, family: str, make_opt, is_kfac: bool, seed: int) -> dict:
-        steps = self.steps2 if is_kfac else self.steps1
-        batch = growing_batch(self.batch, steps) if family.endswith("growing batch") else self.batch
-        return run(name, family, self.make_model, make_opt, is_kfac, self.data, self.loss_fn, steps, batch,
-                   max(1, steps // 30), self.evaluate, self.device, seed)
+
+class Config(NamedTuple):
+    """One trial of one optimizer."""
+
+    name: str
+    family: str  # the optimizer
+    make_step: MakeStep
+    second_order: bool
+
+
+class Run:
+    """One configuration trained with one seed, a step at a time (:func:`run_seed`); the curve holds the
+    metrics every ``steps // 30`` steps, the seconds of the steps so far (evaluation excluded) and the mean
+    loss of the batches since the previous point."""
+
+    def __init__(self, t: Task, config: Config, seed: int):
+        self.t, self.config, self.seed = t, config, seed
+        self.steps = t.steps2 if config.second_order else t.steps1
+        growing = config.family.endswith("growing batch")
+        self.batches = growing_batch(t.batch, self.steps) if growing else [t.batch] * self.steps
+        self.eval_every = max(1, self.steps // 30)
+        torch.manual_seed(seed)
+        self.model = t.make_model().to(t.device)
+        self.train_step = config.make_step(self.model, self.steps)
+        self.gen = torch.Generator().manual_seed(seed + 1)
+        self.step, self.elapsed, self.losses, self.curve = 0, 0.0, [], []
+        self.evaluate()
+
+    def evaluate(self) -> None:
+        point = {"step": self.step, "seconds": self.elapsed, **self.t.evaluate(self.model)}
+        if self.losses:
+            point["batch_loss"] = statistics.fmean(self.losses)
+            self.losses = []
+        self.curve.append(point)
+
+    def advance(self) -> None:
+        """One training step (timed alone), then the metrics if due."""
+        x, y = (v.to(self.t.device) for v in self.t.sample(self.batches[self.step], self.gen))
+        start = time.perf_counter()
+        loss = self.train_step(x, y)
+        if self.t.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.elapsed += time.perf_counter() - start
+        self.losses.append(float(loss))
+        self.step += 1
+        if self.step % self.eval_every == 0 or self.step == self.steps:
+            self.evaluate()
+
+    def result(self) -> dict:
+        return {"method": self.config.name, "family": self.config.family, "seed": self.seed, "curve": self.curve}
+
+
+def run_seed(t: Task, configs: list[Config], seed: int) -> list[dict]:
+    """Every configuration with one seed, in lock-step: one step of each in turn, each with its own model,
+    optimizer and batch generator (the same batches for all), until each has taken its own budget."""
+    runs = [Run(t, config, seed) for config in configs]
+    bar = tqdm(total=sum(r.steps for r in runs), desc=f"seed {seed}", leave=False) if tqdm else None
+    while active := [r for r in runs if r.step < r.steps]:
+        for r in active:
+            r.advance()
+        if bar is not None:
+            bar.update(len(active))
+    if bar is not None:
+        bar.close()
+    return [r.result() for r in runs]
 
 
 def task(kind: str, dataset: str, args) -> Task:
     device = torch.device("cuda" if args.full and torch.cuda.is_available() else "cpu")
-    split = load(dataset)
-    if kind == "autoencoder":
+    if kind == "gpt":
+        text, context = load_chars(dataset), GPT_SIZE["block_size"]
+        fixed = torch.Generator().manual_seed(0)  # the same validation windows for every run
+        val = random_windows(text.val, context)(64 if args.quick else GPT_VAL_WINDOWS, fixed)
+        x_val, y_val = (v.to(device).split(256) for v in val)
+
+        def evaluate(model) -> dict:
+            with torch.no_grad():
+                total = sum(float(gpt_loss(model(x), y)) * len(x) for x, y in zip(x_val, y_val))
+            return {"value": total / len(val[0])}
+
+        make_model = lambda: GPT(**GPT_SIZE)
+        size = sum(p.numel() for p in make_model().parameters()) / 1e6
+        model = (f"GPT ({GPT_SIZE['n_layer']} layers, {GPT_SIZE['n_head']} heads, width {GPT_SIZE['n_embd']}, "
+                 f"context {context}, {size:.2f} M parameters)")
+        t = Task(random_windows(text.train, context), evaluate, make_model, model,
+                 kf.Loss("cross_entropy", class_dim=-1), gpt_loss, min, GPT_FIRST_ORDER, GPT_SECOND_ORDER,
+                 *(GPT_FULL_STEPS if args.full else GPT_STEPS), GPT_BATCH, device)
+    elif kind == "autoencoder":
+        split = load(dataset)
         subset = split.x_train[:5000].to(device)
         loss_fn = F.binary_cross_entropy_with_logits
 
@@ -194,8 +353,10 @@ def task(kind: str, dataset: str, args) -> Task:
                 return {"value": float(loss_fn(model(subset), subset, reduction="sum")) / len(subset)}
 
         sizes = (20000, 4000, 1000) if args.full else (1500, 200, 512)
-        t = Task((split.x_train, split.x_train), evaluate, autoencoder, "bce_with_logits", loss_fn, min, *sizes, device)
+        t = Task(random_rows(split.x_train, split.x_train), evaluate, autoencoder, "784-1000-500-250-30 autoencoder",
+                 "bce_with_logits", loss_fn, min, FIRST_ORDER, SECOND_ORDER, *sizes, device)
     else:
+        split = load(dataset)
         x_test, y_test = split.x_test[:2000].to(device), split.y_test[:2000].to(device)
         x_fit, y_fit = split.x_train[:2000].to(device), split.y_train[:2000].to(device)
         loss_fn = F.cross_entropy
@@ -206,33 +367,41 @@ def task(kind: str, dataset: str, args) -> Task:
                         "train_loss": float(loss_fn(model(x_fit), y_fit))}
 
         sizes = (10000, 2000, 512) if args.full else (600, 200, 256)
-        t = Task((split.x_train, split.y_train), evaluate, cnn, "cross_entropy", loss_fn, max, *sizes, device)
-    return t._replace(steps1=20, steps2=6, batch=64) if args.quick else t
+        t = Task(random_rows(split.x_train, split.y_train), evaluate, cnn, "two-conv CNN", "cross_entropy", loss_fn,
+                 max, FIRST_ORDER, SECOND_ORDER, *sizes, device)
+    if args.quick:  # a smoke run: a few steps on small batches
+        return t._replace(steps1=20, steps2=6, batch=8 if kind == "gpt" else 64)
+    return t
 
 
 def experiment(kind: str, dataset: str, args) -> dict:
     """Every optimizer's three trials, each with ``args.seeds`` seeds."""
     t = task(kind, dataset, args)
     trials = 1 if args.quick else None
-    configs = [(f"{name} lr={lr:g}", name, first_order(name, lr), False)
-               for name, lrs in FIRST_ORDER.items() for lr in lrs[:trials]]
+    configs = [Config(f"{name} lr={lr:g}", name, first_order(name, lr, t.loss_fn), False)
+               for name, lrs in t.first_order.items() for lr in lrs[:trials]]
     dampings = DAMPINGS[1:2] if args.quick else DAMPINGS  # the library's default λ for a smoke run
-    configs += [(f"{method} λ₀={damping:g}", method, second_order(method, t.loss_name, damping), True)
-                for method in SECOND_ORDER for damping in dampings]
-    runs = [t.run(*config, seed) for config in configs for seed in range(args.seeds)]
-    return summarise({"kind": kind, "dataset": dataset, "device": str(t.device), "batch": t.batch,
-                      "seeds": args.seeds, "better": t.better.__name__, "runs": runs})
+    configs += [Config(f"{name} λ₀={damping:g}", name, second_order(options, t.loss, damping), True)
+                for name, options in t.second_order.items() for damping in dampings]
+    runs = [r for seed in range(args.seeds) for r in run_seed(t, configs, seed)]
+    return summarise({"kind": kind, "dataset": dataset, "model": t.model, "device": str(t.device),
+                      "batch": t.batch, "seeds": args.seeds, "better": t.better.__name__, "runs": runs})
 
 
 def ablation(kind: str, dataset: str, args, target: float) -> dict:
     """K-FAC's recipe at the library's default ``λ₀`` with one option changed at a time (:data:`ABLATION`),
     against the ``target`` of the task's comparison."""
     t = task(kind, dataset, args)
-    runs = [t.run(name, name, second_order("K-FAC", t.loss_name, DAMPINGS[1], **changes), True, seed)
-            for name, changes in ABLATION.items() for seed in range(args.seeds)]
+    configs = [Config(name, name, second_order(t.second_order["K-FAC"], t.loss, DAMPINGS[1], **changes), True)
+               for name, changes in ABLATION.items()]
+    runs = [r for seed in range(args.seeds) for r in run_seed(t, configs, seed)]
     rows = [summary_row(name, [r for r in runs if r["method"] == name], target, t.better) for name in ABLATION]
     return {"kind": kind, "dataset": dataset, "device": str(t.device), "batch": t.batch, "seeds": args.seeds,
             "target": target, "runs": runs, "summary": rows}
+
+
+def _first_order(family: str) -> bool:
+    return family in FIRST_ORDER or family in GPT_FIRST_ORDER
 
 
 def summarise(result: dict) -> dict:
@@ -241,7 +410,7 @@ def summarise(result: dict) -> dict:
     by_method: dict[str, list[dict]] = {}
     for r in result["runs"]:
         by_method.setdefault(r["method"], []).append(r)
-    target = better(_final(rs) for rs in by_method.values() if rs[0]["family"] in FIRST_ORDER)
+    target = better(_final(rs) for rs in by_method.values() if _first_order(rs[0]["family"]))
     summary = [summary_row(method, rs, target, better) for method, rs in by_method.items()]
     sign = 1 if better is min else -1
     best: dict[str, dict] = {}
@@ -277,7 +446,11 @@ def _range(hits: list[dict], key: str) -> list[float] | None:
 
 
 def _metric(result: dict) -> str:
-    return "training loss (per image)" if result["kind"] == "autoencoder" else "test accuracy"
+    return METRICS[result["kind"]]
+
+
+def _model(result: dict) -> str:
+    return result.get("model", result["kind"])  # results stored before the model was named: the task's name
 
 
 def table(result: dict) -> str:
@@ -285,7 +458,7 @@ def table(result: dict) -> str:
     what, seeds = _metric(result), result["seeds"]
     if "best" not in result:  # an ablation
         return ablation_table(result)
-    lines = [f"{result['kind']} on {result['dataset']}, batch {result['batch']}, {seeds} seed(s), medians (range): "
+    lines = [f"{_model(result)} on {result['dataset']}, batch {result['batch']}, {seeds} seed(s), medians (range): "
              f"target = best first-order median final {what} = {result['target']:.4g}", "",
              f"| configuration | final {what} | seeds reaching the target | steps to target | seconds to target | "
              "total seconds |", "|---|---|---|---|---|---|"]
@@ -300,13 +473,13 @@ def table(result: dict) -> str:
         name = f"**{s['method']}**" if result["best"].get(s["family"]) == s["method"] else s["method"]
         lines.append(f"| {name} | {s['final']:.4g} | {s['reached']}/{s['seeds']} | {steps} | {secs} | "
                      f"{s['seconds_total']:.1f} |")
-    winner = min((rows[m] for f, m in result["best"].items() if f in FIRST_ORDER),
+    winner = min((rows[m] for f, m in result["best"].items() if _first_order(f)),
                  key=lambda s: s["seconds_to_target"] or float("inf"))
     lines += ["", f"Best trials (bold) against the first-order winner, {winner['method']} "
               f"({winner['steps_to_target']:g} steps, {winner['seconds_to_target']:.1f} s):", ""]
     for family, method in result["best"].items():
         s = rows[method]
-        if family in FIRST_ORDER or s["seconds_to_target"] is None:
+        if _first_order(family) or s["seconds_to_target"] is None:
             continue
         lines.append(f"* {method}: {winner['steps_to_target'] / s['steps_to_target']:.1f}× fewer steps, "
                      f"{s['seconds_to_target'] / winner['seconds_to_target']:.2f}× the wall time")
@@ -336,11 +509,11 @@ def plot(result: dict, out: Path) -> None:
 
     rows = [("value", _metric(result))] + ([("train_loss", "training loss")] if result["kind"] == "classifier" else [])
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False)
-    families = list(FIRST_ORDER) + list(SECOND_ORDER)
+    families = list(dict.fromkeys(r["family"] for r in result["runs"]))  # the configurations' order
     for family in (f for f in families if f in result["best"]):
         method = result["best"][family]
         rs, color = [r for r in result["runs"] if r["method"] == method], f"C{families.index(family)}"
-        style = "-" if family in SECOND_ORDER else "--"
+        style = "--" if _first_order(family) else "-"
         xs = {"steps": [c["step"] for c in rs[0]["curve"]],
               "seconds": [statistics.median(c) for c in zip(*([p["seconds"] for p in r["curve"]] for r in rs))]}
         for (key, ylabel), ax_row in zip(rows, axes):
@@ -360,7 +533,7 @@ def plot(result: dict, out: Path) -> None:
             if key == "value" and result["kind"] == "classifier":
                 ax.set_ylim(max(0.0, result["target"] - 0.15), min(1.0, result["target"] + 0.05))
     axes[0][1].legend(fontsize=8)
-    fig.suptitle(f"{result['kind']} on {result['dataset']}: each optimizer's best of 3 trials, median of "
+    fig.suptitle(f"{_model(result)} on {result['dataset']}:\neach optimizer's best of 3 trials, median of "
                  f"{result['seeds']} seed(s) (range shaded); {result['device']}, batch {result['batch']}")
     fig.tight_layout()
     fig.savefig(out / f"{result['kind']}_{result['dataset']}.png", dpi=110)
@@ -368,7 +541,7 @@ def plot(result: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=("all", "autoencoder", "classifier", "ablation"))
+    parser.add_argument("kind", choices=("all", "autoencoder", "classifier", "gpt", "ablation"))
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="fashion-mnist",
                         help="the classifier's data set")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON results and the PNG plots")
@@ -389,7 +562,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             path.write_text(json.dumps(result, indent=1))
         print(table(result))
         return [result]
-    tasks = TASKS.items() if args.kind == "all" else [(args.kind, "mnist" if args.kind == "autoencoder" else args.dataset)]
+    tasks = TASKS.items() if args.kind == "all" else [(args.kind, DATASET.get(args.kind, args.dataset))]
     results = []
     for kind, dataset in tasks:
         path = args.out / f"{kind}_{dataset}.json" if args.out is not None else None
