@@ -15,8 +15,8 @@
 * ``gpt``: :class:`kfac_func.models.GPT` (4 layers, 4 heads, width 128, tied embedding, 0.8 M parameters;
   :data:`GPT_SIZE`) as a character-level language model of Python code: the standard library's own top-level
   ``.py`` files concatenated (:func:`kfac_func.data.load_chars`, 4.7 MB on Python 3.11, a fixed 97-character
-  alphabet), the first 90% for training, the last 10% for validation. Batches of 32 random 64-character
-  windows of the training part. The metric is the validation loss (cross-entropy per character) on 1 024
+  alphabet), the first 90% for training, the last 10% for validation. Batches of 64 random 64-character
+  windows of the training part. The metric is the validation loss (cross-entropy per character) on 256
   fixed windows of the validation part. The first-order baseline is the minimal-GPT recipe (:func:`adamw`):
   AdamW with weight decay 0.1 on the matrices and embeddings, betas (0.9, 0.99), a linear warmup over 5% of
   the steps then a cosine decay to a tenth of the learning rate, gradients clipped to norm 1
@@ -77,7 +77,7 @@ except ImportError:  # pragma: no cover
 
 FIRST_ORDER = {"SGD-momentum": (0.01, 0.03, 0.1), "Adam": (1e-4, 3e-4, 1e-3)}  # learning-rate trials
 SECOND_ORDER = {  # the recipe (:func:`second_order`) with these options
-    "K-FAC": {},
+    "K-FAC": {"quadratic_fraction": 1.0},  # the quadratic model's GGN from the whole batch
     "K-FAC ¼-batch model": {"quadratic_fraction": 0.25},  # the quadratic model's GGN from a quarter of the batch
     "K-FAC ¼-batch model, growing batch": {"quadratic_fraction": 0.25},  # and the batches of :func:`growing_batch`
     "E-KFAC": {"method": "ekfac", "inverse_period": 20, "scale_period": 5},
@@ -88,7 +88,7 @@ DAMPINGS = (1e-4, 1e-3, 1e-2)  # λ₀ trials: the library's default damping and
 TASKS = {"autoencoder": "mnist", "classifier": "fashion-mnist"}  # what ``all`` runs
 DATASET = {"autoencoder": "mnist", "gpt": "python-source"}  # the data of a task run alone (else --dataset)
 ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
-    "the recipe (the library's defaults)": {},
+    "the recipe (the quadratic model from the whole batch)": {},
     "quadratic model from 1/4 of the batch": {"quadratic_fraction": 0.25},
     "a growing batch": {},  # 128 → 1 024 over the 200 steps (:func:`growing_batch`)
     "eigen damping": {"damping_mode": "eigen"},
@@ -104,15 +104,15 @@ ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
         "adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1},
 }
 GPT_SIZE = {"vocab_size": 97, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "tie": True}
-GPT_BATCH = 32  # windows of GPT_SIZE["block_size"] characters
-GPT_VAL_WINDOWS = 1024  # the fixed validation windows (64 with --quick)
+GPT_BATCH = 64  # windows of GPT_SIZE["block_size"] characters
+GPT_VAL_WINDOWS = 256  # the fixed validation windows (64 with --quick)
 GPT_FIRST_ORDER = {"AdamW": (1e-3, 3e-3, 1e-2)}  # the minimal-GPT recipe (:func:`adamw`): learning-rate trials
-GPT_SECOND_ORDER = {  # options of ``kf.KFAC`` (:func:`second_order`), each over DAMPINGS
+GPT_SECOND_ORDER = {  # options of ``kf.KFAC`` (:func:`second_order`), over DAMPINGS unless they name λ₀
     "K-FAC": {},  # the library's defaults
-    "K-FAC best recipe": {},
-    "E-KFAC": {"method": "ekfac"},
+    "K-FAC, statistics every 2 steps": {"factor_period": 2, "damping": 1e-2},
+    "E-KFAC": {"method": "ekfac", "scale_period": 5, "damping": 1e-2},
 }
-GPT_STEPS = (800, 400)  # first-order and second-order budgets
+GPT_STEPS = (400, 300)  # first-order and second-order budgets
 GPT_FULL_STEPS = (5000, 2500)  # --full (on a GPU if present)
 METRICS = {"autoencoder": "training loss (per image)", "classifier": "test accuracy",
            "gpt": "validation loss (per character)"}
@@ -153,7 +153,7 @@ def second_order(options: dict, loss: str | kf.Loss, damping: float, **changes) 
     step from the exact GGN), Levenberg–Marquardt damping, factored damping (cached inverses), statistics
     every 5 steps, decompositions every 10 — with the configuration's ``options`` (:data:`SECOND_ORDER`,
     :data:`GPT_SECOND_ORDER`), then ``changes`` (the ablation's)."""
-    return lambda model, steps: kf.KFAC(model, loss=loss, damping=damping, **{**options, **changes}).step
+    return lambda model, steps: kf.KFAC(model, loss=loss, **{"damping": damping, **options, **changes}).step
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
@@ -382,7 +382,8 @@ def experiment(kind: str, dataset: str, args) -> dict:
                for name, lrs in t.first_order.items() for lr in lrs[:trials]]
     dampings = DAMPINGS[1:2] if args.quick else DAMPINGS  # the library's default λ for a smoke run
     configs += [Config(f"{name} λ₀={damping:g}", name, second_order(options, t.loss, damping), True)
-                for name, options in t.second_order.items() for damping in dampings]
+                for name, options in t.second_order.items()
+                for damping in ([options["damping"]] if "damping" in options else dampings)]
     runs = [r for seed in range(args.seeds) for r in run_seed(t, configs, seed)]
     return summarise({"kind": kind, "dataset": dataset, "model": t.model, "device": str(t.device),
                       "batch": t.batch, "seeds": args.seeds, "better": t.better.__name__, "runs": runs})

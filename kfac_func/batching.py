@@ -59,14 +59,14 @@ class Layout(NamedTuple):
 WHOLE = Layout(None, whole=True)
 
 
-def infer(x1: Tensor, x2: Tensor, n: int, out: Tensor) -> Layout | str:
+def infer(x1: Tensor, x2: Tensor, n: int, out: torch.Size) -> Layout | str:
     """The layout of a call whose input is ``x1`` on ``n`` examples and ``x2`` on the doubled batch (``out``:
-    its output on ``n``), or the reason it has none."""
+    the shape of its output on ``n``), or the reason it has none."""
     if x1.dim() != x2.dim():
         return f"its input has {x1.dim()} dims for {n} examples and {x2.dim()} for {2 * n}"
     changed = [i for i, (a, b) in enumerate(zip(x1.shape, x2.shape)) if a != b]
     if not changed:
-        return Layout(None, prepend=not (out.dim() > 1 and out.shape[0] == 1 and x1.dim() > 0 and x1.shape[0] == 1))
+        return Layout(None, prepend=not (len(out) > 1 and out[0] == 1 and x1.dim() > 0 and x1.shape[0] == 1))
     dim = changed[0]
     size = x1.shape[dim]
     if len(changed) > 1 or x2.shape[dim] != 2 * size or size % n:

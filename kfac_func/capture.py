@@ -415,7 +415,7 @@ class _TraceMode(_LayerMode):
         self.storages = {ptr: n for n, p in params.items() if (ptr := _storage(p)) is not None}
         self.calls: list[tuple[LayerCall, str, str | None, Rows]] = []
         self.probes: list[tuple[torch.Size, torch.dtype, torch.device]] = []
-        self.seen: list[tuple[Tensor, Tensor]] = []  # each call's input and output
+        self.seen: list[Tensor] = []  # each call's input (its output's shape is in the probes)
         self.queries: list[Tensor] = []  # each F.multi_head_attention_forward call's query
         self.expand = expand or {}  # call index → the shape its (broadcast) output is given
         self.uses: dict[tuple[str, Rows | str], str] = {}  # each weight's first use (the others are tied layers)
@@ -468,7 +468,7 @@ class _TraceMode(_LayerMode):
         k = len(self.calls)
         self.calls.append((call, weight_name, bias_owner and bias_owner[0], rows))
         self.probes.append((out.shape, out.dtype, out.device))
-        self.seen.append((x, out))
+        self.seen.append(x)
         return out.expand(self.expand[k]) if k in self.expand else out
 
     def other(self, func, args, kwargs, reason):
@@ -562,12 +562,12 @@ def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
     if [c[0] for c in first.calls] != [c[0] for c in second.calls]:
         raise ValueError(f"the model's tracked layer calls differ between a batch of {n} and of {2 * n} examples; "
                          "kfac_func needs the same layer calls for every batch size")
-    output_layout = infer(out, out2, n, out)
+    output_layout = infer(out, out2, n, out.shape)
     if isinstance(output_layout, str) or output_layout.dim is None:
         raise ValueError(f"the model output (shape {tuple(out.shape)}) {output_layout if isinstance(output_layout, str) else 'does not depend on the batch'}: "
                          "kfac_func needs an output whose rows are the examples' (check batch_dims)")
     for q1, q2 in zip(first.queries, second.queries):  # F.multi_head_attention_forward's query is (L, N, E)
-        lay = infer(q1, q2, n, q1)
+        lay = infer(q1, q2, n, q1.shape)
         if isinstance(lay, Layout) and lay.dim not in (1, None):
             raise ValueError(
                 f"nn.MultiheadAttention takes dim 1 of its (L, N, E) input as the batch (batch_first=False), but the "
@@ -583,8 +583,8 @@ def _traced(io: ModelIO, params: dict[str, Tensor], spec: Spec, inputs: Any) -> 
             "sequence-first model needs batch_dims=1 (the dim of its (T, N) inputs that holds the examples); a "
             "model whose examples interact by design (a graph's nodes) is one example: batch_dims=None"
         )
-    layouts = [_layout(call, infer(x1, x2, n, o1)) for (call, *_), (x1, o1), (x2, _) in
-               zip(first.calls, first.seen, second.seen)]
+    layouts = [_layout(call, infer(x1, x2, n, probe[0])) for (call, *_), x1, x2, probe in
+               zip(first.calls, first.seen, second.seen, first.probes)]
     broadcast = {k: batched_shape(first.probes[k][0], lay, n) for k, lay in enumerate(layouts)
                  if isinstance(lay, Layout) and lay.shared}
     if broadcast:  # the batch must pass through such an output as broadcasting passes it
@@ -605,11 +605,12 @@ def _independent(out: Tensor, doubled_out: Tensor, layout: Layout, n: int) -> bo
     (BatchNorm's statistics of a duplicated batch are the batch's). Positions taken for examples interact wherever
     the model mixes positions (attention, recurrence): the second copy sees the first."""
     once, twice = batch_first(out, layout, n), batch_first(doubled_out, layout, 2 * n)
+    halves = (twice[:n], twice[n:])  # each compared alone: no copy of the doubled output is made
     if not (once.is_floating_point() and twice.is_floating_point()):
-        return torch.equal(twice, torch.cat([once, once]))
+        return all(torch.equal(half, once) for half in halves)
     tol = max(1e-4, 16 * torch.finfo(once.dtype).eps)  # a bigger batch may round differently
     scale = float(once.abs().max()) if once.numel() else 1.0
-    return bool(torch.allclose(twice, torch.cat([once, once]), rtol=tol, atol=tol * scale, equal_nan=True))
+    return all(bool(torch.allclose(half, once, rtol=tol, atol=tol * scale, equal_nan=True)) for half in halves)
 
 
 def _layout(call: LayerCall, lay: Layout | str) -> Layout | str:

@@ -176,8 +176,10 @@ class Loss:
             t = target.movedim(c, -1)
             return (t.sum(-1, keepdim=True) * p - t).movedim(-1, c)
         mask = self.kept(target)
-        onehot = F.one_hot(torch.where(mask, self.class_indices(target), 0), p.shape[-1]).to(p.dtype)
-        return ((p - onehot) * mask.unsqueeze(-1)).movedim(-1, c)
+        # p − onehot in place of p (no one-hot matrix: a vocabulary-wide output holds one copy), ignored rows zeroed
+        idx = torch.where(mask, self.class_indices(target), 0).unsqueeze(-1)
+        p = p.scatter_add(-1, idx, torch.full_like(idx, -1, dtype=p.dtype))
+        return (p * mask.unsqueeze(-1)).movedim(-1, c)
 
     def sampled_grads(self, out: Tensor, target: Tensor, samples: int, key: Tensor) -> Tensor:
         """``(M, *out.shape)``: ``∂ℓₙ/∂out`` at targets sampled from the predictive distribution with the
@@ -190,9 +192,9 @@ class Loss:
             return p - random.bernoulli(key, _finite_probs(p).expand(shape))
         c = self.resolve(out, target)
         p = out.movedim(c, -1).softmax(-1)  # (N, *pos, C)
-        idx = random.categorical(key, _finite_probs(p), samples)
-        onehot = F.one_hot(idx, p.shape[-1]).to(p.dtype)
-        return ((p - onehot) * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1)).movedim(-1, c + 1)
+        idx = random.categorical(key, p, samples).unsqueeze(-1)  # (M, N, *pos, 1)
+        grads = p.expand(idx.shape[:-1] + p.shape[-1:]).scatter_add(-1, idx, torch.full_like(idx, -1, dtype=p.dtype))
+        return (grads * self.class_weight(target, p.dtype).sqrt().unsqueeze(-1)).movedim(-1, c + 1)
 
     def hessian_sqrt(self, out: Tensor, target: Tensor) -> Tensor:
         """``(V, *out.shape)``: columns of ``S`` with ``S Sᵀ = ∇²ℓₙ`` in output space, V = elements per example."""

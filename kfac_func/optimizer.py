@@ -84,6 +84,7 @@ from .quadratic import (
     reduction_ratio,
     safe_coefficients,
     solve_quadratic_model,
+    sub_batch,
 )
 from .subnormal import flush_tree
 from .tree import flatten
@@ -203,7 +204,7 @@ class Options:
     coarse_weights: tuple[float, float]
     adaptive: str | None
     quadratic_curvature: str
-    quadratic_fraction: float
+    quadratic_fraction: float | None  # None: quadratic.sub_batch's rule
     damping_adaptation: bool
     damping_interval: int
     damping_decay: float
@@ -240,7 +241,7 @@ class Options:
             "combination": self.combination in COMBINATIONS,
             "adaptive": self.adaptive in ADAPTIVE,
             "quadratic_curvature": self.quadratic_curvature in ("ggn", "fisher"),
-            "quadratic_fraction": 0 < self.quadratic_fraction <= 1,
+            "quadratic_fraction": self.quadratic_fraction is None or 0 < self.quadratic_fraction <= 1,
             "damping_interval": self.damping_interval >= 1,
             "damping_decay": 0 < self.damping_decay < 1,
             "damping_bounds": 0 < self.damping_bounds[0] <= self.damping <= self.damping_bounds[1],
@@ -306,7 +307,7 @@ def kfac(
     coarse_weights: tuple[float, float] = (1.0, 1.0),
     adaptive: str | None = "lr_momentum",
     quadratic_curvature: str = "ggn",
-    quadratic_fraction: float = 1.0,
+    quadratic_fraction: float | None = None,
     damping_adaptation: bool = True,
     damping_interval: int = 5,
     damping_decay: float = 0.95,
@@ -335,7 +336,9 @@ def kfac(
     it is as accurate as float64 for the damped solve, see :mod:`kfac_func.precision`); ``lr``,
     ``momentum``, ``weight_decay``, ``kl_clip`` (``None`` for none); ``adaptive`` ``"lr"`` /
     ``"lr_momentum"`` with ``quadratic_curvature`` ``"ggn"``/``"fisher"`` (``quadratic_fraction``: the GGN
-    form from the first rows of the batch; the Fisher form uses the statistics' rows, ``stats_fraction``);
+    form from the first rows of the batch, ``None`` for :func:`~kfac_func.quadratic.sub_batch`'s rule — a
+    quarter of a batch that holds enough loss terms, else all of it; the Fisher form uses the statistics' rows,
+    ``stats_fraction``);
     ``damping_adaptation`` with ``damping_interval``, ``damping_decay``, ``damping_bounds``; ``reject_steps``;
     ``seed`` (of ``state.key``). The defaults are the quadratic-model step (``adaptive="lr_momentum"``,
     ``damping_adaptation=True``, factored damping — eigen for E-KFAC — and statistics every 5 steps);
@@ -666,18 +669,23 @@ class _Transform:
         parameter's momentum when ``adaptive="lr"``)."""
         names = list(hyper.lr)
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
-        directions = [{**{n: -delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
+        # the directions are (−Δ, δ_prev); the forms are taken of (Δ, δ_prev) and signed after, so that no negated
+        # copy of Δ is made (a model's worth of memory)
+        directions = [{**{n: delta[n] for n in names}, **zero}, {**{n: state.velocity[n] for n in names}, **zero}]
+        sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=next(iter(params.values())).device)
         forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed)
+        forms = forms * sign.outer(sign).to(forms.dtype)
         dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
-        gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions])
+        gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions]) * sign.outer(sign)
         b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
+        b = b * sign.to(forms.dtype)
         fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
         x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
         l2 = hyper.weight_decay
         objective = cap.loss.double() + sum(0.5 * l2.get(n, 0.0) * params[n].double().square().sum() for n in params)
         x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
         step, prev = directions
-        update = {n: x[0].to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
+        update = {n: (-x[0]).to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
         return update, dict(update), x[0], x[1], (forms, b, x)
 
     def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed=None) -> Tensor:
@@ -685,10 +693,9 @@ class _Transform:
         torch's RNG seeded by ``seed``) or the captured Fisher."""
         with torch.enable_grad():
             if self.o.quadratic_curvature == "ggn":
-                fraction, n = self.o.quadratic_fraction, batch_size(inputs, self.o.batch_dims)
+                examples = sub_batch(self.o.quadratic_fraction, batch_size(inputs, self.o.batch_dims), loss, targets)
                 forms = ggn_quadratic_forms(self.model, spec.unflatten(params), inputs, targets, loss,
-                                            [spec.unflatten(d) for d in directions],
-                                            max(1, math.ceil(fraction * n)) if fraction < 1 else None, seed=seed)
+                                            [spec.unflatten(d) for d in directions], examples, seed=seed)
             else:
                 forms = fisher_quadratic_forms(cap, directions, plan.layers)
         forms = self.comm.sum(forms)

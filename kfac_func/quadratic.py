@@ -24,6 +24,7 @@ and ``η`` the L2 coefficient. All pure functions:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from .batching import batch_first, unbatch_first
 from .calls import batch_size, first_examples, model_io
@@ -43,6 +45,7 @@ from .random import seeded
 from .tree import PyTree, flatten
 
 MODES = (None, "forward", "reverse")
+QUADRATIC_MIN_TERMS = 256  # the loss terms a quarter of the batch must hold for sub_batch's rule to take it
 # models whose evaluation lacked a forward-mode derivative: their products run in reverse mode from then on
 _REVERSE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -127,7 +130,7 @@ def ggn_quadratic_forms(
 
     def forward() -> tuple[Tensor, Tensor]:
         # one mask for every direction (randomness="same"): the output repeated per direction
-        with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH):  # see ggn_vector_product
+        with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH), _RowwiseProducts():  # see ggn_vector_product
             outs, jds = vmap(lambda t: jvp(f, (flat,), (t,)), randomness="same")(stacked)
         return outs[0], jds
 
@@ -140,6 +143,38 @@ def ggn_quadratic_forms(
     out, jds = out.detach().to(dtype), jds.to(dtype)
     hessian = vmap(lambda u: output_hessian_product(loss, out, targets, u, scale))(jds)
     return jds.flatten(1) @ hessian.flatten(1).T
+
+
+def sub_batch(fraction: float | None, n: int, loss: Loss, targets: Tensor) -> int | None:
+    """The first examples the GGN quadratic model is estimated from (``None``: the whole batch of ``n``):
+    ``⌈fraction·n⌉``, or for ``fraction=None`` a quarter of the batch when that quarter holds at least
+    :data:`QUADRATIC_MIN_TERMS` loss terms (counted from the targets' shape: a sequence batch, a wide
+    output), else the whole batch — a GGN from a few rows can underestimate the curvature along the step
+    (``docs/adaptive.md``), and the model costs a third of a step when taken from every row."""
+    if fraction is None:
+        per_class = loss.kind == "cross_entropy" and targets.is_floating_point()  # class probabilities
+        terms = targets.numel() // (targets.shape[loss.resolve(targets, targets)] if per_class else 1)
+        quarter = math.ceil(n / 4)
+        return quarter if quarter < n and terms * quarter >= QUADRATIC_MIN_TERMS * n else None
+    return max(1, math.ceil(fraction * n)) if fraction < 1 else None
+
+
+class _RowwiseProducts(TorchFunctionMode):
+    """``F.linear(x, W)`` and ``x @ W`` (``W`` a matrix) on inputs of more than two dims, run on their rows
+    ``x.reshape(-1, d)``: the same values, but under ``vmap`` over the directions a batched ``W`` (a direction's
+    tangent) no longer broadcasts against every leading dim of ``x`` — a ``(T, N, d_in, d_out)`` copy of the
+    weight per direction, 1.7 GB for one GPT-2 projection."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ROWWISE and len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor) \
+                and args[0].dim() > 2 and args[1].dim() == 2:
+            x = args[0]
+            return func(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs).reshape(*x.shape[:-1], -1)
+        return func(*args, **kwargs)
+
+
+_ROWWISE = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)
 
 
 def _load_jvp_decompositions() -> None:

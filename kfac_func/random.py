@@ -78,12 +78,23 @@ def bernoulli(k: Tensor, p: Tensor) -> Tensor:
     return (uniform(k, tuple(p.shape), torch.float64) < p).to(p.dtype)
 
 
+CATEGORICAL_ENTRIES = 2**22  # the most float64 cumulative-sum entries :func:`categorical` holds at once (32 MB)
+
+
 def categorical(k: Tensor, p: Tensor, samples: int) -> Tensor:
     """``(samples, *p.shape[:-1])`` class indices drawn from the probabilities ``p`` (last dim; rows need
-    not be normalised) by inverting the cumulative sum."""
-    cdf = p.to(torch.float64).cumsum(-1)
-    u = uniform(k, (samples,) + tuple(p.shape[:-1]), torch.float64) * cdf[..., -1]
-    return (cdf < u.unsqueeze(-1)).sum(-1).clamp_max(p.shape[-1] - 1)
+    not be normalised; a non-finite entry counts as ½, so that a non-finite output still samples) by inverting the
+    cumulative sum, taken in float64 a chunk of rows at a time (a vocabulary-wide output never holds its whole
+    float64 copy)."""
+    rows = p.reshape(-1, p.shape[-1])
+    u = uniform(k, (samples, rows.shape[0]), torch.float64)
+    chunk = max(1, CATEGORICAL_ENTRIES // p.shape[-1])
+    picks = []
+    for i in range(0, rows.shape[0], chunk):
+        part = rows[i : i + chunk].to(torch.float64)
+        cdf = torch.where(torch.isfinite(part), part, 0.5).cumsum(-1)
+        picks.append((cdf < (u[:, i : i + chunk] * cdf[:, -1]).unsqueeze(-1)).sum(-1))
+    return torch.cat(picks, 1).clamp_max(p.shape[-1] - 1).reshape((samples,) + tuple(p.shape[:-1]))
 
 
 def draw_key() -> Tensor:

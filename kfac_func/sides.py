@@ -30,6 +30,7 @@ from .subnormal import flush
 # a Gram matrix at least this wide, from at least as many rows, is built from its upper block row and
 # lower-right block (3/4 of the flops; 15-25% less time measured at d = 400-800 on CPU)
 SYMMETRIC_GRAM_DIM = 256
+BLOCK_ENTRIES = 2**24  # the most block entries decomposed or inverted in one batched call (128 MB in float64)
 
 
 BlockWork = Callable[[Callable[[Tensor], tuple[Tensor, ...]], Tensor], tuple[Tensor, ...]]
@@ -50,8 +51,17 @@ def sharing(share: BlockWork) -> Iterator[None]:
 
 
 def _each_block(fn: Callable[[Tensor], tuple[Tensor, ...]], blocks: Tensor) -> tuple[Tensor, ...]:
+    """``fn`` on the blocks ``(B, k, s, s)``: shared out (:func:`sharing`), or here a chunk of at most
+    :data:`BLOCK_ENTRIES` entries at a time, so that the working copies of a wide side (its blocks in float64,
+    their factorisations) stay bounded."""
     share = _share[0]
-    return fn(blocks) if share is None else share(fn, blocks)
+    if share is not None:
+        return share(fn, blocks)
+    chunk = max(1, BLOCK_ENTRIES // blocks[:, :1].numel())
+    if chunk >= blocks.shape[1]:
+        return fn(blocks)
+    parts = [fn(blocks[:, i : i + chunk]) for i in range(0, blocks.shape[1], chunk)]
+    return tuple(torch.cat(column, 1) for column in zip(*parts))
 
 
 def is_blocked(m: Tensor | None) -> bool:

@@ -567,6 +567,40 @@ def test_invalid_adaptive_options(kwargs):
         kf.KFAC(_mlp(0), **kwargs)
 
 
+def test_sub_batch_rule():
+    """``quadratic_fraction=None``: a quarter of the batch when the quarter holds ≥ 256 loss terms (counted from
+    the targets' shape), else the whole batch; a fraction gives ``⌈fraction·n⌉`` examples (``None``: all)."""
+    from kfac_func.quadratic import QUADRATIC_MIN_TERMS, sub_batch
+    ce, mse = kf.Loss("cross_entropy"), kf.Loss("mse")
+    assert QUADRATIC_MIN_TERMS == 256
+    assert sub_batch(None, 4, ce, torch.zeros(4, 256, dtype=torch.long)) == 1  # a sequence batch: 256 terms each
+    assert sub_batch(None, 4, ce, torch.zeros(4, 255, dtype=torch.long)) is None  # a quarter just short of 256
+    assert sub_batch(None, 16, ce, torch.zeros(16, dtype=torch.long)) is None  # a classifier's 16 examples
+    assert sub_batch(None, 16, mse, torch.zeros(16, 2)) is None  # the safety grid's regression
+    assert sub_batch(None, 512, mse, torch.zeros(512, 784)) == 128  # an autoencoder's 784 outputs each
+    soft = torch.zeros(64, 1000)  # class probabilities: one term per example, not per class
+    assert sub_batch(None, 64, ce, soft) is None
+    assert sub_batch(0.25, 7, ce, torch.zeros(7, dtype=torch.long)) == 2 and sub_batch(1.0, 7, mse, soft) is None
+
+
+def test_default_quadratic_model_on_a_sequence_batch_is_the_quarter_batch_model():
+    """On a batch whose quarter holds 256 loss terms the default step is the ``quadratic_fraction=0.25`` step
+    exactly; on a small classifier batch it is the whole batch's."""
+    torch.manual_seed(0)
+    tokens = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5))
+    x, y = torch.randint(0, 5, (4, 256)), torch.randint(0, 5, (4, 256))
+    mlp, (xm, ym) = _mlp(0), (torch.randn(16, 3, dtype=DT), torch.randint(0, 3, (16,)))
+    for model, batch, same in ((tokens, (x, y), 0.25), (mlp, (xm, ym), 1.0)):
+        ce = kf.Loss("cross_entropy", class_dim=-1 if model is tokens else 1)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        moved = []
+        for fraction in (None, same, 0.5 if same == 1.0 else 1.0):
+            opt = kf.kfac(model, loss=ce, quadratic_fraction=fraction)
+            moved.append(opt.step(params, opt.init(params, batch[0]), *batch)[0])
+        assert all(torch.equal(moved[0][n], moved[1][n]) for n in params)
+        assert not all(torch.equal(moved[0][n], moved[2][n]) for n in params)
+
+
 
 def test_fisher_curvature_on_a_step_without_new_statistics():
     """``quadratic_curvature="fisher"`` with ``factor_period=2``: the second step captures no ``(a, g)``

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from unittest import mock
 
 import optree
 import pytest
@@ -345,6 +346,13 @@ def test_random_draws_are_uniform_and_keyed():
     draws = random.categorical(k1, p.expand(50_000, 4), 2).flatten()
     freq = torch.bincount(draws, minlength=4).to(DT) / draws.numel()
     assert torch.all((freq - p).abs() < 5 * (p * (1 - p) / draws.numel()).sqrt())
+    # the cumulative sums taken a chunk of rows at a time draw the same classes; a non-finite entry counts as ½
+    rows = torch.rand(20, 4, dtype=DT)
+    whole = random.categorical(k2, rows, 3)
+    with mock.patch.object(random, "CATEGORICAL_ENTRIES", 4 * 7):  # chunks of 7 rows
+        assert torch.equal(random.categorical(k2, rows, 3), whole)
+    rows[5] = torch.tensor([0.0, float("inf"), 1.0, 0.0])
+    assert set(random.categorical(k2, rows, 400)[:, 5].tolist()) == {1, 2}
     assert torch.equal(random.uniform(k1, (5,)), random.uniform(k1, (5,)))
     assert not torch.equal(random.uniform(k1, (5,)), random.uniform(k2, (5,)))
     # each index's draw is a function of (key, index): a longer draw starts with the shorter one

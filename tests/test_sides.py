@@ -6,6 +6,7 @@ Gram built from its upper block row equals the full product, under ``vmap`` too.
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import torch
 from hypothesis import example, given, settings
@@ -46,40 +47,44 @@ def test_symmetric_gram_equals_the_full_product():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(2, 40), st.integers(1, 39), st.integers(1, 2), st.integers(1, 30), st.integers(0, 2**31))
-@example(d=10, block=4, batch=2, rows=3, seed=0)  # uneven last block (10 = 4 + 4 + 2), rank-deficient blocks
-@example(d=12, block=4, batch=1, rows=20, seed=1)  # even blocks
-@example(d=7, block=1, batch=1, rows=5, seed=2)  # blocks of one
-def test_blocked_side_is_the_block_diagonal_matrix(d, block, batch, rows, seed):
+@given(st.integers(2, 40), st.integers(1, 39), st.integers(1, 2), st.integers(1, 30), st.integers(0, 2**31),
+       st.booleans())
+@example(d=10, block=4, batch=2, rows=3, seed=0, chunked=True)  # uneven last block (10 = 4 + 4 + 2), rank-deficient
+@example(d=12, block=4, batch=1, rows=20, seed=1, chunked=False)  # even blocks
+@example(d=7, block=1, batch=1, rows=5, seed=2, chunked=True)  # blocks of one
+def test_blocked_side_is_the_block_diagonal_matrix(d, block, batch, rows, seed, chunked):
+    """Every operation on a blocked side is the block-diagonal matrix's; ``chunked``: the decompositions one
+    block per batched call (:data:`~kfac_func.sides.BLOCK_ENTRIES`)."""
     block = min(block, d - 1)  # a block as wide as d is dense
-    torch.manual_seed(seed)
-    x = torch.randn(batch, rows, d, dtype=DT)
-    m = sides.gram(x, "blocks", block)
-    assert m.shape == (batch, d, block) and sides.is_blocked(m) and sides.dim(m) == d
-    full = (x.mT @ x) * dense(torch.ones(batch, d, block, dtype=DT), d)  # the block-diagonal part of XᵀX
-    torch.testing.assert_close(dense(m, d), full, rtol=1e-12, atol=1e-12)
-    assert torch.equal(sides.diagonal(m), dense(m, d).diagonal(dim1=-2, dim2=-1))
-    y = torch.randn(3, batch, 5, d, dtype=DT)  # rows with leading dims that broadcast against B
-    for transpose in (False, True):
-        ref = full.mT if transpose else full
-        torch.testing.assert_close(sides.right_multiply(y, m, transpose), y @ ref, rtol=1e-12, atol=1e-12)
-        z = torch.randn(batch, d, 4, dtype=DT)
-        torch.testing.assert_close(sides.left_multiply(m, z, transpose), ref @ z, rtol=1e-12, atol=1e-12)
-    # the eigendecomposition is block by block: Q is block-diagonal, orthogonal, and reconstructs the matrix
-    q, lam = sides.eigh(m, DT)
-    assert q.shape == m.shape and lam.shape == (batch, d)
-    qd = dense(q, d)
-    torch.testing.assert_close(qd @ torch.diag_embed(lam) @ qd.mT, full, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(qd.mT @ qd, torch.eye(d, dtype=DT).expand(batch, d, d), rtol=1e-12, atol=1e-12)
-    assert torch.equal(qd * dense(torch.ones_like(m), d), qd)  # nothing outside the blocks
-    shift = torch.rand(batch, 1, dtype=DT) + 0.1
-    inv = sides.damped_inverse(m, shift, DT)
-    torch.testing.assert_close(dense(inv, d), torch.linalg.inv(full + shift.unsqueeze(-1) * torch.eye(d, dtype=DT)),
-                               rtol=1e-10, atol=1e-10)
-    assert sides.decomposition_cost(m) == batch * d * block**2
-    index = torch.randint(0, d, (4,))
-    b = torch.randint(0, batch, (4,))
-    torch.testing.assert_close(sides.column(q, b, index, d, DT), qd[b, :, index], rtol=0, atol=0)
+    with mock.patch.object(sides, "BLOCK_ENTRIES", batch * block**2 if chunked else sides.BLOCK_ENTRIES):
+        torch.manual_seed(seed)
+        x = torch.randn(batch, rows, d, dtype=DT)
+        m = sides.gram(x, "blocks", block)
+        assert m.shape == (batch, d, block) and sides.is_blocked(m) and sides.dim(m) == d
+        full = (x.mT @ x) * dense(torch.ones(batch, d, block, dtype=DT), d)  # the block-diagonal part of XᵀX
+        torch.testing.assert_close(dense(m, d), full, rtol=1e-12, atol=1e-12)
+        assert torch.equal(sides.diagonal(m), dense(m, d).diagonal(dim1=-2, dim2=-1))
+        y = torch.randn(3, batch, 5, d, dtype=DT)  # rows with leading dims that broadcast against B
+        for transpose in (False, True):
+            ref = full.mT if transpose else full
+            torch.testing.assert_close(sides.right_multiply(y, m, transpose), y @ ref, rtol=1e-12, atol=1e-12)
+            z = torch.randn(batch, d, 4, dtype=DT)
+            torch.testing.assert_close(sides.left_multiply(m, z, transpose), ref @ z, rtol=1e-12, atol=1e-12)
+        # the eigendecomposition is block by block: Q is block-diagonal, orthogonal, and reconstructs the matrix
+        q, lam = sides.eigh(m, DT)
+        assert q.shape == m.shape and lam.shape == (batch, d)
+        qd = dense(q, d)
+        torch.testing.assert_close(qd @ torch.diag_embed(lam) @ qd.mT, full, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(qd.mT @ qd, torch.eye(d, dtype=DT).expand(batch, d, d), rtol=1e-12, atol=1e-12)
+        assert torch.equal(qd * dense(torch.ones_like(m), d), qd)  # nothing outside the blocks
+        shift = torch.rand(batch, 1, dtype=DT) + 0.1
+        inv = sides.damped_inverse(m, shift, DT)
+        torch.testing.assert_close(dense(inv, d), torch.linalg.inv(full + shift.unsqueeze(-1) * torch.eye(d, dtype=DT)),
+                                   rtol=1e-10, atol=1e-10)
+        assert sides.decomposition_cost(m) == batch * d * block**2
+        index = torch.randint(0, d, (4,))
+        b = torch.randint(0, batch, (4,))
+        torch.testing.assert_close(sides.column(q, b, index, d, DT), qd[b, :, index], rtol=0, atol=0)
 
 
 def test_diagonal_identity_and_dense_sides():
