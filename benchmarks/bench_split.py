@@ -71,7 +71,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({r["case"] for r in rows}, key=[r["case"] for r in rows].index)
-    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(9, 5 * len(cases)), 3.9), squeeze=False)
     colours = dict(zip((*PHASES, "other"), plt.get_cmap("tab10").colors))
     for ax, case in zip(axes[0], cases):
         mine = [r for r in rows if r["case"] == case]
