@@ -204,18 +204,24 @@ def test_embedding_single_token_is_exact(kind, fisher, seed, vocab, dim, classes
     _grads_match(cap, model, params, x, y, kind)
 
 
+def _token_regression(seed, n, length, vocab):
+    """A deep-linear ``TokenNet`` with MSE targets per position: model, parameters, ids (the padding index
+    included), targets and the trace."""
+    torch.manual_seed(seed)
+    model = TokenNet(vocab, 3, 2, act=False).to(DT)
+    params = params_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=gen)
+    y = torch.randn(n, length, 2, generator=gen, dtype=DT)
+    return model, params, x, y, kf.trace(model, params, x)
+
+
 @given(seed=seeds, n=st.integers(1, 3), length=st.integers(1, 4), vocab=st.integers(2, 6),
        reduction=st.sampled_from(REDUCTIONS))
 @settings(max_examples=budget(10))
 def test_embedding_sequence_deep_linear_expand_is_exact(seed, n, length, vocab, reduction):
     """No nonlinearity and MSE per position: ``G`` is the same for every token, so expand is exact."""
-    torch.manual_seed(seed)
-    model = TokenNet(vocab, 3, 2, act=False).to(DT)
-    params = params_of(model)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (n, length), generator=gen)  # index 0 (padding) included
-    y = torch.randn(n, length, 2, generator=gen, dtype=DT)
-    plan = kf.trace(model, params, x)
+    model, params, x, y, plan = _token_regression(seed, n, length, vocab)
     cap = kf.capture(model, params, x, y, kf.Loss("mse", reduction), fisher="exact")
     factors = kf.kronecker_factors(cap, layers=plan.layers)
     for name, layer in (("emb", EMB), ("out", OUT)):
@@ -234,13 +240,7 @@ def test_embedding_statistics_from_token_counts(reduce, seed, n, length, vocab, 
     per example for expand, ``counts / S`` for reduce, one position, no ``N·S × vocab`` one-hot rows — and give
     exactly the factors of the per-position capture (the padding index included, statistics from the first rows);
     the deep-linear expand case is also the exact GGN block."""
-    torch.manual_seed(seed)
-    model = TokenNet(vocab, 3, 2, act=False).to(DT)
-    params = params_of(model)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (n, length), generator=gen)  # index 0 (padding) included
-    y = torch.randn(n, length, 2, generator=gen, dtype=DT)
-    plan = kf.trace(model, params, x)
+    model, params, x, y, plan = _token_regression(seed, n, length, vocab)
     full, compact = (kf.capture(model, params, x, y, "mse", fisher="exact", stats_examples=examples, compact=c)
                      for c in ({}, dict.fromkeys(plan.layers, reduce)))
     m = n if examples is None else examples
