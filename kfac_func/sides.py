@@ -19,7 +19,6 @@ it multiplies is ever made (the last ``r × r`` block is taken on its own).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 
 import torch
