@@ -149,6 +149,7 @@ def run(args: argparse.Namespace, which: str) -> dict:
             params, state, info = opt.step(params, state, x, y)
             times.append(time.perf_counter() - start)
             losses.append(info.loss.item())
+            del info  # its gradient and direction (two parameter-sized trees) are not kept into the next step
         period = opt.options.inverse_period
         periods = [times[i:i + period] for i in range(period, len(times) - period + 1, period)]
         layers = {name: nbytes([state.factors.value[name], state.eigen.get(name), state.inverses.get(name)])

@@ -65,7 +65,7 @@ from .layers import (
 from .losses import Loss, as_loss, cotangents
 from .phases import phase
 from .precision import traced
-from .subnormal import flush_tree
+from .subnormal import flush, flush_tree
 from .tree import PyTree, Spec, flatten, require_names
 
 Model = nn.Module | Callable[..., Any] | ModelIO
@@ -792,10 +792,13 @@ def capture(
             # per call (true, curvature (V, ...)): one vector is a view, several are stacked
             stack = lambda ps: ps[0].unsqueeze(0) if len(ps) == 1 else torch.stack(ps)  # noqa: E731
             probe_grads = tuple((ps[0], stack(ps[1:])) for ps in zip(*(o[1] for o in outs)))
+            outs = None  # the backward's raw outputs: only the flushed copies below are kept
         else:
             free_grads, probe_grads = vmap(vjp_fn)(torch.cat([true_ct.unsqueeze(0), curv_ct]))
             free_grads = optree.tree_map(lambda t: t[0], free_grads)
             probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
+    # the forward's saved activations and the output's cotangents are done with: freed before the copies below
+    vjp_fn = out = true_ct = curv_ct = None
     # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
     free_grads, probe_grads = flush_tree((free_grads, probe_grads))
     # every call's input and output gradients batch-first, examples at dim 0
@@ -827,7 +830,8 @@ def capture(
             if spec.rows is not None:  # a row slice: its rows of the whole parameter
                 grad = params[name].new_zeros(params[name].shape).slice_scatter(grad, 0, *spec.rows)
             grads[name] = grads[name] + grad if name in grads else grad
-    grads = flush_tree(grads)  # sums of tiny gradients can cancel into subnormals
+    for name in grads:  # sums of tiny gradients can cancel into subnormals; one parameter's copy at a time
+        grads[name] = flush(grads[name])
     if fisher is None:
         return Capture(value, structure.unflatten(grads), {}, {}, buffers, factored, uses)
     # the curvature vectors' output gradients (the empirical Fisher's: the true one rescaled by 1/√R)

@@ -86,8 +86,8 @@ from .quadratic import (
     solve_quadratic_model,
     sub_batch,
 )
-from .subnormal import flush_tree
-from .tree import flatten
+from .subnormal import flush, flush_tree
+from .tree import flatten, inner
 from .two_level import (
     COARSE_MODES,
     COMBINATIONS,
@@ -403,6 +403,13 @@ def _host_int(t: Tensor) -> int:
     return int(t.flatten()[0]) if t.dim() else int(t)
 
 
+def _gram(directions: list[Flat], weights: dict[str, float] | list[str]) -> Tensor:
+    """``[Σₙ wₙ ⟨dᵢₙ, dⱼₙ⟩]`` (float64, symmetric: each pair once) — :func:`~kfac_func.tree.inner`."""
+    k = len(directions)
+    entries = {(i, j): inner(directions[i], directions[j], weights) for i in range(k) for j in range(i, k)}
+    return torch.stack([torch.stack([entries[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
+
+
 class _Transform:
     """The closure of :func:`kfac`: model, options, communicator and the traced plans."""
 
@@ -515,8 +522,11 @@ class _Transform:
             cap = capture(self.model, params, inputs, targets, loss, fisher=o.fisher if schedule.statistics else None,
                           mc_samples=o.mc_samples, key=sample_key, stats_examples=examples, plan=plan,
                           low_rank=low_rank, compact=self.compact(plan, schedule))
-        cap = cap._replace(grads=spec.like(cap.grads, "gradients"))
-        return self._apply(flat, spec, state, key, cap, plan, schedule, hyper, share, loss, inputs, targets, seed=seed)
+        # handed over, not kept in this frame: _apply frees the statistics once the factors hold them
+        held = [cap._replace(grads=spec.like(cap.grads, "gradients"))]
+        del cap
+        return self._apply(flat, spec, state, key, held.pop(), plan, schedule, hyper, share, loss, inputs, targets,
+                           seed=seed)
 
     def apply(self, params: Any, state: KFACState, cap: Capture, plan: Plan, schedule: Schedule,
               hyper: Hyper | None = None, *, share: float = 1.0, reduced: bool = False
@@ -562,6 +572,8 @@ class _Transform:
         grads, uses = (cap.grads, cap.uses) if reduced else (grads, uses)
         if not lazy:
             batch = summed
+        if batch is not None and not schedule.positions:  # only the factors read the statistics: freed now
+            cap = cap._replace(a={}, g={})
         # NaN guard: decided on the device; the statistics are zeroed when not finite so that no
         # decomposition sees a NaN, and the whole new state is discarded at the end
         # (a step without statistics has none: no empty dict is built inside a compiled graph)
@@ -572,6 +584,7 @@ class _Transform:
         if batch is not None:
             batch = _zero_unless(ok, batch)
             new = new._replace(factors=update_average(state.factors, batch, o.ema_decay, checked=True)[0])
+        batch = summed = None  # in the average now
         if schedule.refresh:
             new = self._refresh(new)
         if schedule.scale:
@@ -612,11 +625,15 @@ class _Transform:
         else:
             update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
             forms = None
+        flushed = flush_tree(velocity)  # the adaptive step's update is its velocity: flushed once
+        update = {n: flushed[n] if velocity.get(n) is u else flush(u) for n, u in update.items()}
+        velocity = flushed
+        moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         nan = torch.full((), float("nan"), dtype=torch.float64)
         rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
         if schedule.adapt or o.reject_steps:
-            rho, worse = self._reduction_ratio(update, objective, flat, spec, inputs, targets, cap, plan, forms, loss,
-                                               hyper, seed)
+            rho, worse = self._reduction_ratio(moved, update, objective, flat, spec, inputs, targets, cap, plan, forms,
+                                               loss, hyper, seed)
             if schedule.adapt:
                 lam = levenberg_marquardt(damping, rho, factor=o.damping_factor, min_damping=o.damping_bounds[0],
                                           max_damping=o.damping_bounds[1])
@@ -624,12 +641,10 @@ class _Transform:
                 rejected = worse
                 raised = torch.maximum(lam, (damping / o.damping_factor).clamp_max(o.damping_bounds[1]))
                 lam = torch.where(worse, raised, lam)
-                update = {n: torch.where(worse, torch.zeros_like(u), u) for n, u in update.items()}
+                moved = {n: torch.where(worse, p, moved[n]) if n in update else p for n, p in flat.items()}
                 velocity = {n: torch.where(worse, state.velocity[n], v) for n, v in velocity.items()}
             new = new._replace(damping=lam)  # factored: the cached inverses take it at their next refresh
-        new = new._replace(step=state.step + 1, velocity={**state.velocity, **flush_tree(velocity)})
-        update = flush_tree(update)
-        moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
+        new = new._replace(step=state.step + 1, velocity={**state.velocity, **velocity})
         new_state, moved = _select(ok, (new, moved), (state, flat))
         info = StepInfo(
             loss=total_loss, alpha=torch.where(ok, alpha, nan), mu=torch.where(ok, mu, nan), damping=new_state.damping,
@@ -647,7 +662,7 @@ class _Transform:
         scale = torch.ones((), dtype=torch.float64)
         if o.kl_clip is not None:
             # |Σ η² Δ·∇|: the two-level forms need not be symmetric
-            vg = sum(lr[n] ** 2 * (delta[n] * grads[n]).sum() for n in lr).double().abs()
+            vg = inner(delta, grads, {n: lr[n] ** 2 for n in lr}).abs()
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity, clipped = {}, {}, {}
         for n in lr:
@@ -675,14 +690,11 @@ class _Transform:
         sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=next(iter(params.values())).device)
         forms = self._quadratic_forms(directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed)
         forms = forms * sign.outer(sign).to(forms.dtype)
-        dot = lambda a, b: sum((a[n] * b[n]).sum() for n in names)  # noqa: E731
-        gram = torch.stack([torch.stack([dot(a, b) for b in directions]) for a in directions]) * sign.outer(sign)
-        b = torch.stack([sum((grads[n] * d[n]).sum() for n in names) for d in directions]).to(forms.dtype)
-        b = b * sign.to(forms.dtype)
+        gram = _gram(directions, names) * sign.outer(sign)
+        b = torch.stack([inner(grads, d, names) for d in directions]).to(forms.dtype) * sign.to(forms.dtype)
         fixed = {1: hyper.momentum.get(names[0], 0.0)} if self.o.adaptive == "lr" else None
         x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
-        l2 = hyper.weight_decay
-        objective = cap.loss.double() + sum(0.5 * l2.get(n, 0.0) * params[n].double().square().sum() for n in params)
+        objective = cap.loss.double() + 0.5 * inner(params, params, hyper.weight_decay)
         x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
         step, prev = directions
         update = {n: (-x[0]).to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
@@ -699,24 +711,20 @@ class _Transform:
             else:
                 forms = fisher_quadratic_forms(cap, directions, plan.layers)
         forms = self.comm.sum(forms)
-        l2 = hyper.weight_decay
-        reg = torch.stack([torch.stack([sum(l2.get(n, 0.0) * (a[n] * b[n]).sum() for n in params) for b in directions])
-                           for a in directions])
-        return (forms + reg.to(forms.dtype)).double()
+        return (forms + _gram(directions, hyper.weight_decay).to(forms.dtype)).double()
 
-    def _reduction_ratio(self, update, grads, params, spec, inputs, targets, cap, plan, forms, loss, hyper, seed=None):
-        """``ρ`` for the step ``update`` (undamped model) and whether the new loss is NaN or higher; the model
-        runs with torch's RNG seeded by ``seed`` (the gradient's masks)."""
+    def _reduction_ratio(self, moved, update, grads, params, spec, inputs, targets, cap, plan, forms, loss, hyper,
+                         seed=None):
+        """``ρ`` for the step ``update`` (undamped model) to the parameters ``moved`` and whether the new loss is NaN
+        or higher; the model runs with torch's RNG seeded by ``seed`` (the gradient's masks)."""
         if forms is None:
             d = {n: update.get(n, torch.zeros_like(params[n])) for n in params}
             quad = self._quadratic_forms([d], params, spec, inputs, targets, cap, plan, loss, hyper, seed)[0, 0]
-            change = 0.5 * quad + sum((grads[n] * d[n]).sum() for n in update)
+            change = 0.5 * quad + inner(grads, d, list(update))
         else:
             k, b, x = forms
             change = 0.5 * x @ k @ x + b @ x
-        moved = {n: (params[n] + update[n]).to(params[n].dtype) if n in update else params[n] for n in params}
-        l2 = hyper.weight_decay
-        penalty = lambda p: sum(0.5 * l2.get(n, 0.0) * p[n].square().sum() for n in p)  # noqa: E731
+        penalty = lambda p: 0.5 * inner(p, p, hyper.weight_decay)  # noqa: E731
         with random.seeded(seed, moved.values()):
             out = as_function(self.model)(spec.unflatten(moved), inputs)
         after = (self.comm.sum(loss.value(out, targets)) + penalty(moved)).double()

@@ -126,7 +126,10 @@ def precondition(
         delta = combine(grad, fine, coarse_solve(coarse, lam), combination, curvature, weights)
     out, summed = dict(grads), {}
     for name, layer in layers.items():
-        parts = split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out)
+        # contiguous, as the gradients are: a strided view (an embedding's transpose, a weight beside its bias
+        # column) would be copied again by each later pass over it (dots, the update, a jvp's tangent)
+        parts = {k: v.contiguous() for k, v in
+                 split_weight_matrix(layer, delta[name].to(grads[layer.weight].dtype), out).items()}
         if name in uses:  # a tied weight's uses add up
             summed[layer.weight] = summed[layer.weight] + parts.pop(layer.weight) if layer.weight in summed \
                 else parts.pop(layer.weight)

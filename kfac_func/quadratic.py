@@ -6,12 +6,12 @@ and ``η`` the L2 coefficient. All pure functions:
 * :func:`ggn_vector_product` — ``C v`` for the exact type-2 GGN ``Jᵀ H J`` through ``jvp`` of the model
   and the loss Hessian ``H`` in output space (never formed), with a ``vjp`` back;
 * :func:`ggn_quadratic_forms` — ``δᵢᵀ C δⱼ = (J δᵢ)ᵀ H (J δⱼ)`` for a few directions: forward mode, no
-  backward, one forward for the model and one per direction, optionally estimated from the batch's first rows;
+  backward, one ``jvp`` per direction, optionally estimated from the batch's first rows;
 * both in reverse mode where the model has no forward-mode derivative (``nn.LSTM`` on the CPU, cuDNN's
   RNNs): ``u ↦ Jᵀu`` is linear, so ``J d`` is its ``vjp`` with the cotangent ``d`` — exactly the ``jvp``;
 * ``seed``: every evaluation of the model runs with torch's RNG forked and seeded with it
   (:func:`kfac_func.random.seeded`), so that dropout and noise draw the same numbers in each (and in the
-  caller's own evaluations with that seed); the directions of one vmapped ``jvp`` share them;
+  caller's own evaluations with that seed), the same in each direction's ``jvp``;
 * :func:`fisher_quadratic_forms` — the same for the captured MC/empirical Fisher, ``Σₙ,ᵥ (∇ℓ·δᵢ)(∇ℓ·δⱼ)``;
 * :func:`solve_quadratic_model` — the coefficients ``x`` of ``δ = Σ xᵢ dᵢ`` minimising ``M`` (for K-FAC
   ``d = (Δ, δ_prev)``, the learning rate ``α`` and momentum ``μ``), some coefficients optionally fixed;
@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 from .batching import batch_first, unbatch_first
 from .calls import batch_size, first_examples, model_io
@@ -96,7 +95,7 @@ def ggn_quadratic_forms(
     model: Model, params: PyTree, inputs: Any, targets: Tensor, loss: Loss | str, directions: list[PyTree],
     examples: int | None = None, *, seed: int | None = None, mode: str | None = None,
 ) -> Tensor:
-    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` vmapped over the directions, no backward.
+    """``[dᵢᵀ C dⱼ]`` for the exact GGN: one ``jvp`` per direction, no backward.
 
     ``mode``: ``"forward"`` (the ``jvp``), ``"reverse"`` (one forward and backward, then ``J dᵢ`` as the
     ``vjp`` of ``u ↦ Jᵀu``: the same forms, exactly) or ``None``: forward, and reverse from then on for a
@@ -123,20 +122,25 @@ def ggn_quadratic_forms(
         scale = loss.scale(terms, targets) * terms / sub_terms.clamp_min(1)
         inputs, targets = first_examples(inputs, examples, io.batch_dims), sub_targets
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
-    # tangents in the parameters' dtype (jvp requires it), stacked: one vmapped jvp evaluates the model once
-    # and pushes every direction through it together; the forms in at least float32
-    tangents = [spec.like(d, "each direction") for d in directions]
-    stacked = {n: torch.stack([t[n].to(p.dtype) for t in tangents]) for n, p in flat.items()}
+    # tangents in the parameters' dtype (jvp requires it); the forms in at least float32
+    tangents = [{n: d[n].to(p.dtype) for n, p in flat.items()} for d in (spec.like(d, "each direction")
+                                                                         for d in directions)]
 
     def forward() -> tuple[Tensor, Tensor]:
-        # one mask for every direction (randomness="same"): the output repeated per direction
-        with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH), _RowwiseProducts():  # see ggn_vector_product
-            outs, jds = vmap(lambda t: jvp(f, (flat,), (t,)), randomness="same")(stacked)
-        return outs[0], jds
+        # one jvp per direction, not one vmapped over them: a batched weight tangent would broadcast against the
+        # input's leading dims inside fused layers (an (S, d_in, d_out) copy per direction of a sequence-first
+        # attention's in-projection) and the directions would be stacked (a model's worth of memory each); the
+        # model's evaluation is repeated instead, with the same seed (see ggn_vector_product for the kernel)
+        jds = []
+        for t in tangents:
+            with seeded(seed, flat.values()), sdpa_kernel(SDPBackend.MATH):
+                out, jd = jvp(f, (flat,), (t,))
+            jds.append(jd)
+        return out, torch.stack(jds)
 
     def reverse() -> tuple[Tensor, Tensor]:
-        out, _, push = _linearised(f, flat, seed)  # a loop over the few directions: sparse ops have no batching
-        return out, torch.stack([push(({n: t[i] for n, t in stacked.items()},))[0] for i in range(len(tangents))])
+        out, _, push = _linearised(f, flat, seed)  # one forward and backward, then a vjp per direction
+        return out, torch.stack([push((t,))[0] for t in tangents])
 
     out, jds = _forward_or_reverse(model, mode, forward, reverse)
     dtype = stat_dtype(out.dtype)
@@ -157,24 +161,6 @@ def sub_batch(fraction: float | None, n: int, loss: Loss, targets: Tensor) -> in
         quarter = math.ceil(n / 4)
         return quarter if quarter < n and terms * quarter >= QUADRATIC_MIN_TERMS * n else None
     return max(1, math.ceil(fraction * n)) if fraction < 1 else None
-
-
-class _RowwiseProducts(TorchFunctionMode):
-    """``F.linear(x, W)`` and ``x @ W`` (``W`` a matrix) on inputs of more than two dims, run on their rows
-    ``x.reshape(-1, d)``: the same values, but under ``vmap`` over the directions a batched ``W`` (a direction's
-    tangent) no longer broadcasts against every leading dim of ``x`` — a ``(T, N, d_in, d_out)`` copy of the
-    weight per direction, 1.7 GB for one GPT-2 projection."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _ROWWISE and len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor) \
-                and args[0].dim() > 2 and args[1].dim() == 2:
-            x = args[0]
-            return func(x.reshape(-1, x.shape[-1]), *args[1:], **kwargs).reshape(*x.shape[:-1], -1)
-        return func(*args, **kwargs)
-
-
-_ROWWISE = (torch.nn.functional.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__)
 
 
 def _load_jvp_decompositions() -> None:

@@ -11,9 +11,11 @@ from itertools import repeat
 from typing import Any
 
 import optree
+import torch
 from torch import Tensor
 
 PyTree = Any  # a pytree of tensors
+INNER_ENTRIES = 2**20  # the entries of one slice of :func:`inner`'s products
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,23 @@ def require_names(got: Collection[str], expected: Collection[str], what: str) ->
     raise ValueError(
         f"{what} must have the parameters' names; missing {sorted(expected - got)}, unexpected {sorted(got - expected)}"
     )
+
+
+def inner(a: Mapping[str, Tensor], b: Mapping[str, Tensor], weights: Mapping[str, float] | Collection[str]) -> Tensor:
+    """``Σₙ wₙ ⟨aₙ, bₙ⟩`` (float64) over the names of ``weights`` — a mapping ``name → wₙ`` (zero weights are
+    skipped) or names with ``wₙ = 1``. Each product is summed a slice of :data:`INNER_ENTRIES` entries at a
+    time (along the first dim, so strided tensors are not copied): no temporary of a parameter's size, and the
+    same rounding whatever the tensors' layout — a BLAS ``dot`` would round by the memory's alignment."""
+    terms = weights.items() if isinstance(weights, Mapping) else zip(weights, repeat(1.0))
+    total = None
+    for name, w in terms:
+        if not w:
+            continue
+        x, y = a[name], b[name]
+        rows = max(1, INNER_ENTRIES // max(1, x[0].numel())) if x.dim() else 1
+        parts = zip(x.split(rows), y.split(rows)) if x.dim() else [(x, y)]
+        term = w * sum((p * q).sum().double() for p, q in parts)
+        total = term if total is None else total + term
+    if total is None:
+        return torch.zeros((), dtype=torch.float64, device=next(iter(a.values())).device if a else None)
+    return total

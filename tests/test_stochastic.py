@@ -106,8 +106,9 @@ def test_dropout_mlp_trains_with_the_default_step_and_leaves_the_global_rng():
 
 
 def test_every_evaluation_of_a_step_draws_the_gradient_mask():
-    """The masks of the capture's forward, the quadratic model's ``jvp`` and the reduction ratio's forward
-    (step 0 adapts the damping) are one; the next step draws another; a step is a function of its state."""
+    """The masks of the capture's forward, the quadratic model's ``jvp`` (one per direction: Δ and the previous
+    update) and the reduction ratio's forward (step 0 adapts the damping) are one; the next step draws another;
+    a step is a function of its state."""
     drop = RecordedDropout(0.5)
     model = _mlp(drop)
     opt = kf.kfac(model, loss="cross_entropy")
@@ -118,12 +119,12 @@ def test_every_evaluation_of_a_step_draws_the_gradient_mask():
     before = torch.get_rng_state()
     new, new_state, info = opt.step(params, state, x, y)
     assert torch.equal(torch.get_rng_state(), before)
-    assert len(drop.masks) == 3 and torch.isfinite(info.rho)  # capture, jvp, reduction ratio
+    assert len(drop.masks) == 4 and torch.isfinite(info.rho)  # capture, two jvps, reduction ratio
     assert all(torch.equal(m, drop.masks[0]) for m in drop.masks)
     first = drop.masks[0]
     drop.masks.clear()
     opt.step(new, new_state, x, y)
-    assert len(drop.masks) == 2 and torch.equal(drop.masks[0], drop.masks[1])
+    assert len(drop.masks) == 3 and all(torch.equal(m, drop.masks[0]) for m in drop.masks)
     assert not torch.equal(drop.masks[0], first)
     torch.manual_seed(123)  # the global RNG plays no part
     again, _, _ = opt.step(params, state, x, y)
