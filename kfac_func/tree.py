@@ -1,7 +1,8 @@
 """Parameter pytrees named by path: any optree pytree of tensors (nested dicts, tuples, lists,
 NamedTuples, ...) is handled internally as a flat dict ``name → tensor``, each leaf named by its optree
 path joined with ``"."`` (``{"l1": {"w": w}}`` → ``"l1.w"``, ``((w, b),)`` → ``"0.0"``, ``"0.1"``; a flat
-dict's keys are its names). ``None`` entries are empty subtrees, not leaves."""
+dict's keys are its names). ``None`` entries are empty subtrees, not leaves. :func:`inner` takes the weighted
+inner products of two such flat dicts (the step's dot products of gradients, directions and parameters)."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def require_names(got: Collection[str], expected: Collection[str], what: str) ->
 def inner(a: Mapping[str, Tensor], b: Mapping[str, Tensor], weights: Mapping[str, float] | Collection[str]) -> Tensor:
     """``Σₙ wₙ ⟨aₙ, bₙ⟩`` (float64) over the names of ``weights`` — a mapping ``name → wₙ`` (zero weights are
     skipped) or names with ``wₙ = 1``. Each product is summed a slice of :data:`INNER_ENTRIES` entries at a
-    time (along the first dim, so strided tensors are not copied): no temporary of a parameter's size, and the
-    same rounding whatever the tensors' layout — a BLAS ``dot`` would round by the memory's alignment."""
+    time (along the first dim, so strided tensors are not copied): no temporary of a parameter's size, and a
+    rounding that does not depend on where the tensors lie in memory — a BLAS ``dot``'s does, on its alignment."""
     terms = weights.items() if isinstance(weights, Mapping) else zip(weights, repeat(1.0))
     total = None
     for name, w in terms:

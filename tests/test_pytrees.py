@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import kfac_func as kf
 from kfac_func.quadratic import fisher_quadratic_forms, ggn_quadratic_forms, ggn_vector_product
+from kfac_func import tree
 from kfac_func.tree import Spec, flatten
 
 DT = torch.float64
@@ -158,3 +159,30 @@ def test_errors_name_the_path():
         kf.precondition(params, {"l1": {"w": w.T, "b": b}}, factors, layers=plan.layers, damping=1.0)
     with pytest.raises(ValueError, match=r"the plan must .* missing \['l0\.b'\], unexpected \['l1\.b'\]"):
         kf.capture(f, {"l1": {"w": w}, "l0": {"b": b}}, x, torch.zeros(4, 2, dtype=DT), "mse", plan=plan)
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 5), slice_entries=st.integers(1, 40), seed=st.integers(0, 2**16))
+@example(rows=5, cols=3, slice_entries=1, seed=0)  # one row per slice
+@example(rows=4, cols=4, slice_entries=10**6, seed=1)  # one slice
+def test_inner_is_the_weighted_sum_of_dots_whatever_the_layout(rows, cols, slice_entries, seed):
+    """``tree.inner`` sums ``wₙ⟨aₙ, bₙ⟩`` over the weights' names (zero weights skipped, a name list meaning
+    weight 1), equal to a float64 reference, strided tensors included; a tensor at an odd offset in memory and its
+    fresh copy give the same bits (a BLAS dot's rounding depends on the alignment)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tree, "INNER_ENTRIES", slice_entries)
+        _check_inner(rows, cols, seed)
+
+
+def _check_inner(rows: int, cols: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a = {"m": torch.randn(rows, cols, generator=gen), "v": torch.randn(cols, generator=gen),
+         "s": torch.randn((), generator=gen), "t": torch.randn(cols, rows, generator=gen).T}  # "t" strided
+    b = {n: torch.randn(t.shape, generator=gen) for n, t in a.items()}
+    weights = {"m": 0.5, "v": 0.0, "s": -2.0, "t": 3.0}
+    want = sum(w * (a[n].double() * b[n].double()).sum() for n, w in weights.items())
+    torch.testing.assert_close(tree.inner(a, b, weights), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(tree.inner(a, b, list(a)), sum((a[n].double() * b[n].double()).sum() for n in a),
+                               rtol=1e-6, atol=1e-6)
+    shifted = torch.empty(a["m"].numel() + 1)[1:].view_as(a["m"]).copy_(a["m"])  # storage offset 1
+    assert torch.equal(tree.inner({"m": shifted}, b, ["m"]), tree.inner(a, b, ["m"]))
+    assert tree.inner(a, b, {"v": 0.0}).item() == 0.0  # a zero weight is skipped, an empty sum is 0
