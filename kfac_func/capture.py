@@ -799,8 +799,16 @@ def capture(
             probe_grads = tuple((p[0], p[1:]) for p in probe_grads)
     # the forward's saved activations and the output's cotangents are done with: freed before the copies below
     vjp_fn = out = true_ct = curv_ct = None
-    # products of small normal numbers in the backward can underflow: no subnormals into the matmuls
-    free_grads, probe_grads = flush_tree((free_grads, probe_grads))
+    # products of small normal numbers in the backward can underflow: no subnormals into the matmuls; flushed a
+    # tensor at a time, each raw one dropped as its copy is made (a vocabulary-wide output's are 206 MB each)
+    free_grads = flush_tree(free_grads)
+    probe_grads = list(probe_grads)
+    for i in range(len(probe_grads)):
+        true_g, curv_g = probe_grads[i]
+        probe_grads[i] = None
+        true_g = flush(true_g)
+        curv_g = None if curv_g is None else flush(curv_g)
+        probe_grads[i], true_g, curv_g = (true_g, curv_g), None, None
     # every call's input and output gradients batch-first, examples at dim 0
     inputs_seen = plan.inputs_first(n, inputs_seen)
     probe_grads = tuple(zip(plan.grads_first(n, [t for t, _ in probe_grads], lead=0),

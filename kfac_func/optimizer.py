@@ -86,7 +86,7 @@ from .quadratic import (
     solve_quadratic_model,
     sub_batch,
 )
-from .subnormal import flush, flush_tree
+from .subnormal import flush
 from .tree import flatten, inner
 from .two_level import (
     COARSE_MODES,
@@ -625,9 +625,6 @@ class _Transform:
         else:
             update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
             forms = None
-        flushed = flush_tree(velocity)  # the adaptive step's update is its velocity: flushed once
-        update = {n: flushed[n] if velocity.get(n) is u else flush(u) for n, u in update.items()}
-        velocity = flushed
         moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         nan = torch.full((), float("nan"), dtype=torch.float64)
         rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
@@ -657,7 +654,7 @@ class _Transform:
     @phase("update")
     def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
         """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning.
-        Returns the update, velocity, ``α``, ``μ`` and the clipped direction ``νΔ``."""
+        Returns the update, velocity (subnormals flushed), ``α``, ``μ`` and the clipped direction ``νΔ``."""
         o, lr = self.o, hyper.lr
         scale = torch.ones((), dtype=torch.float64)
         if o.kl_clip is not None:
@@ -671,8 +668,8 @@ class _Transform:
             if hyper.weight_decay.get(n):
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
-                d = velocity[n] = d.add(state.velocity[n], alpha=hyper.momentum[n])  # μv + d, one pass
-            update[n] = -lr[n] * d
+                d = velocity[n] = flush(d.add(state.velocity[n], alpha=hyper.momentum[n]))  # μv + d, one pass
+            update[n] = flush(-lr[n] * d)
         first = next(iter(lr), None)
         alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
         mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
@@ -681,7 +678,8 @@ class _Transform:
     @phase("update")
     def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper, seed=None):
         """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
-        parameter's momentum when ``adaptive="lr"``)."""
+        parameter's momentum when ``adaptive="lr"``); the update, which is also the velocity, has its subnormals
+        flushed."""
         names = list(hyper.lr)
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
         # the directions are (−Δ, δ_prev); the forms are taken of (Δ, δ_prev) and signed after, so that no negated
@@ -697,7 +695,8 @@ class _Transform:
         objective = cap.loss.double() + 0.5 * inner(params, params, hyper.weight_decay)
         x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
         step, prev = directions
-        update = {n: (-x[0]).to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n] for n in names}
+        # flushed a parameter at a time: no second parameter-sized tree
+        update = {n: flush((-x[0]).to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n]) for n in names}
         return update, dict(update), x[0], x[1], (forms, b, x)
 
     def _quadratic_forms(self, directions, params, spec, inputs, targets, cap, plan, loss, hyper, seed=None) -> Tensor:
