@@ -123,7 +123,7 @@ def ggn_quadratic_forms(
         inputs, targets = first_examples(inputs, examples, io.batch_dims), sub_targets
     f = lambda p: flat_call(model, spec, p, inputs)[0]  # noqa: E731
     # tangents in the parameters' dtype (jvp requires it); the forms in at least float32
-    tangents = [{n: d[n].to(p.dtype) for n, p in flat.items()} for d in (spec.like(d, "each direction")
+    tangents = [{n: t[n].to(p.dtype) for n, p in flat.items()} for t in (spec.like(d, "each direction")
                                                                          for d in directions)]
 
     def forward() -> tuple[Tensor, Tensor]:
