@@ -143,6 +143,7 @@ def run(args: argparse.Namespace, which: str) -> dict:
         params = {n: p.detach() for n, p in model.named_parameters()}
         # init traces shapes only; drawing no batch keeps the batches the same as Adam's
         state = opt.init(params, torch.zeros(args.batch, args.context, dtype=torch.long))
+        model.to("meta")  # the pure step reads only ``params``: the module's own copy is freed, as a user's would be
         for _ in range(args.steps):
             x, y = chain.batch(args.batch, args.context)
             start = time.perf_counter()

@@ -38,6 +38,7 @@ from .subnormal import flush
 
 FISHER_TYPES = ("mc", "exact", "empirical")
 _KINDS = ("cross_entropy", "mse", "bce_with_logits")
+SLICE_ELEMENTS = 2**22  # output entries per slice of Loss.sliced_value (16 MB of float32 logits)
 _PASS_CLASS_DIM = ('pass Loss("cross_entropy", class_dim=-1) for class-last (N, d1, ..., C) logits (language '
                    "models) or class_dim=1 for torch's (N, C, d1, ...) layout")
 
@@ -132,6 +133,22 @@ class Loss:
         else:
             value = F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
         return value if self.reduction_scale is None else self.reduction_scale * value
+
+    def sliced_value(self, out: Tensor, target: Tensor, elements: int = SLICE_ELEMENTS) -> Tensor:
+        """:meth:`value` in float64, evaluated on slices of ``out``'s dim 0 of at most ``elements`` output
+        entries each (one slice if a row is larger): ``R · Σ_slices Σ ℓ``. For evaluations without gradients
+        (the reduction ratio's loss after a step): torch's cross-entropy holds a log-softmax as large as the
+        logits, one slice's worth here. Dim 0 is never the class dim (:meth:`resolve` gives ``c ≥ 1``)."""
+        rows = max(1, elements // max(1, out[0].numel())) if out.dim() > 0 and out.shape[0] > 0 else 1
+        if rows >= out.shape[0]:
+            return self.value(out, target).double()
+        self._check(out, target)
+        fixed = self.class_dim
+        if self.kind == "cross_entropy":  # resolved once on the whole batch; each slice then takes it as given
+            fixed = 1 if self.resolve(out, target) == 1 else -1
+        summed = Loss(self.kind, "sum", self.ignore_index, None, fixed)
+        total = sum(summed.value(o, t).double() for o, t in zip(out.split(rows), target.split(rows)))
+        return self.scale(out, target) * total
 
     def terms(self, target: Tensor) -> Tensor | int:
         """How many terms a mean runs over: targets ``≠ ignore_index`` for class indices (a tensor),

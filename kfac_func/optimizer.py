@@ -726,7 +726,7 @@ class _Transform:
         penalty = lambda p: 0.5 * inner(p, p, hyper.weight_decay)  # noqa: E731
         with random.seeded(seed, moved.values()):
             out = as_function(self.model)(spec.unflatten(moved), inputs)
-        after = (self.comm.sum(loss.value(out, targets)) + penalty(moved)).double()
+        after = self.comm.sum(loss.sliced_value(out, targets)) + penalty(moved).double()
         before = (cap.loss + penalty(params)).double()
         return reduction_ratio(before, after, change), ~(after <= before)
 

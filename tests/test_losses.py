@@ -81,6 +81,30 @@ def test_value_and_true_gradient_match_torch(case, fisher):
     assert (curv is None) == (fisher is None)
 
 
+@given(case=loss_cases(), elements=st.sampled_from([1, 2, 7, 2**22]))
+@settings(max_examples=budget(25))
+def test_sliced_value_is_torchs_loss(case, elements):
+    """A slice of dim 0 at a time (one row per slice at ``elements=1``, the whole batch at 2²²) sums to
+    torch's loss, means and ignored targets included."""
+    loss, out, target = case
+    assert_close(loss.sliced_value(out, target, elements), torch_loss(loss.kind, loss.reduction, loss.ignore_index)(out, target))
+
+
+@pytest.mark.parametrize("reduction_scale", [None, 0.3])
+def test_sliced_value_of_class_last_logits(reduction_scale):
+    """Language-model logits ``(B, T, V)`` with ignored targets, sliced a sequence at a time, against
+    torch's cross-entropy over the flattened positions (times a fixed ``R`` where set)."""
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(5, 4, 9, generator=g, dtype=DT)
+    target = torch.randint(0, 9, (5, 4), generator=g)
+    target[1, 2] = target[3, 0] = -100
+    loss = Loss("cross_entropy", class_dim=-1, reduction_scale=reduction_scale)
+    flat = (out.reshape(-1, 9), target.reshape(-1))
+    want = (torch.nn.functional.cross_entropy(*flat) if reduction_scale is None
+            else reduction_scale * torch.nn.functional.cross_entropy(*flat, reduction="sum"))
+    assert_close(loss.sliced_value(out, target, elements=out[0].numel()), want)
+
+
 @given(case=loss_cases())
 @settings(max_examples=budget(25))
 def test_exact_vectors_are_a_hessian_square_root(case):

@@ -23,6 +23,7 @@ from torch.func import vmap
 import kfac_func as kf
 import oracles as O
 from kfac_func import random
+from kfac_func.models import CharTransformer
 
 DT = torch.float64
 
@@ -323,6 +324,24 @@ def test_kfac_wrapper_is_the_pure_step():
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), got[n])
     for a, b in zip(optree.tree_leaves(state), optree.tree_leaves(opt.kfac_state)):
+        assert torch.equal(a, b)
+
+
+def test_a_module_moved_to_meta_runs_the_same_steps():
+    """The pure step reads only the ``params`` it is given: a module moved to the meta device after its
+    parameters are taken (which frees the module's own copy, as torch.func's ensembling recipe does) gives
+    bit-identical parameters and state over steps with statistics, a refresh and ``ρ``."""
+    torch.manual_seed(0)
+    model = CharTransformer(11, 6, dim=8, heads=2, layers=1).to(DT)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randint(0, 11, (4, 6), generator=g), torch.randint(0, 11, (4, 6), generator=g)) for _ in range(3)]
+    kwargs = dict(loss="cross_entropy", factor_period=2, inverse_period=2, damping_interval=1)
+    want, want_state, want_infos = run(kf.kfac(model, **kwargs), params, data)
+    got, state, infos = run(kf.kfac(model.to("meta"), **kwargs), params, data)
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(bool(i.rho.isnan()) for i in infos)  # ρ was evaluated on the meta module's function
+    for a, b in zip(optree.tree_leaves((got, state)), optree.tree_leaves((want, want_state))):
         assert torch.equal(a, b)
 
 
