@@ -215,6 +215,8 @@ class KFAC(torch.optim.Optimizer):
         if self._recorder is not None:  # forwards the user ran since the last step are superseded by this batch
             self._recorder.records.clear()
         unused = [n for n, why in plan.reasons.items() if why == NOT_USED]  # no gradient: held fixed
+        for p in self._names:  # the last step's gradients, replaced by this one's (_write): not held through it
+            p.grad = None
         new, new_state, info = self._pure.step(params, state, inputs, targets, self._hyper(unused))
         loss = self._commit(new, new_state, info, state.step)
         self._write(new, info.grads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+from unittest import mock
 
 import pytest
 import torch
@@ -46,6 +47,31 @@ def test_first_step_is_the_functional_composition():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), params[n] - 0.5 * delta[n], rtol=0, atol=1e-6)
         assert torch.equal(p.grad, cap.grads[n])
+
+
+def test_step_releases_the_last_gradients_before_its_own():
+    """``step(x, y)`` drops the previous step's ``p.grad`` before it computes its own (a large model does not
+    hold two gradients at once), then writes this step's gradient: after the second step ``p.grad`` is the
+    second batch's gradient."""
+    model = _mlp()
+    opt = kf.KFAC(model, loss="cross_entropy")
+    (x0, y0), (x1, y1) = _batches(2)
+    opt.step(x0, y0)
+    assert all(p.grad is not None for p in model.parameters())
+    seen = []
+    pure_step = opt._pure.step
+
+    def spy(*args, **kwargs):
+        seen.append([p.grad for p in model.parameters()])
+        return pure_step(*args, **kwargs)
+
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    want = kf.capture(model, params, x1, y1, "cross_entropy", fisher=None).grads
+    with mock.patch.object(opt, "_pure", opt._pure._replace(step=spy)):
+        opt.step(x1, y1)
+    assert seen == [[None] * len(params)]
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=0, atol=1e-6)
 
 
 def test_trains_digits_below_sgd():
