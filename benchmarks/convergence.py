@@ -100,7 +100,7 @@ ABLATION = {  # the recipe's choices, one changed at a time (``ablation``)
     "Fisher quadratic model": {"quadratic_curvature": "fisher"},
     "fixed α = 0.01, μ = 0.9 and KL clip instead of the quadratic model": {"adaptive": None,
                                                                           "damping_adaptation": False},
-    "the previous defaults (fixed α, μ, KL clip; eigen damping; statistics every step)": {
+    "the fixed step, `kf.FIXED_STEP` (fixed α, μ, KL clip; eigen damping; statistics every step)": {
         "adaptive": None, "damping_adaptation": False, "damping_mode": "eigen", "factor_period": 1},
 }
 GPT_SIZE = {"vocab_size": 97, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "tie": True}
