@@ -624,7 +624,7 @@ class _Transform:
             direction = delta
         else:
             update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
-            forms = None
+            delta = forms = None  # the direction is Δ's clipped copy: Δ is not held through the rest of the step
         moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         nan = torch.full((), float("nan"), dtype=torch.float64)
         rho, rejected, lam = nan, torch.zeros((), dtype=torch.bool), damping
