@@ -1,7 +1,7 @@
 """Models written the way the codebases people train from write them (not for kfac_func): the minimal GPT as
 the well-known minimal GPT repositories write it (:class:`kfac_func.models.GPT`, re-exported), PyTorch's own
 examples (the word language model's sequence-first ``nn.Transformer`` model and its LSTM taking ``(input,
-hidden)``, the VAE), and a GPT-2 block with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)``
+hidden)``, the VAE), a GPT in the other well-known minimal layout (:class:`HandAttentionGPT`), and a GPT-2 block with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)``
 weight). Small sizes, so that dense float64 oracles are cheap."""
 
 from __future__ import annotations
@@ -186,3 +186,77 @@ class GCN(nn.Module):
         x = self.dropout(x)
         x = self.gc2(x, adj_mat)
         return F.log_softmax(x, dim=1)
+
+
+class TanhGELU(nn.Module):
+    """GPT-2's tanh approximation of GELU, written out with ``math.sqrt`` and ``torch.pow``."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class HandAttention(nn.Module):
+    """Causal self-attention by hand: one packed ``c_attn`` split into q, k, v, the scores masked with a
+    lower-triangular buffer named ``bias`` (a buffer, not a parameter), softmax, dropout on the weights."""
+
+    def __init__(self, dim: int, heads: int, block_size: int, dropout: float):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+        self.heads, self.dim = heads, dim
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.dim, dim=2)
+        k, q, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, q, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = self.attn_dropout(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class HandAttentionBlock(nn.Module):
+    """A pre-LayerNorm block whose MLP lives in an ``nn.ModuleDict`` and runs through a lambda (``mlpf``)."""
+
+    def __init__(self, dim: int, heads: int, block_size: int, dropout: float):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = HandAttention(dim, heads, block_size, dropout)
+        self.mlp = nn.ModuleDict(dict(c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim), act=TanhGELU(),
+                                      dropout=nn.Dropout(dropout)))
+        m = self.mlp
+        self.mlpf = lambda x: m.dropout(m.c_proj(m.act(m.c_fc(x))))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlpf(self.ln_2(x))
+
+
+class HandAttentionGPT(nn.Module):
+    """A GPT laid out the other well-known minimal way: ``transformer`` an ``nn.ModuleDict`` (``wte``, ``wpe``,
+    ``drop``, ``h``, ``ln_f``), an untied ``lm_head`` without bias, position ids ``(1, T)``, and ``forward(idx,
+    targets=None)`` returning ``(logits, loss)`` with the loss ignoring targets ``-1``."""
+
+    def __init__(self, vocab_size: int, block_size: int, n_layer: int = 2, n_head: int = 2, n_embd: int = 8,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.block_size = block_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd), drop=nn.Dropout(dropout),
+            h=nn.ModuleList([HandAttentionBlock(n_embd, n_head, block_size, dropout) for _ in range(n_layer)]),
+            ln_f=nn.LayerNorm(n_embd)))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device).unsqueeze(0)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss

@@ -13,7 +13,7 @@ from torch import nn
 
 import kfac_func as kf
 from oracles import DT, Layer, assert_close, captured_block, ggn_block, params_of
-from real_models import GCN, GPT, VAE, Conv1DNet, RNNModel, TransformerModel, vae_loss
+from real_models import GCN, GPT, VAE, Conv1DNet, HandAttentionGPT, RNNModel, TransformerModel, vae_loss
 
 V, N, T = 11, 4, 4  # vocabulary, batch, sequence (batch == sequence length: no layout guessed from sizes)
 LAST = kf.Loss("cross_entropy", class_dim=-1)
@@ -89,6 +89,33 @@ def test_minimal_gpt_trains_with_the_defaults_and_with_a_preconditioned_adamw(dr
         precond.step()
         adamw.step()
         losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_hand_written_attention_gpt_as_written():
+    """The other minimal GPT layout (attention by hand under a mask buffer named ``bias``, a lambda MLP, targets
+    ``-1`` ignored): every parameter is tracked, the captured blocks of the packed ``c_attn``, the MLP and the
+    position embedding are the exact GGN's with the ignored targets left out, ``step(x, y)`` returns the model's
+    own loss, and with dropout the defaults train."""
+    torch.manual_seed(0)
+    model = HandAttentionGPT(V, T).to(DT)
+    params = params_of(model)
+    x, y = _tokens(0)
+    y[0, :2] = y[2, 1] = -1
+    loss = kf.Loss("cross_entropy", ignore_index=-1, class_dim=-1)
+    assert not kf.describe(model, kf.Args(x, y)).fallbacks
+    cap = kf.capture(model, params, kf.Args(x, y), y, loss, fisher="exact")
+    batch_first = lambda p, v: torch.func.functional_call(model, p, (v,))[0].transpose(1, 2)  # noqa: E731
+    h0 = "transformer.h.0"
+    for name, layer in {"transformer.wpe": Layer("transformer.wpe.weight", kind="embedding"),
+                        f"{h0}.attn.c_attn": Layer(f"{h0}.attn.c_attn.weight", f"{h0}.attn.c_attn.bias"),
+                        f"{h0}.mlp.c_fc": Layer(f"{h0}.mlp.c_fc.weight", f"{h0}.mlp.c_fc.bias")}.items():
+        oracle = ggn_block(batch_first, params, x, y, "cross_entropy", "mean", layer, ignore_index=-1)
+        assert_close(captured_block(cap.a[name], cap.g[name]), oracle)
+    assert_close(cap.loss, model(x, y)[1])
+    trained = HandAttentionGPT(V, T, dropout=0.1).to(DT)
+    opt = kf.KFAC(trained, loss=loss)
+    losses = [float(opt.step(kf.Args(x, y), y)) for _ in range(6)]
     assert losses[-1] < losses[0]
 
 
