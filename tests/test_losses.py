@@ -103,6 +103,8 @@ def test_sliced_value_of_class_last_logits(reduction_scale):
     want = (torch.nn.functional.cross_entropy(*flat) if reduction_scale is None
             else reduction_scale * torch.nn.functional.cross_entropy(*flat, reduction="sum"))
     assert_close(loss.sliced_value(out, target, elements=out[0].numel()), want)
+    compiled = torch.compile(loss.sliced_value, backend="eager", fullgraph=True)  # the step compiles it so
+    assert_close(compiled(out, target, out[0].numel()), want)
 
 
 @given(case=loss_cases())
