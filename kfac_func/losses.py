@@ -27,7 +27,7 @@ the logits' own layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -139,14 +139,14 @@ class Loss:
         entries each (one slice if a row is larger): ``R · Σ_slices Σ ℓ``. For evaluations without gradients
         (the reduction ratio's loss after a step): torch's cross-entropy holds a log-softmax as large as the
         logits, one slice's worth here. Dim 0 is never the class dim (:meth:`resolve` gives ``c ≥ 1``)."""
-        rows = max(1, elements // max(1, out[0].numel())) if out.dim() > 0 and out.shape[0] > 0 else 1
+        self._check(out, target)  # a 0-dim or empty output is an error here too
+        rows = max(1, elements // max(1, out[0].numel()))
         if rows >= out.shape[0]:
             return self.value(out, target).double()
-        self._check(out, target)
         fixed = self.class_dim
         if self.kind == "cross_entropy":  # resolved once on the whole batch; each slice then takes it as given
             fixed = 1 if self.resolve(out, target) == 1 else -1
-        summed = Loss(self.kind, "sum", self.ignore_index, None, fixed)
+        summed = replace(self, reduction="sum", reduction_scale=None, class_dim=fixed)
         total = sum(summed.value(o, t).double() for o, t in zip(out.split(rows), target.split(rows)))
         return self.scale(out, target) * total
 
