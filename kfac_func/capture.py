@@ -808,7 +808,7 @@ def capture(
         probe_grads[i] = None
         true_g = flush(true_g)
         curv_g = None if curv_g is None else flush(curv_g)
-        probe_grads[i], true_g, curv_g = (true_g, curv_g), None, None
+        probe_grads[i], true_g, curv_g = (true_g, curv_g), None, None  # no local keeps the last pair past the loop
     # every call's input and output gradients batch-first, examples at dim 0
     inputs_seen = plan.inputs_first(n, inputs_seen)
     probe_grads = tuple(zip(plan.grads_first(n, [t for t, _ in probe_grads], lead=0),

@@ -1,8 +1,9 @@
 """Models written the way the codebases people train from write them (not for kfac_func): the minimal GPT as
 the well-known minimal GPT repositories write it (:class:`kfac_func.models.GPT`, re-exported), PyTorch's own
 examples (the word language model's sequence-first ``nn.Transformer`` model and its LSTM taking ``(input,
-hidden)``, the VAE), a GPT in the other well-known minimal layout (:class:`HandAttentionGPT`), and a GPT-2 block with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)``
-weight). Small sizes, so that dense float64 oracles are cheap."""
+hidden)``, the VAE), a GPT in the other well-known minimal layout (:class:`HandAttentionGPT`), and a GPT-2
+block with Hugging Face's ``Conv1D`` (``addmm`` with an ``(in, out)`` weight). Small sizes, so that dense
+float64 oracles are cheap."""
 
 from __future__ import annotations
 
