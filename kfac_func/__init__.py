@@ -6,6 +6,7 @@ from . import checkpoint, distributed, random, tree
 from .calls import Args
 from .averaging import MovingAverage, all_finite, averaged, init_average, update_average
 from .capture import Capture, Plan, as_function, capture, trace
+from .decay import cosine_decay
 from .describe import Registration, describe
 from .ekfac import EKFACFactors, ekfac_factors, ekfac_scaling
 from .factors import (
@@ -61,6 +62,7 @@ __all__ = [
     "capture",
     "checkpoint",
     "coarse_matrix",
+    "cosine_decay",
     "curvature_product",
     "default_reduce",
     "describe",

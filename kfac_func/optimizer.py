@@ -215,6 +215,7 @@ class Options:
     factor_sides: Any = None
     output: Any = None
     batch_dims: Any = 0
+    step_scale: Callable[[Tensor], Any] | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -248,6 +249,7 @@ class Options:
             "max_factor_dim": isinstance(self.max_factor_dim, int) and not isinstance(self.max_factor_dim, bool)
             and self.max_factor_dim >= 1,
             "factor_sides": self.factor_sides is None or isinstance(self.factor_sides, dict),
+            "step_scale": self.step_scale is None or callable(self.step_scale),
         }
         if self.method == "ekfac" and self.damping_mode != "eigen":
             raise ValueError(
@@ -318,6 +320,7 @@ def kfac(
     factor_sides: Overrides | None = None,
     output: Selector = None,
     batch_dims: BatchDims = 0,
+    step_scale: Callable[[Tensor], Tensor | float] | None = None,
     communicator: Communicator | None = None,
 ) -> Optimizer:
     """K-FAC, E-KFAC or two-level K-FAC as pure ``init``/``step`` functions for an ``nn.Module`` (run
@@ -347,6 +350,11 @@ def kfac(
     ``communicator`` and ``lazy_factors``: data-parallel training (:mod:`kfac_func.distributed`).
     ``output`` (which tensor of the model's return value the loss reads) and ``batch_dims`` (which dim of each
     input holds the examples): :mod:`kfac_func.calls`; ``inputs`` may be :class:`~kfac_func.calls.Args`.
+    ``step_scale``: ``s(t)``, a function of the steps taken (``state.step``, a tensor) that multiplies every
+    update: ``δ = s(t)·(−αΔ + μδ_prev)`` for the adaptive step (the scaled update is the next step's previous
+    one, and ``ρ`` compares the loss with the model's prediction for it), ``lr·s(t)`` for the fixed step (the
+    KL clip bounds the scaled step); ``None`` is ``s = 1``. :func:`~kfac_func.decay.cosine_decay` anneals it
+    over a run of known length, which the quadratic model alone does not: its step follows the batch's noise.
     """
     if damping_mode is None:  # E-KFAC adds λ to its scaling
         damping_mode = "eigen" if method == "ekfac" else "factored"
@@ -357,6 +365,7 @@ def kfac(
         quadratic_curvature, quadratic_fraction, damping_adaptation, damping_interval, damping_decay,
         tuple(damping_bounds), reject_steps, lazy_factors and communicator is not None, max_factor_dim,
         None if factor_sides is None else {k: dict(v) for k, v in factor_sides.items()}, output, batch_dims,
+        step_scale,
     )
     install()  # the step's host reads run outside torch.compile's graphs (imports torch's compiler now)
     return _Transform(model, options, communicator or Communicator()).functions()
@@ -618,12 +627,14 @@ class _Transform:
         # the objective is L + ½ Σ η‖θ‖²: its gradient ∇ + ηθ enters the quadratic model
         objective = {n: g + l2[n] * flat[n] if l2.get(n) else g for n, g in grads.items()}
         delta = comm.spread(precondition(flat, objective if o.adaptive else grads, factors, **kwargs), plan.layers)
+        multiplier = None if o.step_scale is None else torch.as_tensor(o.step_scale(state.step), dtype=torch.float64,
+                                                                        device=state.step.device)
         if o.adaptive:
             update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
-                                                                cap, plan, damping, loss, hyper, seed)
+                                                                cap, plan, damping, loss, hyper, seed, multiplier)
             direction = delta
         else:
-            update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper)
+            update, velocity, alpha, mu, direction = self._fixed(delta, grads, flat, state, hyper, multiplier)
             delta = forms = None  # the direction is Δ's clipped copy: Δ is not held through the rest of the step
         moved = {n: (p + update[n]).to(p.dtype) if n in update else p for n, p in flat.items()}  # float32 update
         nan = torch.full((), float("nan"), dtype=torch.float64)
@@ -652,14 +663,16 @@ class _Transform:
 
     # ---------------------------------------------------------------------------------- components
     @phase("update")
-    def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper):
-        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning.
-        Returns the update, velocity (subnormals flushed), ``α``, ``μ`` and the clipped direction ``νΔ``."""
+    def _fixed(self, delta: Flat, grads: Flat, params: Flat, state: KFACState, hyper: Hyper, step_scale=None):
+        """Fixed learning rate and momentum with the KL clip; weight decay added after preconditioning; every
+        learning rate times ``step_scale`` (a float64 scalar tensor, ``None`` for 1). Returns the update, velocity
+        (subnormals flushed), ``α``, ``μ`` and the clipped direction ``νΔ``."""
         o, lr = self.o, hyper.lr
         scale = torch.ones((), dtype=torch.float64)
         if o.kl_clip is not None:
-            # |Σ η² Δ·∇|: the two-level forms need not be symmetric
+            # |Σ (sη)² Δ·∇|: the two-level forms need not be symmetric
             vg = inner(delta, grads, {n: lr[n] ** 2 for n in lr}).abs()
+            vg = vg if step_scale is None else vg * step_scale**2
             scale = torch.where(vg > 0, (o.kl_clip / torch.where(vg > 0, vg, 1.0)).sqrt().clamp_max(1.0), scale)
         update, velocity, clipped = {}, {}, {}
         for n in lr:
@@ -669,17 +682,19 @@ class _Transform:
                 d = d.add(params[n], alpha=hyper.weight_decay[n])
             if hyper.momentum.get(n):
                 d = velocity[n] = flush(d.add(state.velocity[n], alpha=hyper.momentum[n]))  # μv + d, one pass
-            update[n] = flush(-lr[n] * d)
+            update[n] = flush(-lr[n] * d if step_scale is None else (-lr[n] * step_scale).to(d.dtype) * d)
         first = next(iter(lr), None)
         alpha = torch.as_tensor(lr[first] if first else 0.0, dtype=torch.float64) * scale
+        alpha = alpha if step_scale is None else alpha * step_scale
         mu = torch.tensor(float(hyper.momentum.get(first, 0.0)) if first else 0.0, dtype=torch.float64)
         return update, velocity, alpha, mu, clipped
 
     @phase("update")
-    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper, seed=None):
-        """``δ = αΔ + μ δ_prev`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
-        parameter's momentum when ``adaptive="lr"``); the update, which is also the velocity, has its subnormals
-        flushed."""
+    def _adaptive(self, delta, grads, params, spec, state, inputs, targets, cap, plan, damping, loss, hyper, seed=None,
+                  step_scale=None):
+        """``δ = s(αΔ + μ δ_prev)`` with ``(α, μ)`` minimising the quadratic model (``μ`` fixed to the first
+        parameter's momentum when ``adaptive="lr"``) and ``s = step_scale`` (``None`` for 1); the update, which is
+        also the velocity, has its subnormals flushed."""
         names = list(hyper.lr)
         zero = {n: torch.zeros_like(p) for n, p in params.items() if n not in hyper.lr}  # outside every group
         # the directions are (−Δ, δ_prev); the forms are taken of (Δ, δ_prev) and signed after, so that no negated
@@ -694,6 +709,7 @@ class _Transform:
         x, _ = solve_quadratic_model(forms, gram.to(forms.dtype), b, damping, fixed)
         objective = cap.loss.double() + 0.5 * inner(params, params, hyper.weight_decay)
         x = safe_coefficients(forms, gram.to(forms.dtype), b, damping, x, objective, fixed is None)
+        x = x if step_scale is None else x * step_scale.to(x.dtype)
         step, prev = directions
         # flushed a parameter at a time: no second parameter-sized tree
         update = {n: flush((-x[0]).to(step[n].dtype) * step[n] + x[1].to(prev[n].dtype) * prev[n]) for n in names}

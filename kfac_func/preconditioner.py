@@ -38,11 +38,12 @@ from .optim import KFAC, Report
 class Preconditioner:
     """K-FAC (``method``: also ``"ekfac"`` and ``"two_level"``) preconditioning of ``model``'s gradients in
     place; ``options`` are :class:`kfac_func.KFAC`'s except the step's own (``lr``, ``momentum``,
-    ``weight_decay``, ``adaptive``) and the options that evaluate the model again."""
+    ``weight_decay``, ``adaptive``, ``step_scale``) and the options that evaluate the model again."""
 
     def __init__(self, model: nn.Module, *, kl_clip: float | None = 1e-3, lr: float | Callable[[], float] = 1.0,
                  **options: Any):
-        own = sorted({"momentum", "weight_decay", "adaptive", "damping_adaptation", "reject_steps"} & set(options))
+        own = sorted({"momentum", "weight_decay", "adaptive", "step_scale", "damping_adaptation", "reject_steps"}
+                     & set(options))
         if own:
             raise TypeError(f"Preconditioner does not take {own}: the optimizer it feeds owns the step")
         if not isinstance(model, nn.Module):

@@ -221,6 +221,80 @@ def test_rho_by_hand_on_a_one_parameter_logistic_loss(w0, t, lam, branch, adapti
     assert float(opt.kfac_state.damping) == opt.info.damping
 
 
+def test_cosine_decay_by_hand():
+    """``s(t) = f + (1 − f)·½(1 + cos(π·min(t/T, 1)))``: 1 at ``t = 0``, ``(1 + f)/2`` half way, ``f`` from ``T``
+    on; a batch of counters (an ensemble's) gives each its own value; bad arguments are named."""
+    scale = kf.cosine_decay(8, floor=0.25)
+    t = torch.arange(11)
+    expected = [0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * min(k / 8, 1))) for k in range(11)]
+    torch.testing.assert_close(scale(t), torch.tensor(expected, dtype=DT), rtol=1e-15, atol=0)
+    assert float(scale(torch.tensor(0))) == 1.0 and float(scale(torch.tensor(4))) == pytest.approx(0.625, abs=1e-15)
+    assert float(scale(torch.tensor(9))) == 0.25
+    for bad in (dict(steps=0), dict(steps=2.5), dict(steps=4, floor=1.5), dict(steps=4, floor=-0.1)):
+        with pytest.raises(ValueError, match="floor" if "floor" in bad else "steps"):
+            kf.cosine_decay(**bad)
+
+
+@pytest.mark.parametrize("adaptive", ["lr", "lr_momentum"])
+def test_step_scale_multiplies_the_quadratic_models_step(adaptive):
+    """From the same state, the step with ``step_scale=s`` is ``s(t)`` times the step without: the update, the
+    velocity (the next step's previous update) and the reported ``α``, ``μ``; ``t`` is the state's step count.
+    Each step continues from the scaled run, so the previous update enters the model scaled."""
+    model = _mlp(3)
+    params = _params(model)
+    plain = kf.kfac(model, loss="cross_entropy", adaptive=adaptive, damping=1e-2)
+    scaled = kf.kfac(model, loss="cross_entropy", adaptive=adaptive, damping=1e-2,
+                     step_scale=lambda t: 0.5 ** (t.double() + 1))
+    data = _batches(4, seed=5)
+    state = plain.init(params, data[0][0])
+    for k, (x, y) in enumerate(data):
+        p1, s1, i1 = plain.step(params, state, x, y)
+        p2, s2, i2 = scaled.step(params, state, x, y)
+        c = 0.5 ** (k + 1)
+        for n in params:
+            torch.testing.assert_close(p2[n] - params[n], c * (p1[n] - params[n]), rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(s2.velocity[n], c * s1.velocity[n], rtol=1e-10, atol=1e-14)
+        assert float(i2.alpha) == pytest.approx(c * float(i1.alpha), rel=1e-10)
+        assert float(i2.mu) == pytest.approx(c * float(i1.mu), rel=1e-10)
+        assert float(i1.alpha) > 0 and (k == 0 or float(i1.mu) != 0)
+        params, state = p2, s2
+
+
+def test_step_scale_by_hand_over_steps_on_a_one_parameter_logistic_loss():
+    """``step_scale=cosine_decay(4, floor=0.2)`` over 6 steps of the problem above (``adaptive="lr"``, ``μ = 0``):
+    each step is ``s(t)·δ`` with ``s(t) = 0.2 + 0.8·½(1 + cos(π·min(t/4, 1)))`` by hand and ``δ = −∇/(h + λ)``
+    (capped as above), ``ρ`` is the undamped model's prediction for the scaled step, and λ follows the rule
+    with that ``ρ`` — so the scale changes which branch the rule takes, and both appear."""
+    w, t, lam = 2.0, 0.3, 1e-2
+    model = nn.Linear(1, 1, bias=False).to(DT)
+    with torch.no_grad():
+        model.weight.fill_(w)
+    x, y = torch.ones(1, 1, dtype=DT), torch.full((1, 1), t, dtype=DT)
+    opt = kf.KFAC(model, loss="bce_with_logits", fisher="exact", adaptive="lr", momentum=0.0, damping=lam,
+                  damping_adaptation=True, damping_interval=1, damping_decay=0.9,
+                  step_scale=kf.cosine_decay(4, floor=0.2))
+    ell = lambda v: _sp(v) - t * v  # noqa: E731
+    branches = set()
+    for step in range(6):
+        opt.step(x, y)
+        scale = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(step / 4, 1)))
+        s = 1 / (1 + math.exp(-w))
+        g, h = s - t, s * (1 - s)
+        delta = -g / (h + lam)
+        q, lin = 0.5 * (h + lam) * delta**2, g * delta
+        if -(q + lin) > ell(w):
+            delta *= (-lin - math.sqrt(lin**2 - 4 * q * ell(w))) / (2 * q)
+        delta *= scale
+        rho = (ell(w + delta) - ell(w)) / (0.5 * h * delta**2 + g * delta)
+        assert opt.info.rho == pytest.approx(rho, rel=1e-9)
+        w += delta
+        assert model.weight.item() == pytest.approx(w, rel=1e-12)
+        branches.add("shrink" if rho > 0.75 else "grow" if rho < 0.25 else "keep")
+        lam = lam * 0.9 if rho > 0.75 else lam / 0.9 if rho < 0.25 else lam
+        assert opt.info.damping == pytest.approx(lam, rel=1e-12)
+    assert {"shrink", "grow"} <= branches  # the scaled steps take the rule both ways
+
+
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])
 @pytest.mark.parametrize("eta", [0.0, 0.1])
 @pytest.mark.parametrize("adaptive", [None, "lr", "lr_momentum"])

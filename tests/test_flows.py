@@ -226,8 +226,9 @@ def test_flow_errors_are_clear_and_change_nothing():
         adaptive.step()
     with pytest.raises(TypeError, match="function model"):
         kf.KFAC(lambda p, v: v @ p["w"], {"w": torch.zeros(6, 3, requires_grad=True)}).step()
-    with pytest.raises(TypeError, match="owns the step"):
-        kf.Preconditioner(model, loss="cross_entropy", momentum=0.9)
+    for own in (dict(momentum=0.9), dict(step_scale=kf.cosine_decay(10))):
+        with pytest.raises(TypeError, match=f"{next(iter(own))}.*owns the step"):
+            kf.Preconditioner(model, loss="cross_entropy", **own)
     with pytest.raises(ValueError, match="computed by the model's last forward with gradients on"):
         opt.curvature_backward(torch.zeros(16, 3, requires_grad=True))
     model(x)

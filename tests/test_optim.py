@@ -120,6 +120,29 @@ def test_param_groups_and_lr_scheduler():
     assert int(opt.kfac_state.step) == 2
 
 
+def test_step_scale_of_the_fixed_step_is_a_learning_rate_schedule():
+    """The fixed step with ``step_scale=s`` takes the steps of the same optimizer whose groups' ``lr`` a torch
+    scheduler multiplies by ``s(t)``: momentum, weight decay and the KL clip (active on some steps, not on
+    others) all see the scaled rate."""
+    schedule = kf.cosine_decay(5, floor=0.1)
+    options = O.fixed_step(lr=0.3, momentum=0.9, weight_decay=1e-2, damping=1e-2, kl_clip=2e-2)
+    scaled_model, lambda_model = _mlp(), _mlp()
+    scaled = kf.KFAC(scaled_model, **options, step_scale=schedule)
+    by_lambda = kf.KFAC(lambda_model, **options)
+    sched = torch.optim.lr_scheduler.LambdaLR(by_lambda, lambda t: float(schedule(torch.tensor(t))))
+    clipped = []
+    for x, y in _batches(7):
+        lr = by_lambda.param_groups[0]["lr"]
+        scaled.step(x, y)
+        by_lambda.step(x, y)
+        sched.step()
+        for (n, p), q in zip(scaled_model.named_parameters(), lambda_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=n)
+        assert scaled.info.alpha == pytest.approx(by_lambda.info.alpha, rel=1e-6)
+        clipped.append(scaled.info.alpha < lr * (1 - 1e-6))
+    assert any(clipped) and not all(clipped)
+
+
 def test_kl_clip_with_zero_gradient_is_finite():
     """Σ Δ·∇ = 0 (zero gradient) must not divide by zero."""
     torch.manual_seed(0)
@@ -161,6 +184,7 @@ def test_kl_clip_bounds_the_step():
         dict(ema_decay=1.0),
         dict(kl_clip=0.0),
         dict(stats_fraction=0.0),
+        dict(step_scale=0.5),
     ],
 )
 def test_invalid_hyperparameters(kwargs):

@@ -216,11 +216,11 @@ def test_compiled_step_equals_eager():
 # step 1 with none of them, step 2 with a refresh only (3 graphs). Each Fisher type, dense and held sides.
 @pytest.mark.parametrize("sides, options, graphs", [
     (None, {**O.FIXED_STEP, "fisher": "exact"}, 2),
-    (SIDES, {"fisher": "empirical"}, 3),
-], ids=["dense-fixed-step-exact", "held-defaults-empirical"])
+    (SIDES, {"fisher": "empirical", "step_scale": kf.cosine_decay(2)}, 3),
+], ids=["dense-fixed-step-exact", "held-defaults-empirical-annealed"])
 def test_update_compiles_with_fullgraph(sides, options, graphs):
     """``update`` with the host schedule is one graph per schedule: fullgraph=True works (every Fisher type;
-    dense and held sides; the fixed step and the defaults)."""
+    dense and held sides; the fixed step and the defaults, annealed by a step scale read from the state)."""
     opt = kf.kfac(mlp, inverse_period=2, seed=3, factor_sides=sides, **options)
     params, data = nested_params(), batches(3)
     want, _, _ = run(opt, params, data)
@@ -239,8 +239,8 @@ def test_update_compiles_with_fullgraph(sides, options, graphs):
 @pytest.mark.parametrize("sides", [None, SIDES])
 def test_vmap_over_an_ensemble_equals_the_loop(sides):
     """``vmap(step)`` over three stacked members, each with its own key (MC Fisher), equals stepping
-    each member alone; the members draw different samples (dense and held sides)."""
-    opt = kf.kfac(mlp, inverse_period=2, factor_sides=sides)
+    each member alone; the members draw different samples (dense and held sides; the steps annealed)."""
+    opt = kf.kfac(mlp, inverse_period=2, factor_sides=sides, step_scale=kf.cosine_decay(3))
     members = [nested_params(seed) for seed in range(3)]
     data = batches(3)
     states = [opt.init(p, data[0][0], key=random.key(10 + i)) for i, p in enumerate(members)]
