@@ -108,8 +108,10 @@ GPT_BATCH = 64  # windows of GPT_SIZE["block_size"] characters
 GPT_VAL_WINDOWS = 256  # the fixed validation windows (64 with --quick)
 GPT_FIRST_ORDER = {"AdamW": (1e-3, 3e-3, 1e-2)}  # the minimal-GPT recipe (:func:`adamw`): learning-rate trials
 GPT_SECOND_ORDER = {  # options of ``kf.KFAC`` (:func:`second_order`), over DAMPINGS unless they name λ₀
-    "K-FAC": {},  # the library's defaults
-    "K-FAC, statistics every 2 steps": {"factor_period": 2, "damping": 1e-2},
+    "K-FAC": {"damping": DAMPINGS[1]},  # the library's defaults
+    # α from the quadratic model (its GGN from 1/16 of the batch: 256 loss terms), μ = 0.9, the steps annealed
+    # over the budget by kf.cosine_decay
+    "K-FAC, annealed": {"adaptive": "lr", "anneal": True, "quadratic_fraction": 1 / 16},
     "E-KFAC": {"method": "ekfac", "scale_period": 5, "damping": 1e-2},
 }
 GPT_STEPS = (400, 300)  # first-order and second-order budgets
@@ -152,8 +154,16 @@ def second_order(options: dict, loss: str | kf.Loss, damping: float, **changes) 
     """The recipe: the library's defaults from ``λ₀ = damping`` — the quadratic-model step (``α``, ``μ`` each
     step from the exact GGN), Levenberg–Marquardt damping, factored damping (cached inverses), statistics
     every 5 steps, decompositions every 10 — with the configuration's ``options`` (:data:`SECOND_ORDER`,
-    :data:`GPT_SECOND_ORDER`), then ``changes`` (the ablation's)."""
-    return lambda model, steps: kf.KFAC(model, loss=loss, **{"damping": damping, **options, **changes}).step
+    :data:`GPT_SECOND_ORDER`), then ``changes`` (the ablation's). ``"anneal": True`` among them is
+    ``step_scale=kf.cosine_decay(budget)``: the steps annealed over the configuration's budget."""
+
+    def make(model: nn.Module, steps: int) -> TrainStep:
+        o = {"damping": damping, **options, **changes}
+        if o.pop("anneal", False):
+            o["step_scale"] = kf.cosine_decay(steps)
+        return kf.KFAC(model, loss=loss, **o).step
+
+    return make
 
 
 def adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
@@ -534,7 +544,7 @@ def plot(result: dict, out: Path) -> None:
             if key == "value" and result["kind"] == "classifier":
                 ax.set_ylim(max(0.0, result["target"] - 0.15), min(1.0, result["target"] + 0.05))
     axes[0][1].legend(fontsize=8)
-    fig.suptitle(f"{_model(result)} on {result['dataset']}:\neach optimizer's best of 3 trials, median of "
+    fig.suptitle(f"{_model(result)} on {result['dataset']}:\neach optimizer's best trial, median of "
                  f"{result['seeds']} seed(s) (range shaded); {result['device']}, batch {result['batch']}")
     fig.tight_layout()
     fig.savefig(out / f"{result['kind']}_{result['dataset']}.png", dpi=110)

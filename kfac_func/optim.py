@@ -73,6 +73,9 @@ class KFAC(torch.optim.Optimizer):
     flows that see only gradients (``loss.backward(); opt.step()``, :class:`kfac_func.Preconditioner`) cannot
     evaluate the model again: unless ``adaptive`` or ``damping_adaptation`` is given, they take the fixed step
     (:data:`GRADIENT_FLOW`). :data:`kfac_func.FIXED_STEP` gives the classic fixed step everywhere.
+    ``step_scale``: ``s(t)`` multiplying every update, ``t`` the steps taken (:func:`kfac_func.cosine_decay`
+    anneals a run of known length; the quadratic-model step ignores the groups' ``lr``, so a torch scheduler
+    does not reach it).
 
     Data-parallel (:mod:`kfac_func.distributed`): ``data_parallel=True`` (implied by a
     ``DistributedDataParallel``-wrapped model, whose module is run functionally) over ``process_group``;
