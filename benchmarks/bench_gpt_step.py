@@ -5,8 +5,9 @@
 The model, batches and optimizers of ``convergence.py gpt``: :class:`kfac_func.models.GPT` (4 layers, width 128,
 context 64) on batches of 64 windows of Python source; AdamW with the minimal-GPT recipe (learning rate
 3e-3, its schedule, clipping) and K-FAC's configurations of that task (:data:`convergence.GPT_SECOND_ORDER`, the
-defaults at ``λ₀ = 1e-3``). One *period* is 10 steps, the defaults' decomposition period: it holds two
-statistics steps, one decomposition and two Levenberg–Marquardt evaluations, so its mean is the amortised step.
+defaults at ``λ₀ = 1e-3``, the annealed one over the whole run). One *period* is 10 steps, the defaults'
+decomposition period: it holds two statistics steps, one decomposition and two Levenberg–Marquardt evaluations,
+so its mean is the amortised step.
 After a warm-up period, ``--repeats`` rounds each time one period of every optimizer in turn (interleaved: a
 busy spell of the machine falls on all alike); reported are the medians of the mean step and of its ratio to
 AdamW's within the same round, with their ranges. Then one profiled period per optimizer splits its step into
@@ -22,13 +23,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_split import plot
 from bench_step import machine
-from convergence import GPT_BATCH, GPT_SECOND_ORDER, GPT_SIZE, adamw, gpt_loss, random_windows, warmup_cosine
+from convergence import (DAMPINGS, GPT_BATCH, GPT_SECOND_ORDER, GPT_SIZE, adamw, gpt_loss, random_windows,
+                         second_order, warmup_cosine)
 
 import kfac_func as kf
 from kfac_func.data import load_chars
@@ -61,9 +64,9 @@ def optimizers(steps: int) -> dict[str, object]:
     torch.manual_seed(0)
     made["AdamW"] = AdamW(GPT(**GPT_SIZE), steps)
     loss = kf.Loss("cross_entropy", class_dim=-1)
-    for name, options in GPT_SECOND_ORDER.items():
+    for name, options in GPT_SECOND_ORDER.items():  # an annealed configuration over ``steps``
         torch.manual_seed(0)
-        made[name] = kf.KFAC(GPT(**GPT_SIZE), loss=loss, **{"damping": 1e-3, **options})
+        made[name] = SimpleNamespace(step=second_order(options, loss, DAMPINGS[1])(GPT(**GPT_SIZE), steps))
     return made
 
 

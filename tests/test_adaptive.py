@@ -262,8 +262,8 @@ def test_step_scale_multiplies_the_quadratic_models_step(adaptive):
 
 def test_step_scale_by_hand_over_steps_on_a_one_parameter_logistic_loss():
     """``step_scale=cosine_decay(4, floor=0.2)`` over 6 steps of the problem above (``adaptive="lr"``, ``μ = 0``):
-    each step is ``s(t)·δ`` with ``s(t) = 0.2 + 0.8·½(1 + cos(π·min(t/4, 1)))`` by hand and ``δ = −∇/(h + λ)``
-    (capped as above), ``ρ`` is the undamped model's prediction for the scaled step, and λ follows the rule
+    each step is ``s(t)·δ`` with ``s(t) = 0.2 + 0.8·½(1 + cos(π·min(t/4, 1)))`` by hand and
+    ``δ = −∇/(h + λ)`` (capped as above), ``ρ`` is the undamped model's prediction for the scaled step, and λ follows the rule
     with that ``ρ`` — so the scale changes which branch the rule takes, and both appear."""
     w, t, lam = 2.0, 0.3, 1e-2
     model = nn.Linear(1, 1, bias=False).to(DT)
