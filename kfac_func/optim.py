@@ -343,8 +343,8 @@ class KFAC(torch.optim.Optimizer):
             nan = float("nan")
             self.info = Report(nan, nan, nan, float(info.damping), None, True)
             warnings.warn(
-                f"kfac_func: non-finite loss, gradient or curvature statistics at step {int(step)}; step skipped, "
-                "parameters and optimizer state unchanged",
+                f"kfac_func: non-finite loss, gradient, curvature statistics or step scale at step {int(step)}; "
+                "step skipped, parameters and optimizer state unchanged",
                 stacklevel=3,
             )
             return info.loss.detach()

@@ -627,8 +627,10 @@ class _Transform:
         # the objective is L + ½ Σ η‖θ‖²: its gradient ∇ + ηθ enters the quadratic model
         objective = {n: g + l2[n] * flat[n] if l2.get(n) else g for n, g in grads.items()}
         delta = comm.spread(precondition(flat, objective if o.adaptive else grads, factors, **kwargs), plan.layers)
-        multiplier = None if o.step_scale is None else torch.as_tensor(o.step_scale(state.step), dtype=torch.float64,
-                                                                        device=state.step.device)
+        multiplier = None
+        if o.step_scale is not None:  # a non-finite scale skips the step like a non-finite gradient
+            multiplier = torch.as_tensor(o.step_scale(state.step), dtype=torch.float64, device=state.step.device)
+            ok = ok & multiplier.isfinite()
         if o.adaptive:
             update, velocity, alpha, mu, forms = self._adaptive(delta, objective, flat, spec, state, inputs, targets,
                                                                 cap, plan, damping, loss, hyper, seed, multiplier)

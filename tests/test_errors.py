@@ -87,6 +87,34 @@ def test_nonfinite_step_is_skipped_and_state_untouched():
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
 
 
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_non_finite_step_scale_skips_the_step(fixed):
+    """A step scale that returns NaN or ∞ at one step (a user's function) skips that step like a NaN gradient:
+    a warning naming the scale, parameters and state as they were; the steps around it train."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    bad = {2: float("nan")}
+    scale = lambda t: torch.tensor(bad.get(int(t), 0.5), dtype=torch.float64)  # noqa: E731
+    opt = kf.KFAC(model, loss="cross_entropy", damping=1e-2, step_scale=scale, **(kf.FIXED_STEP if fixed else {}))
+    g = torch.Generator().manual_seed(0)
+    batch = lambda: (torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))  # noqa: E731
+    for _ in range(2):
+        opt.step(*batch())
+    params_before = copy.deepcopy(model.state_dict())
+    state_before = copy.deepcopy(opt.state_dict())
+    for value in (float("nan"), float("inf")):
+        bad[2] = value
+        with pytest.warns(UserWarning, match="step scale at step 2; step skipped"):
+            opt.step(*batch())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params_before[k]), k
+    for a, b in zip(optree.tree_leaves(opt.state_dict()), optree.tree_leaves(state_before)):
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+    bad.clear()  # step 2 again, now finite: the run goes on
+    opt.step(*batch())
+    assert not torch.equal(model[0].weight, params_before["0.weight"]) and int(opt.kfac_state.step) == 3
+
+
 def test_update_average_rejects_nonfinite_batch():
     good = {"l": kf.KroneckerFactors(torch.eye(2)[None], torch.eye(3)[None])}
     state, ok = kf.update_average(kf.init_average(good), good, 0.9)
