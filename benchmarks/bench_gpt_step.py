@@ -64,7 +64,7 @@ def optimizers(steps: int) -> dict[str, object]:
     torch.manual_seed(0)
     made["AdamW"] = AdamW(GPT(**GPT_SIZE), steps)
     loss = kf.Loss("cross_entropy", class_dim=-1)
-    for name, options in GPT_SECOND_ORDER.items():  # an annealed configuration over ``steps``
+    for name, options in GPT_SECOND_ORDER.items():  # the steps of convergence.py; the annealed one over ``steps``
         torch.manual_seed(0)
         made[name] = SimpleNamespace(step=second_order(options, loss, DAMPINGS[1])(GPT(**GPT_SIZE), steps))
     return made

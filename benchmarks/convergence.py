@@ -31,8 +31,9 @@
 the quadratic model's GGN from the whole batch, the default, and from a quarter of it), E-KFAC and two-level
 K-FAC (:data:`SECOND_ORDER`) over the initial damping ``λ₀`` (:data:`DAMPINGS`): the :func:`second_order`
 recipe, the library's defaults, picks their learning rate and momentum by the quadratic model each step and
-adapts ``λ`` by Levenberg–Marquardt. Every configuration runs with ``--seeds K`` seeds (initialisation and
-batch order); all see the same batches for the same seed.
+adapts ``λ`` by Levenberg–Marquardt. On the GPT (:data:`GPT_SECOND_ORDER`) the annealed K-FAC recipe runs over
+``λ₀``; the defaults and E-KFAC, one trial each at the ``λ₀`` they name. Every configuration runs with
+``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
 
 **Interleaved runs**: the configurations of one seed advance in lock-step (:func:`run_seed`), one step of each
 in turn, each with its own model, optimizer and batch generator, until each has taken its own budget; each
@@ -385,7 +386,8 @@ def task(kind: str, dataset: str, args) -> Task:
 
 
 def experiment(kind: str, dataset: str, args) -> dict:
-    """Every optimizer's three trials, each with ``args.seeds`` seeds."""
+    """Every optimizer's trials (three, or one where a configuration names its ``λ₀``), each with ``args.seeds``
+    seeds."""
     t = task(kind, dataset, args)
     trials = 1 if args.quick else None
     configs = [Config(f"{name} lr={lr:g}", name, first_order(name, lr, t.loss_fn), False)
