@@ -32,7 +32,8 @@ the quadratic model's GGN from the whole batch, the default, and from a quarter 
 K-FAC (:data:`SECOND_ORDER`) over the initial damping ``λ₀`` (:data:`DAMPINGS`): the :func:`second_order`
 recipe, the library's defaults, picks their learning rate and momentum by the quadratic model each step and
 adapts ``λ`` by Levenberg–Marquardt. On the GPT (:data:`GPT_SECOND_ORDER`) the annealed K-FAC recipe runs over
-``λ₀``; the defaults and E-KFAC, one trial each at the ``λ₀`` they name. Every configuration runs with
+``λ₀``; the defaults, the annealed recipe in the expand convention and E-KFAC, one trial each at the ``λ₀`` they
+name. Every configuration runs with
 ``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
 
 **Interleaved runs**: the configurations of one seed advance in lock-step (:func:`run_seed`), one step of each
@@ -111,8 +112,10 @@ GPT_FIRST_ORDER = {"AdamW": (1e-3, 3e-3, 1e-2)}  # the minimal-GPT recipe (:func
 GPT_SECOND_ORDER = {  # options of ``kf.KFAC`` (:func:`second_order`), over DAMPINGS unless they name λ₀
     "K-FAC": {"damping": DAMPINGS[1]},  # the library's defaults
     # α from the quadratic model (its GGN from 1/16 of the batch: 256 loss terms), μ = 0.9, the steps annealed
-    # over the budget by kf.cosine_decay
-    "K-FAC, annealed": {"adaptive": "lr", "anneal": True, "quadratic_fraction": 1 / 16},
+    # over the budget by kf.cosine_decay, the factors in the reduce convention (statistics pooled over positions)
+    "K-FAC, annealed": {"adaptive": "lr", "anneal": True, "quadratic_fraction": 1 / 16, "reduce": True},
+    # the same in the expand convention (the defaults' for a language model), at its best λ₀
+    "K-FAC, annealed, expand": {"adaptive": "lr", "anneal": True, "quadratic_fraction": 1 / 16, "damping": 1e-4},
     "E-KFAC": {"method": "ekfac", "scale_period": 5, "damping": 1e-2},
 }
 GPT_STEPS = (400, 300)  # first-order and second-order budgets
