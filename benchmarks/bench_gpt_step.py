@@ -1,6 +1,6 @@
 """The GPT's step: K-FAC's amortised step against AdamW's, and where K-FAC's time goes.
 
-    python benchmarks/bench_gpt_step.py [--repeats 7] [--out benchmarks/results/gpt_step]   # about 4 min
+    python benchmarks/bench_gpt_step.py [--repeats 7] [--out benchmarks/results/gpt_step]   # about 5 min
 
 The model, batches and optimizers of ``convergence.py gpt``: :class:`kfac_func.models.GPT` (4 layers, width 128,
 context 64) on batches of 64 windows of Python source; AdamW with the minimal-GPT recipe (learning rate
