@@ -33,8 +33,8 @@ K-FAC (:data:`SECOND_ORDER`) over the initial damping ``λ₀`` (:data:`DAMPINGS
 recipe, the library's defaults, picks their learning rate and momentum by the quadratic model each step and
 adapts ``λ`` by Levenberg–Marquardt. On the GPT (:data:`GPT_SECOND_ORDER`) the annealed K-FAC recipe runs over
 ``λ₀``; the defaults, the annealed recipe in the expand convention and E-KFAC, one trial each at the ``λ₀`` they
-name. Every configuration runs with
-``--seeds K`` seeds (initialisation and batch order); all see the same batches for the same seed.
+name. Every configuration runs with ``--seeds K`` seeds (initialisation and batch order); all see the same
+batches for the same seed.
 
 **Interleaved runs**: the configurations of one seed advance in lock-step (:func:`run_seed`), one step of each
 in turn, each with its own model, optimizer and batch generator, until each has taken its own budget; each
